@@ -1,0 +1,207 @@
+"""Machine profiles: the one YAML schema that `jobs/` (scripts, limits) and `analysis/` (prediction) share.
+
+A profile describes a cluster once. Units are in the field names: ``_gbps`` gigabits per second,
+``_us`` microseconds, ``_gb`` gigabytes, ``peak_tflops`` TFLOP/s per device. Bundled profiles live in
+``analysis/machines/``; wherever a profile name is accepted, a path to a user's YAML file works too.
+Unknown or mistyped fields are rejected with the field's path. See ``analysis/machines/README.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from analysis.schema import (
+    SchemaError,
+    check,
+    fraction,
+    from_mapping,
+    load_yaml,
+    non_negative,
+    positive,
+    to_mapping,
+)
+
+BUNDLED = Path(__file__).with_name("machines")
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)$")
+
+
+def _name_rule(value: str) -> str | None:
+    return None if NAME.match(value) else f"use lowercase letters, digits, '-' and '_' only, got {value!r}"
+
+
+def walltime_seconds(text: str) -> int:
+    """``HH:MM:SS`` or ``D-HH:MM:SS`` (Slurm's forms) → seconds; ValueError names the bad value."""
+    m = WALLTIME.match(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"walltime must be HH:MM:SS or D-HH:MM:SS, got {text!r}")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def format_walltime(seconds: float) -> str:
+    """Seconds → ``HH:MM:SS`` (rounded up to the next whole second)."""
+    total = int(-(-seconds // 1))
+    return f"{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
+
+
+def _walltime_rule(value: str) -> str | None:
+    try:
+        return None if walltime_seconds(value) > 0 else "must be longer than 0 s"
+    except ValueError as err:
+        return str(err)
+
+
+def _peak_rule(value: dict[str, float]) -> str | None:
+    if "fp32" not in value:
+        return "needs at least an 'fp32' entry (TFLOP/s per device)"
+    bad = [k for k, v in value.items() if v <= 0]
+    return f"peaks must be > 0 (bad: {', '.join(bad)})" if bad else None
+
+
+@dataclass(frozen=True)
+class Devices:
+    """What one rank drives. For a CPU node this is the socket (or the whole node) itself."""
+
+    kind: Literal["cpu", "gpu"]
+    model: str
+    peak_tflops: dict[str, float] = check(_peak_rule)
+    count: int = check(positive, default=1)
+    memory_gb: float | None = check(positive, default=None)
+
+
+@dataclass(frozen=True)
+class Node:
+    cores: int = check(positive)
+    memory_gb: float = check(positive)
+    devices: Devices
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth_gbps: float = check(positive)
+    latency_us: float = check(non_negative)
+    topology: str = "flat"
+
+    @property
+    def beta_s_per_byte(self) -> float:
+        """β of the α-β model: seconds per byte (gigabits → bytes: ÷ 8)."""
+        return 8.0 / (self.bandwidth_gbps * 1e9)
+
+    @property
+    def alpha_s(self) -> float:
+        return self.latency_us * 1e-6
+
+
+@dataclass(frozen=True)
+class Network:
+    intra_node: Link
+    inter_node: Link
+    # γ of the α-β-γ model: bytes reduced per second by one rank (GB/s). Default: 10 GB/s, a memory-bound
+    # float add on one core streaming two inputs and one output; calibration replaces it.
+    reduce_gbytes_per_s: float = check(positive, default=10.0)
+    # Horovod's fusion buffer (HOROVOD_FUSION_THRESHOLD, default 64 MiB) and cycle time (default 1 ms;
+    # 3.5 ms before 0.21): gradients are packed into buckets of at most this size every cycle.
+    fusion_buffer_mb: float = check(positive, default=64.0)
+    cycle_time_ms: float = check(non_negative, default=1.0)
+    algorithm: Literal["ring", "recursive_doubling", "rabenseifner", "binomial_tree", "hierarchical"] = "ring"
+
+    @property
+    def gamma_s_per_byte(self) -> float:
+        return 1.0 / (self.reduce_gbytes_per_s * 1e9)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_nodes: int = check(positive)
+    max_walltime: str = check(_walltime_rule)
+    max_jobs: int | None = check(positive, default=None)
+
+    @property
+    def max_walltime_s(self) -> int:
+        return walltime_seconds(self.max_walltime)
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How the analysis turns FLOPs into seconds when no measurement exists."""
+
+    # Fraction of fp32 peak sustained by training at a large per-device batch.
+    sustained_fraction: float = check(fraction, default=0.3)
+    # Per-device batch at which efficiency is half of sustained_fraction: small batches starve the cores.
+    half_efficiency_batch: float = check(non_negative, default=4.0)
+    # Images per second one node can decode and augment (None: data loading is not a bottleneck).
+    data_images_per_s: float | None = check(positive, default=None)
+    # Measured per-device images/s by model and per-device batch (from calibration or users).
+    measured_images_per_s: dict[str, dict[int, float]] = field(default_factory=dict)
+    # Fixed per-iteration overhead per rank (optimizer step, framework), seconds.
+    step_overhead_s: float = check(non_negative, default=0.0)
+
+
+@dataclass(frozen=True)
+class MachineProfile:
+    name: str = check(_name_rule)
+    scheduler: Literal["slurm", "pbs", "lsf", "local"]
+    launcher: Literal["srun", "mpirun", "ibrun", "horovodrun", "jsrun"]
+    node: Node
+    network: Network
+    limits: Limits
+    description: str = ""
+    # Flavour of mpirun when launcher is mpirun: Open MPI and Intel MPI bind differently.
+    mpi_flavor: Literal["openmpi", "intelmpi"] = "openmpi"
+    launcher_flags: list[str] = field(default_factory=list)
+    ranks_per_node: int | None = check(positive, default=None)
+    compute: Compute = field(default_factory=Compute)
+    env: list[str] = field(default_factory=list)
+    # Defaults for job scripts; a sweep spec may override them.
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    # Written by `larscale calibrate`: the fit, its residuals and what it was fitted from.
+    calibration: dict[str, Any] | None = None
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def devices_per_node(self) -> int:
+        return self.node.devices.count
+
+    @property
+    def default_ranks_per_node(self) -> int:
+        """One rank per device unless the profile says otherwise."""
+        return self.ranks_per_node or self.node.devices.count
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_mapping(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def bundled_machines() -> list[str]:
+    return sorted(p.stem for p in BUNDLED.glob("*.yaml"))
+
+
+def parse_machine(data: Any, source: str | None = None) -> MachineProfile:
+    try:
+        return from_mapping(MachineProfile, data)
+    except SchemaError as err:
+        raise SchemaError(err.path, err.reason, source) from None
+
+
+def load_machine(name_or_path: str | Path) -> MachineProfile:
+    """A bundled profile by name, or a user's YAML file by path. Errors name the culprit."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not (path.suffix in (".yaml", ".yml") or "/" in text or path.exists()):
+        path = BUNDLED / f"{text}.yaml"
+        if not path.exists():
+            raise SchemaError("", f"unknown machine {text!r}; bundled: {', '.join(bundled_machines())} "
+                              "(or give a path to a profile YAML)")
+    elif not path.exists():
+        raise SchemaError("", "machine profile file does not exist", text)
+    return parse_machine(load_yaml(path), str(path))

@@ -1,0 +1,1 @@
+"""Sweeps to batch scripts (Slurm, PBS, LSF, local): submission, status, result collection."""

@@ -1,0 +1,58 @@
+"""The `larscale` command: one entry point whose subcommands come from the four packages.
+
+Each package owns its subcommands in its ``cli.py`` through a ``register(subparsers)`` function and runs
+them alone with ``python -m <package>``. Registering a subcommand must stay cheap: handlers import torch,
+tensorflow or Horovod inside themselves, so ``larscale --help`` and ``larscale predict`` never load them.
+
+A handler returns an exit status. A :class:`UsageError` raised anywhere below is the user's mistake and is
+printed as one line naming the culprit, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+# Order is the order in `larscale --help`: from the network definitions up to the planning tools.
+PACKAGES = ("models", "scaling", "jobs", "analysis")
+
+
+class UsageError(Exception):
+    """A bad input from the user: reported as one clear line, exit status 2."""
+
+
+Registrar = Callable[[argparse._SubParsersAction], None]
+
+
+def build_parser(packages: Sequence[str], prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Large-batch CNN training at scale: train with Horovod, sweep on schedulers, "
+        "model communication vs computation, plan allocations.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for package in packages:
+        importlib.import_module(f"{package}.cli").register(subparsers)
+    return parser
+
+
+def run(packages: Sequence[str], argv: Sequence[str] | None = None, prog: str = "larscale") -> int:
+    parser = build_parser(packages, prog)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as err:
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(PACKAGES, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

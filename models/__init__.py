@@ -1,0 +1,1 @@
+"""Network definitions (PyTorch and Keras) and their per-layer parameter/FLOP tables."""

@@ -1,0 +1,1 @@
+"""What runs under MPI: Horovod training, LARS, schedules, data, checkpoints, CPU/GPU backends."""

@@ -111,6 +111,6 @@ if ! "$venv/bin/python" -c 'import importlib.metadata as m; m.version("larscale"
     "${pip[@]}" install -q --no-deps --no-build-isolation -e .
 fi
 if [[ -z "${LARSCALE_BOOTSTRAP_QUIET:-}" ]]; then
-    TF_USE_LEGACY_KERAS=1 "$venv/bin/horovodrun" --check-build | sed -n '/Available Frameworks/,$p' >&2
+    TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=3 "$venv/bin/horovodrun" --check-build 2>/dev/null | sed -n '/Available Frameworks/,$p' >&2
 fi
 log "ready: $venv"

@@ -55,4 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: handlers raise `larscale.UsageError`, and a second
+    # copy of this file would define a second, different UsageError class that run() would not catch.
+    import larscale
+
+    sys.exit(larscale.main())

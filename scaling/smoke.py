@@ -78,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     for framework in wanted:
         result = {"framework": framework, "host": socket.gethostname(), **checks[framework]()}
         ok &= bool(result["sum_ok"] and result["mean_ok"] and result["broadcast_ok"])
-        # One JSON line per rank and framework: the parent (and the tests) parse these.
-        print("SMOKE " + json.dumps(result), flush=True)
+        # One JSON line per rank and framework, written in one call so lines of two ranks sharing the
+        # launcher's pipe cannot interleave: the parent (and the tests) parse these.
+        sys.stdout.write("SMOKE " + json.dumps(result) + "\n")
+        sys.stdout.flush()
     return 0 if ok else 1
 
 

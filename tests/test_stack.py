@@ -27,7 +27,7 @@ def test_horovod_allreduce_and_broadcast_both_frameworks(controller: str) -> Non
 def test_mpi4py_allreduce_two_ranks() -> None:
     code = ("from mpi4py import MPI; import numpy as np; c = MPI.COMM_WORLD; "
             "x = np.arange(5, dtype=np.float64) * (c.rank + 1); y = np.empty_like(x); "
-            "c.Allreduce(x, y, op=MPI.SUM); print('MPI4PY', c.rank, c.size, y.tolist())")
+            "c.Allreduce(x, y, op=MPI.SUM); import sys; sys.stdout.write(f'MPI4PY {c.rank} {c.size} {y.tolist()}\\n')")
     proc = run_ranks(2, ["-c", code])
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("MPI4PY"))
     assert lines == ["MPI4PY 0 2 [0.0, 3.0, 6.0, 9.0, 12.0]", "MPI4PY 1 2 [0.0, 3.0, 6.0, 9.0, 12.0]"]

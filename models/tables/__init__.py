@@ -38,16 +38,16 @@ def sum_rows(rows: Iterable[LayerRow]) -> dict[str, int]:
     return {key: sum(getattr(row, key) for row in rows) for key in TOTAL_KEYS}
 
 
-def json_text(name: str) -> str:
-    """The packaged JSON document of ``name``: metadata, totals and the rows in backward order."""
+def json_text(name: str, image_size: int | None = None, num_classes: int = NATIVE_CLASSES) -> str:
+    """The JSON document of ``name`` (packaged: native size, 1000 classes): metadata, totals, rows last first."""
     arch = architecture(name)
-    rows = layer_table(name, arch.input_size, NATIVE_CLASSES)
+    rows = layer_table(name, image_size, num_classes)
     document = {
         "schema": SCHEMA,
         "model": name,
         "description": arch.description,
-        "image_size": arch.input_size,
-        "num_classes": NATIVE_CLASSES,
+        "image_size": image_size or arch.input_size,
+        "num_classes": num_classes,
         "bytes_per_value": BYTES_PER_VALUE,
         "order": "backward: the order gradients become ready, last layer first",
         "totals": sum_rows(rows),
@@ -59,13 +59,13 @@ def json_text(name: str) -> str:
     return head[:-2] + ',\n "layers": [\n  ' + ",\n  ".join(layers) + "\n ]\n}\n"
 
 
-def csv_text(name: str) -> str:
-    """The packaged CSV of ``name``: one row per layer, backward order; output_shape written as ``CxHxW``."""
-    arch = architecture(name)
+def csv_text(name: str, image_size: int | None = None, num_classes: int = NATIVE_CLASSES) -> str:
+    """The CSV of ``name`` (packaged: native size, 1000 classes): one row per layer, last layer first; the
+    output shape is written as ``CxHxW``."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
-    for row in layer_table(name, arch.input_size, NATIVE_CLASSES):
+    for row in layer_table(name, image_size, num_classes):
         writer.writerow([row.name, row.kind, "x".join(map(str, row.output_shape)), row.params, row.macs,
                          row.activation_bytes, row.gradient_bytes])
     return buffer.getvalue()

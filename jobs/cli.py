@@ -1,9 +1,153 @@
-"""Subcommands of `larscale` that jobs owns (see larscale.py for the contract)."""
+"""Subcommands of `larscale` that jobs owns (see larscale.py for the contract).
+
+``larscale sweep plan|submit|status|collect``: plan prints the points and their cost, submit writes the
+manifest and scripts and submits, status asks the scheduler, collect gathers the runs into one table.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands. Handlers import heavy modules inside themselves."""
+    sweep = subparsers.add_parser(
+        "sweep", help="sweep node counts x batch sizes as scheduler jobs: plan, submit, status, collect",
+        description="Turn a sweep spec (YAML) into batch scripts for the machine's scheduler, print what it "
+        "will cost, submit, track and collect every run into one table.")
+    actions = sweep.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def spec_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", help="sweep spec YAML")
+        p.add_argument("--machine", help="machine profile name or YAML path (default: the spec's)")
+        p.add_argument("--output", help="sweep directory (default: the spec's output, else runs/<name>)")
+
+    plan = actions.add_parser("plan", help="print the points, walltimes and total node-hours",
+                              description="Validate the spec and print every point with its walltime and cost; "
+                              "points over the queue limits are listed with the reason (exit 2).")
+    spec_args(plan)
+    plan.add_argument("--show-script", action="store_true", help="also print the first job's script")
+    plan.set_defaults(handler=run_plan)
+
+    submit = actions.add_parser("submit", help="write scripts + manifest and submit",
+                                description="Write one script per job and the manifest into the sweep directory, "
+                                "then submit; complete points are never rerun, interrupted ones resume.")
+    spec_args(submit)
+    submit.add_argument("--scheduler", choices=("slurm", "pbs", "lsf", "local"),
+                        help="override the profile's scheduler (local: run here, one after another)")
+    submit.add_argument("--points", help="comma-separated point ids (default: all)")
+    submit.add_argument("--skip-refused", action="store_true", help="submit the others when some are refused")
+    submit.add_argument("--dry-run", action="store_true", help="write scripts and manifest, do not submit")
+    submit.add_argument("--wait", action="store_true", help="wait until no point is queued or running")
+    submit.add_argument("--timeout", type=float, default=None, help="seconds to wait (each local job / --wait)")
+    submit.set_defaults(handler=run_submit)
+
+    status = actions.add_parser("status", help="ask the scheduler how the sweep's points are",
+                                description="Refresh every point's state from the scheduler and the run files.")
+    status.add_argument("output", help="sweep directory")
+    status.set_defaults(handler=run_status)
+
+    collect = actions.add_parser("collect", help="gather every run into results.csv and results.parquet",
+                                 description="Read every run's summary and step logs into one table; list failed, "
+                                 "missing and malformed runs with the reason.")
+    collect.add_argument("output", help="sweep directory")
+    collect.add_argument("--strict", action="store_true", help="exit 1 when any run failed, is missing or "
+                         "has malformed logs")
+    collect.set_defaults(handler=run_collect)
+
+
+def _plan(args: argparse.Namespace):
+    from jobs.sweep import plan
+    from larscale import UsageError
+
+    try:
+        return plan(args.spec, machine=args.machine, output_dir=args.output)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from jobs.scripts import render
+    from jobs.sweep import describe, job_groups
+    from larscale import UsageError
+
+    the_plan = _plan(args)
+    print(describe(the_plan))
+    if args.show_script:
+        groups = job_groups(the_plan)
+        if groups:
+            print(f"\n--- script of job {groups[0].job_name} ---")
+            print(render(the_plan, groups[0]), end="")
+    if the_plan.refused:
+        raise UsageError(f"{len(the_plan.refused)} point(s) refused: "
+                         + "; ".join(f"{p.point_id}: {p.refused}" for p in the_plan.refused))
+    return 0
+
+
+def _print_progress(event) -> None:
+    print(f"[{event.done + event.failed}/{event.total}] {event.point_id} {event.state} "
+          f"(done {event.done}, running {event.running}, failed {event.failed})", flush=True)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import SubmitError, submit, wait
+    from jobs.sweep import describe
+    from larscale import UsageError
+
+    the_plan = _plan(args)
+    print(describe(the_plan))
+    points = [p.strip() for p in args.points.split(",") if p.strip()] if args.points else None
+    try:
+        manifest = submit(the_plan, scheduler=args.scheduler, points=points, progress=_print_progress,
+                          skip_refused=args.skip_refused, dry_run=args.dry_run, timeout=args.timeout)
+    except SubmitError as err:
+        print(f"larscale sweep submit: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.wait and not args.dry_run:
+        manifest = wait(manifest.output_dir, timeout=args.timeout or 86400, progress=_print_progress)
+    print(f"manifest: {manifest.path}")
+    _print_states(manifest)
+    bad = [r for r in manifest.points.values() if r.state in ("failed", "missing", "interrupted")]
+    return 1 if bad else 0
+
+
+def _print_states(manifest) -> None:
+    print(f"{'point':<28} {'state':<12} {'job':<14} reason")
+    for rec in manifest.points.values():
+        print(f"{rec.point_id:<28} {rec.state:<12} {str(rec.job_id or '-'):<14} {rec.reason or ''}")
+    print("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.counts().items())))
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from jobs.submit import status
+    from larscale import UsageError
+
+    try:
+        manifest = status(args.output)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    _print_states(manifest)
+    return 0
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    from jobs.collect import collect
+    from larscale import UsageError
+
+    try:
+        result = collect(args.output)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    table = result.table
+    columns = [c for c in ("point_id", "nodes", "ranks", "global_batch", "batch_per_rank", "state",
+                           "images_per_s", "ci95_low", "ci95_high", "median_step_s") if c in table.columns]
+    print(table[columns].to_string(index=False) if len(table) else "(no points)")
+    print(f"wrote {result.csv_path} and {result.parquet_path}")
+    if result.problems:
+        print(f"{len(result.problems)} problem(s), {result.malformed} malformed record(s):", file=sys.stderr)
+        for problem in result.problems:
+            print(f"  {problem}", file=sys.stderr)
+    return 1 if args.strict and result.problems else 0

@@ -1,0 +1,120 @@
+"""The sweep manifest: ``<output>/manifest.json``, point id → parameters, script, job id, run dir, state.
+
+Written atomically (temporary file in the same directory, fsync, rename), so a reader never sees half a file
+and a crash mid-write keeps the previous version. States of a point:
+
+``planned`` (script written, not submitted) → ``submitted`` → ``pending`` / ``running`` → ``complete`` |
+``interrupted`` (stopped by a signal with a checkpoint: resubmit to resume) | ``failed`` | ``missing`` (the
+scheduler forgot the job and the run left no exit status). ``refused`` points never go to the scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "larscale.sweep/1"
+MANIFEST = "manifest.json"
+FINAL_STATES = ("complete", "interrupted", "failed", "missing")
+ACTIVE_STATES = ("submitted", "pending", "running")
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Attempt:
+    job_id: str | None
+    script: str
+    submitted_at: str
+    resume: bool
+    job_name: str
+
+
+@dataclass
+class PointRecord:
+    point_id: str
+    params: dict[str, Any]
+    run_dir: str
+    state: str = "planned"
+    reason: str | None = None
+    job_id: str | None = None
+    script: str | None = None
+    exit_status: int | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    name: str
+    output_dir: str
+    scheduler: str
+    machine: dict[str, Any]
+    spec: dict[str, Any]
+    python: str
+    points: dict[str, PointRecord] = field(default_factory=dict)
+    created_at: str = field(default_factory=now)
+    updated_at: str = field(default_factory=now)
+    schema: str = SCHEMA
+
+    @property
+    def path(self) -> Path:
+        return Path(self.output_dir) / MANIFEST
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for rec in self.points.values():
+            out[rec.state] = out.get(rec.state, 0) + 1
+        return out
+
+    def save(self) -> Path:
+        self.updated_at = now()
+        write_json_atomic(self.path, self.to_dict())
+        return self.path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_manifest(output_dir: str | Path) -> Manifest:
+    """The manifest of a sweep directory (or of the manifest file itself); ValueError names what is wrong."""
+    path = Path(output_dir)
+    if path.is_dir():
+        path = path / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no sweep manifest at {path} (run `larscale sweep submit` first)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON at line {err.lineno}: {err.msg}") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a larscale sweep manifest (schema {SCHEMA!r} expected)")
+    points = {}
+    for pid, rec in data.get("points", {}).items():
+        attempts = [Attempt(**a) for a in rec.pop("attempts", [])]
+        points[pid] = PointRecord(**rec, attempts=attempts)
+    data["points"] = points
+    manifest = Manifest(**data)
+    manifest.output_dir = str(path.parent.absolute())
+    return manifest

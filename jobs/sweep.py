@@ -1,0 +1,307 @@
+"""A sweep spec + a machine profile → the list of points to run, their walltimes and what they cost.
+
+Point expansion (N = nodes, R = ranks per node, p = N·R ranks):
+
+- ``strong``: global batch B fixed, batch per rank b = B / p (B must divide evenly: ranks cannot take
+  fractional images);
+- ``weak``: b fixed, B = b · p;
+- ``grid``: every N × every B, b = B / p.
+
+Walltime of a point: the user's ``job.walltime``, or ``(T_pred + startup_s) · walltime_margin`` rounded up to
+a whole minute, where ``T_pred`` is the analysis model's prediction (``iteration_s · steps`` or
+``time_to_train_s`` for epochs). Cost: node-hours = N · walltime / 3600 summed over points (an upper bound:
+what the scheduler charges when every job runs to its limit). Points over the queue limits (nodes or
+walltime) are refused with the reason and never submitted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from analysis.machine import MachineProfile, format_walltime, load_machine, walltime_seconds
+from analysis.schema import SchemaError
+from jobs.spec import SweepSpec, load_spec, parse_spec
+
+# The trainer's command: `larscale train` == `python -m scaling.train`.
+TRAIN_MODULE = "scaling.train"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One training run of the sweep."""
+
+    point_id: str
+    nodes: int
+    ranks_per_node: int
+    threads_per_rank: int
+    global_batch: int
+    batch_per_rank: int
+    repetition: int
+    seed: int
+    lr: float | None
+    walltime_s: int
+    walltime_source: str            # "user" | "predicted"
+    predicted_s: float | None       # the model's time for the run itself, before margin and startup
+    refused: str | None = None      # why the point cannot be submitted (queue limits), else None
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def node_hours(self) -> float:
+        return self.nodes * self.walltime_s / 3600.0
+
+    @property
+    def walltime(self) -> str:
+        return format_walltime(self.walltime_s)
+
+    def params(self) -> dict[str, Any]:
+        return {"point_id": self.point_id, "nodes": self.nodes, "ranks_per_node": self.ranks_per_node,
+                "ranks": self.ranks, "threads_per_rank": self.threads_per_rank,
+                "global_batch": self.global_batch, "batch_per_rank": self.batch_per_rank,
+                "repetition": self.repetition, "seed": self.seed, "lr": self.lr,
+                "walltime_s": self.walltime_s, "walltime_source": self.walltime_source,
+                "predicted_s": self.predicted_s}
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: SweepSpec
+    machine: MachineProfile
+    output_dir: Path
+    points: list[Point] = field(default_factory=list)
+    python: str = sys.executable
+
+    @property
+    def accepted(self) -> list[Point]:
+        return [p for p in self.points if p.refused is None]
+
+    @property
+    def refused(self) -> list[Point]:
+        return [p for p in self.points if p.refused is not None]
+
+    @property
+    def node_hours(self) -> float:
+        return sum(p.node_hours for p in self.accepted)
+
+    def point(self, point_id: str) -> Point:
+        for p in self.points:
+            if p.point_id == point_id:
+                return p
+        raise KeyError(point_id)
+
+    def run_dir(self, point: Point) -> Path:
+        return self.output_dir / "runs" / point.point_id
+
+    def train_argv(self, point: Point, resume: bool = False) -> list[str]:
+        """The trainer command of one point (interpreter first); every element is one shell word."""
+        t = self.spec.training
+        argv = [self.python, "-m", TRAIN_MODULE, "--model", self.spec.model, "--framework", self.spec.framework,
+                "--dataset", self.spec.dataset, "--global-batch", str(point.global_batch)]
+        argv += ["--steps", str(t.steps)] if t.steps is not None else ["--epochs", _num(t.epochs)]
+        argv += ["--optimizer", t.optimizer]
+        if t.lr_preset:
+            argv.append("--lr-preset")
+        elif point.lr is not None:
+            argv += ["--lr", _num(point.lr)]
+        for flag, value in (("--warmup-steps", t.warmup_steps), ("--warmup-epochs", t.warmup_epochs),
+                            ("--end-lr", t.end_lr), ("--schedule", t.schedule), ("--accumulation", t.accumulation),
+                            ("--image-size", t.image_size), ("--num-classes", t.num_classes),
+                            ("--checkpoint-every", t.checkpoint_every), ("--keep", t.keep),
+                            ("--log-every", t.log_every)):
+            if value is not None:
+                argv += [flag, _num(value) if isinstance(value, float) else str(value)]
+        argv += ["--device", t.device or ("cuda" if self.machine.node.devices.kind == "gpu" else "cpu"),
+                 "--precision", t.precision, "--threads", str(point.threads_per_rank), "--seed", str(point.seed),
+                 "--out", str(self.run_dir(point))]
+        argv += list(t.extra_args)
+        if resume:
+            argv.append("--resume")
+        return argv
+
+
+def _num(value: float | None) -> str:
+    """A float as the shortest text that parses back to it (``2.0`` → ``2``)."""
+    assert value is not None
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def point_id(nodes: int, ranks: int, global_batch: int, repetition: int, repetitions: int) -> str:
+    base = f"n{nodes}-p{ranks}-b{global_batch}"
+    return f"{base}-rep{repetition}" if repetitions > 1 else base
+
+
+def _predictor():
+    """``analysis.predict.predict_point`` when the analysis package provides it, else None."""
+    try:
+        from analysis.predict import predict_point
+    except ImportError:
+        return None
+    return predict_point
+
+
+def predict_seconds(spec: SweepSpec, machine: MachineProfile, nodes: int, ranks_per_node: int,
+                    global_batch: int) -> float | None:
+    """The analysis model's time for one run (seconds), or None when no prediction is available."""
+    predict_point = _predictor()
+    if predict_point is None:
+        return None
+    t = spec.training
+    wanted = {"model": spec.model, "machine": machine, "nodes": nodes, "global_batch": global_batch,
+              "epochs": t.epochs if t.epochs is not None else 1.0, "ranks_per_node": ranks_per_node,
+              "image_size": t.image_size, "precision": t.precision}
+    accepted = inspect.signature(predict_point).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs = {k: v for k, v in wanted.items() if (takes_kwargs or k in accepted) and v is not None}
+    result = predict_point(**kwargs)
+    if t.steps is not None:
+        seconds = float(result["iteration_s"]) * t.steps
+    else:
+        seconds = float(result["time_to_train_s"])
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def plan(spec: SweepSpec | str | Path | dict, machine: MachineProfile | str | Path | None = None,
+         output_dir: str | Path | None = None, python: str | None = None) -> Plan:
+    """Expand a spec into points with walltimes and costs (see the module docstring).
+
+    ``spec`` may be a SweepSpec, a YAML path or a mapping; ``machine`` overrides the spec's profile.
+    Raises SchemaError (a ValueError) naming the field when the spec cannot work on this machine at all
+    (unknown machine, batch not divisible by the ranks); points over the queue limits are kept but refused.
+    """
+    if isinstance(spec, dict):
+        spec = parse_spec(spec)
+    elif not isinstance(spec, SweepSpec):
+        spec = load_spec(spec)
+    if not isinstance(machine, MachineProfile):
+        try:
+            machine = load_machine(machine if machine is not None else spec.machine)
+        except SchemaError as err:
+            raise SchemaError("machine", err.reason if not err.path else str(err), err.source) from None
+    sweep = spec.sweep
+    ranks_per_node = sweep.ranks_per_node or machine.default_ranks_per_node
+    if machine.node.devices.kind == "gpu" and ranks_per_node > machine.devices_per_node:
+        raise SchemaError("sweep.ranks_per_node", f"{ranks_per_node} ranks per node but machine "
+                          f"{machine.name!r} has {machine.devices_per_node} GPUs per node")
+    if ranks_per_node * sweep.threads_per_rank > machine.node.cores and machine.scheduler != "local":
+        raise SchemaError("sweep.threads_per_rank", f"{ranks_per_node} ranks x {sweep.threads_per_rank} threads "
+                          f"exceeds the {machine.node.cores} cores of a {machine.name!r} node")
+    user_walltime = walltime_seconds(spec.job.walltime) if spec.job.walltime else None
+    limit_s = machine.limits.max_walltime_s
+    points: list[Point] = []
+    for nodes in sweep.nodes:
+        ranks = nodes * ranks_per_node
+        if sweep.kind == "weak":
+            combos = [(sweep.batch_per_rank * ranks, "sweep.batch_per_rank")]
+        elif sweep.kind == "strong":
+            combos = [(sweep.global_batch, "sweep.global_batch")]
+        else:
+            combos = [(b, f"sweep.global_batches[{i}]") for i, b in enumerate(sweep.global_batches or [])]
+        for global_batch, where in combos:
+            # A point over the node limit is refused whatever its batch; the others must divide evenly.
+            if global_batch % ranks and nodes <= machine.limits.max_nodes:
+                raise SchemaError(where, f"global batch {global_batch} is not divisible by {ranks} ranks "
+                                  f"({nodes} nodes x {ranks_per_node} ranks per node)")
+            batch_per_rank = global_batch // ranks
+            lr = _scaled_lr(spec, global_batch)
+            predicted = None
+            if user_walltime is not None:
+                walltime_s, source = user_walltime, "user"
+            else:
+                predicted = predict_seconds(spec, machine, nodes, ranks_per_node, global_batch)
+                if predicted is None:
+                    raise SchemaError("job.walltime", "required: no walltime prediction is available "
+                                      "(analysis.predict.predict_point is missing)")
+                walltime_s = 60 * math.ceil((predicted + spec.job.startup_s) * spec.job.walltime_margin / 60)
+                source = "predicted"
+            refused = None
+            if nodes > machine.limits.max_nodes:
+                refused = (f"{nodes} nodes exceed the queue limit of {machine.limits.max_nodes} nodes on "
+                           f"{machine.name!r}")
+            elif walltime_s > limit_s:
+                refused = (f"walltime {format_walltime(walltime_s)} ({source}) exceeds the queue limit "
+                           f"{machine.limits.max_walltime} on {machine.name!r}")
+            for rep in range(spec.repetitions):
+                points.append(Point(
+                    point_id=point_id(nodes, ranks, global_batch, rep, spec.repetitions), nodes=nodes,
+                    ranks_per_node=ranks_per_node, threads_per_rank=sweep.threads_per_rank,
+                    global_batch=global_batch, batch_per_rank=batch_per_rank, repetition=rep,
+                    seed=spec.training.seed + rep, lr=lr, walltime_s=walltime_s, walltime_source=source,
+                    predicted_s=predicted, refused=refused))
+    out = Path(output_dir if output_dir is not None else (spec.output or Path("runs") / spec.name)).absolute()
+    return Plan(spec=spec, machine=machine, output_dir=out, points=points,
+                python=python or spec.job.python or sys.executable)
+
+
+def _scaled_lr(spec: SweepSpec, global_batch: int) -> float | None:
+    """lr · (B / base_batch)^p with p = 1 (linear), ½ (sqrt), 0 (none)."""
+    t = spec.training
+    if t.lr is None:
+        return None
+    power = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}[t.lr_scaling]
+    return t.lr * (global_batch / t.base_batch) ** power
+
+
+@dataclass(frozen=True)
+class JobGroup:
+    """Points that run in one scheduler job, one after another (one point unless packing)."""
+
+    job_name: str
+    points: list[Point]
+
+    @property
+    def nodes(self) -> int:
+        return max(p.nodes for p in self.points)
+
+    @property
+    def walltime_s(self) -> int:
+        return sum(p.walltime_s for p in self.points)
+
+
+def job_groups(the_plan: Plan, points: list[Point] | None = None) -> list[JobGroup]:
+    """Group accepted points into jobs. With ``job.pack``, consecutive points with the same node count share
+    one allocation while their summed walltime stays within ``pack_walltime`` (default: the queue limit)."""
+    points = the_plan.accepted if points is None else points
+    prefix = f"ls-{the_plan.spec.name}"
+    if not the_plan.spec.job.pack:
+        return [JobGroup(f"{prefix}-{p.point_id}", [p]) for p in points]
+    budget = walltime_seconds(the_plan.spec.job.pack_walltime or the_plan.machine.limits.max_walltime)
+    budget = min(budget, the_plan.machine.limits.max_walltime_s)
+    groups: list[list[Point]] = []
+    for p in sorted(points, key=lambda p: p.nodes):
+        last = groups[-1] if groups else None
+        if last and last[0].nodes == p.nodes and sum(q.walltime_s for q in last) + p.walltime_s <= budget:
+            last.append(p)
+        else:
+            groups.append([p])
+    return [JobGroup(f"{prefix}-{g[0].point_id}" + (f"-pack{len(g)}" if len(g) > 1 else ""), g) for g in groups]
+
+
+def describe(the_plan: Plan) -> str:
+    """The plan as a table plus the total cost, as `larscale sweep plan` prints it."""
+    spec, m = the_plan.spec, the_plan.machine
+    lines = [f"sweep {spec.name}: {spec.sweep.kind} scaling of {spec.model} ({spec.framework}) on {m.name} "
+             f"[{m.scheduler}/{m.launcher}], {len(the_plan.points)} points -> {the_plan.output_dir}",
+             f"{'point':<28} {'nodes':>5} {'ranks':>6} {'thr':>4} {'global_b':>9} {'b/rank':>7} {'lr':>9} "
+             f"{'walltime':>10} {'node-h':>9}  note"]
+    for p in the_plan.points:
+        lr = f"{p.lr:.4g}" if p.lr is not None else "-"
+        note = f"REFUSED: {p.refused}" if p.refused else (
+            f"predicted {p.predicted_s:.0f} s" if p.predicted_s is not None else p.walltime_source)
+        lines.append(f"{p.point_id:<28} {p.nodes:>5} {p.ranks:>6} {p.threads_per_rank:>4} {p.global_batch:>9} "
+                     f"{p.batch_per_rank:>7} {lr:>9} {p.walltime:>10} {p.node_hours:>9.2f}  {note}")
+    groups = job_groups(the_plan)
+    lines.append(f"total: {len(the_plan.accepted)} runs in {len(groups)} jobs, "
+                 f"{the_plan.node_hours:.2f} node-hours requested"
+                 + (f"; {len(the_plan.refused)} points refused" if the_plan.refused else ""))
+    return "\n".join(lines)
+
+
+def with_output(the_plan: Plan, output_dir: str | Path) -> Plan:
+    return replace(the_plan, output_dir=Path(output_dir).absolute())

@@ -135,12 +135,19 @@ class Compute:
     sustained_fraction: float = check(fraction, default=0.3)
     # Per-device batch at which efficiency is half of sustained_fraction: small batches starve the cores.
     half_efficiency_batch: float = check(non_negative, default=4.0)
+    # The same point as work instead of images: GFLOP per device per step at which efficiency is half of
+    # sustained_fraction. When set it replaces half_efficiency_batch, as this value / the model's GFLOP per
+    # image, so one number serves networks of different per-image cost.
+    half_efficiency_gflop: float | None = check(positive, default=None)
     # Images per second one node can decode and augment (None: data loading is not a bottleneck).
     data_images_per_s: float | None = check(positive, default=None)
     # Measured per-device images/s by model and per-device batch (from calibration or users).
     measured_images_per_s: dict[str, dict[int, float]] = field(default_factory=dict)
     # Fixed per-iteration overhead per rank (optimizer step, framework), seconds.
     step_overhead_s: float = check(non_negative, default=0.0)
+    # Whether data loading runs ahead of the step (prefetching workers): then only the part of data_s that
+    # exceeds the step's compute and communication is exposed; otherwise data_s adds to every iteration.
+    data_overlapped: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,97 @@
+"""The time model's parameters, explicit and flat: what a machine profile says, and what calibration fits.
+
+:class:`PerfParams` gathers every number the model uses (α, β per link, γ, peak FLOP/s, sustained
+efficiency, half-efficiency batch, fusion buffer, cycle time, data rate, step overhead). It is derived from a
+:class:`~analysis.machine.MachineProfile` by :meth:`PerfParams.from_machine`; a least-squares fit replaces
+fields with :func:`dataclasses.replace` and hands the result to :func:`analysis.predict.predict_from`, so the
+fitted model and the predicting model are the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from analysis.comm import LinkCost, check_algorithm
+from analysis.machine import MachineProfile
+
+
+@dataclass(frozen=True)
+class PerfParams:
+    """All parameters of the iteration-time model (SI units: seconds, bytes, FLOP/s)."""
+
+    link: LinkCost
+    algorithm: str
+    fusion_bytes: float
+    cycle_s: float
+    peak_flops_per_device: float
+    devices_per_node: int
+    sustained_fraction: float
+    half_efficiency_batch: float
+    half_efficiency_flops: float | None = None
+    step_overhead_s: float = 0.0
+    data_images_per_s_per_node: float = math.inf
+    data_overlapped: bool = True
+    measured_images_per_s: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    max_nodes: int | None = None
+    default_ranks_per_node: int = 1
+    machine: str = ""
+
+    def __post_init__(self) -> None:
+        check_algorithm(self.algorithm)
+        for name in ("fusion_bytes", "peak_flops_per_device", "sustained_fraction", "data_images_per_s_per_node"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PerfParams.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.half_efficiency_flops is not None and not self.half_efficiency_flops > 0:
+            raise ValueError(f"PerfParams.half_efficiency_flops must be > 0, got {self.half_efficiency_flops!r}")
+        for name in ("cycle_s", "half_efficiency_batch", "step_overhead_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_machine(cls, machine: MachineProfile, precision: str = "fp32") -> PerfParams:
+        devices = machine.node.devices
+        if precision not in devices.peak_tflops:
+            raise ValueError(f"machine {machine.name!r} has no {precision!r} peak; it lists "
+                             f"{', '.join(devices.peak_tflops)}")
+        net = machine.network
+        compute = machine.compute
+        return cls(
+            link=LinkCost(alpha_intra_s=net.intra_node.alpha_s,
+                          beta_intra_s_per_byte=net.intra_node.beta_s_per_byte,
+                          alpha_inter_s=net.inter_node.alpha_s,
+                          beta_inter_s_per_byte=net.inter_node.beta_s_per_byte,
+                          gamma_s_per_byte=net.gamma_s_per_byte),
+            algorithm=net.algorithm,
+            fusion_bytes=net.fusion_buffer_mb * 2**20,
+            cycle_s=net.cycle_time_ms * 1e-3,
+            peak_flops_per_device=devices.peak_tflops[precision] * 1e12,
+            devices_per_node=devices.count,
+            sustained_fraction=compute.sustained_fraction,
+            half_efficiency_batch=compute.half_efficiency_batch,
+            half_efficiency_flops=(None if compute.half_efficiency_gflop is None
+                                   else compute.half_efficiency_gflop * 1e9),
+            step_overhead_s=compute.step_overhead_s,
+            data_images_per_s_per_node=compute.data_images_per_s or math.inf,
+            data_overlapped=compute.data_overlapped,
+            measured_images_per_s={k: dict(v) for k, v in compute.measured_images_per_s.items()},
+            max_nodes=machine.limits.max_nodes,
+            default_ranks_per_node=machine.default_ranks_per_node,
+            machine=machine.name,
+        )
+
+    def half_batch(self, flops_per_image: float, devices_per_rank=1.0):
+        """h in images per rank: ``half_efficiency_batch``, or the work-based point ``W·d/F`` when given."""
+        if self.half_efficiency_flops is None:
+            return self.half_efficiency_batch
+        return self.half_efficiency_flops * devices_per_rank / flops_per_image
+
+    def replace(self, **changes) -> PerfParams:
+        """A copy with some fields changed (``link`` fields may be given by name: ``alpha_inter_s=...``)."""
+        link_fields = {f.name for f in dataclasses.fields(LinkCost)}
+        link_changes = {k: changes.pop(k) for k in list(changes) if k in link_fields}
+        if link_changes:
+            changes["link"] = dataclasses.replace(self.link, **link_changes)
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,198 @@
+"""Predicted iteration time, time-to-train and throughput of data-parallel training, vectorised.
+
+For ``nodes`` nodes with ``ranks_per_node`` ranks each (p ranks), global batch ``B`` (``b = B/p`` per rank):
+
+    compute_s       = forward + backward + step overhead        (analysis.compute)
+    comm_exposed_s  = allreduce time not hidden behind the backward pass (analysis.overlap, analysis.comm)
+    data_s          = b·ranks_per_node / (node's decode rate)   (0 when the profile gives no rate)
+    iteration_s     = max(compute_s + comm_exposed_s, data_s)   if data loading is prefetched, else the sum
+    epoch_s         = iteration_s · N / B                       (N images per epoch, ImageNet-1k by default)
+    time_to_train_s = ⌈E·N/B⌉ · iteration_s                     (E epochs; whole iterations)
+    images_per_s    = B / iteration_s
+    scaling_efficiency = images_per_s / (p · one rank's images/s at the same b, without communication)
+
+The stable keys of a prediction (``KEYS``) are documented in ``analysis/README.md``. ``predict`` evaluates
+whole arrays of configurations at once (a grid of a million points in well under a second);
+``predict_point`` is the scalar convenience wrapper used by ``jobs/`` to size walltimes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.comm import allreduce_affine
+from analysis.compute import compute_times
+from analysis.machine import MachineProfile, load_machine
+from analysis.overlap import simulate
+from analysis.params import PerfParams
+from analysis.workload import IMAGENET_TRAIN_IMAGES, Workload, load_workload
+
+KEYS = ("iteration_s", "compute_s", "comm_exposed_s", "epoch_s", "time_to_train_s", "images_per_s",
+        "scaling_efficiency")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Arrays of one shape (the broadcast of the inputs), one entry per configuration."""
+
+    model: str
+    machine: str
+    nodes: np.ndarray
+    ranks_per_node: np.ndarray
+    ranks: np.ndarray
+    global_batch: np.ndarray
+    batch_per_rank: np.ndarray
+    epochs: np.ndarray
+    iterations: np.ndarray
+    forward_s: np.ndarray
+    backward_s: np.ndarray
+    overhead_s: np.ndarray
+    compute_s: np.ndarray
+    data_s: np.ndarray
+    data_exposed_s: np.ndarray
+    comm_total_s: np.ndarray
+    comm_exposed_s: np.ndarray
+    buckets: np.ndarray
+    iteration_s: np.ndarray
+    epoch_s: np.ndarray
+    time_to_train_s: np.ndarray
+    images_per_s: np.ndarray
+    scaling_efficiency: np.ndarray
+    node_hours: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.iteration_s.size)
+
+    def record(self, index: int = 0) -> dict[str, Any]:
+        """One configuration as a plain dict: the stable KEYS first, then inputs and the breakdown."""
+        out: dict[str, Any] = {"model": self.model, "machine": self.machine}
+        array_fields = [f.name for f in fields(self) if f.name not in ("model", "machine")]
+        ordered = list(KEYS) + [n for n in array_fields if n not in KEYS]
+        for name in ordered:
+            value = np.asarray(getattr(self, name)).reshape(-1)[index]
+            out[name] = int(value) if name in _INTEGER_FIELDS else float(value)
+        out["comm_hidden_s"] = out["comm_total_s"] - out["comm_exposed_s"]
+        return out
+
+    def records(self) -> list[dict[str, Any]]:
+        return [self.record(i) for i in range(self.size)]
+
+
+_INTEGER_FIELDS = {"nodes", "ranks_per_node", "ranks", "global_batch", "batch_per_rank", "iterations", "buckets"}
+
+
+def resolve_machine(machine: str | Path | MachineProfile) -> MachineProfile:
+    return machine if isinstance(machine, MachineProfile) else load_machine(machine)
+
+
+def resolve_workload(model: str | Workload) -> Workload:
+    return model if isinstance(model, Workload) else load_workload(model)
+
+
+def _as_int_array(name: str, value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            bad = array.reshape(-1)[~(np.isfinite(array.reshape(-1)) & (array.reshape(-1) == np.round(
+                array.reshape(-1))))][0]
+            raise ValueError(f"{name} must be a whole number, got {bad!r}")
+        array = array.astype(np.int64)
+    elif array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if np.any(array < 1):
+        raise ValueError(f"{name} must be >= 1, got {int(array.reshape(-1)[np.argmax(array.reshape(-1) < 1)])}")
+    return array.astype(np.int64)
+
+
+def validate(params: PerfParams, nodes: np.ndarray, ranks_per_node: np.ndarray, global_batch: np.ndarray,
+             epochs: np.ndarray) -> None:
+    """Clear errors for configurations the machine or the batch cannot hold (first culprit named)."""
+    if params.max_nodes is not None and np.any(nodes > params.max_nodes):
+        worst = int(nodes.max())
+        raise ValueError(f"nodes={worst} is beyond machine {params.machine!r} (max_nodes {params.max_nodes})")
+    ranks = nodes * ranks_per_node
+    bad = global_batch % ranks != 0
+    if np.any(bad):
+        i = int(np.argmax(bad.reshape(-1)))
+        b, p = int(global_batch.reshape(-1)[i]), int(ranks.reshape(-1)[i])
+        raise ValueError(f"global batch {b} is not divisible by {p} ranks "
+                         f"({int(nodes.reshape(-1)[i])} nodes x {int(ranks_per_node.reshape(-1)[i])} per node)")
+    if np.any(~np.isfinite(epochs)) or np.any(epochs <= 0):
+        raise ValueError(f"epochs must be > 0, got {float(epochs.reshape(-1)[np.argmax(~(epochs > 0))])}")
+
+
+def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, epochs=90.0,
+                 ranks_per_node=None, dataset_size: int = IMAGENET_TRAIN_IMAGES,
+                 check: bool = True) -> Prediction:
+    """The model as a pure function of its parameters and of arrays of configurations (see module doc)."""
+    nodes_a = _as_int_array("nodes", nodes)
+    rpn_a = _as_int_array("ranks_per_node", params.default_ranks_per_node if ranks_per_node is None
+                          else ranks_per_node)
+    batch_a = _as_int_array("global_batch", global_batch)
+    epochs_a = np.asarray(epochs, dtype=float)
+    if dataset_size < 1:
+        raise ValueError(f"dataset_size must be >= 1, got {dataset_size!r}")
+    nodes_a, rpn_a, batch_a, epochs_a = np.broadcast_arrays(nodes_a, rpn_a, batch_a, epochs_a)
+    if check:
+        validate(params, nodes_a, rpn_a, batch_a, epochs_a)
+    ranks = nodes_a * rpn_a
+    b = batch_a / ranks
+    times = compute_times(workload, params, b, rpn_a)
+    compute_s = times.total_s
+    latency, per_byte = allreduce_affine(params.algorithm, nodes_a, rpn_a, params.link)
+    cycle = np.where(ranks > 1, params.cycle_s, 0.0)
+    overlap = simulate(workload.event_ready_fraction, workload.event_bytes, times.backward_s, latency, per_byte,
+                       params.fusion_bytes, cycle)
+    data_s = b * rpn_a / params.data_images_per_s_per_node
+    busy = compute_s + overlap.comm_exposed_s
+    single_data_s = b / params.data_images_per_s_per_node
+    if params.data_overlapped:
+        iteration = np.maximum(busy, data_s)
+        single = np.maximum(compute_s, single_data_s)
+    else:
+        iteration = busy + data_s
+        single = compute_s + single_data_s
+    data_exposed = iteration - busy
+    per_epoch = dataset_size / batch_a
+    iterations = np.ceil(epochs_a * per_epoch - 1e-9)
+    time_to_train = iterations * iteration
+    return Prediction(
+        model=workload.model, machine=params.machine, nodes=nodes_a, ranks_per_node=rpn_a, ranks=ranks,
+        global_batch=batch_a, batch_per_rank=b, epochs=epochs_a, iterations=iterations,
+        forward_s=times.forward_s, backward_s=times.backward_s, overhead_s=times.overhead_s,
+        compute_s=compute_s, data_s=data_s, data_exposed_s=data_exposed, comm_total_s=overlap.comm_total_s,
+        comm_exposed_s=overlap.comm_exposed_s, buckets=overlap.buckets, iteration_s=iteration,
+        epoch_s=iteration * per_epoch, time_to_train_s=time_to_train, images_per_s=batch_a / iteration,
+        scaling_efficiency=single / iteration, node_hours=nodes_a * time_to_train / 3600.0)
+
+
+def predict(model: str | Workload, machine: str | Path | MachineProfile, nodes, global_batch, epochs=90.0,
+            ranks_per_node=None, dataset_size: int = IMAGENET_TRAIN_IMAGES, precision: str = "fp32",
+            params: PerfParams | None = None) -> Prediction:
+    """Vectorised prediction: ``nodes``, ``global_batch``, ``epochs`` and ``ranks_per_node`` broadcast.
+
+    ``machine`` is a bundled profile name, a path to a profile YAML or a MachineProfile; ``params``
+    (e.g. fitted by calibration) replaces the parameters the profile would give. Bad input (unknown model
+    or machine, nodes beyond the machine, a batch not divisible by the ranks) raises ValueError.
+    """
+    workload = resolve_workload(model)
+    if params is None:
+        params = PerfParams.from_machine(resolve_machine(machine), precision=precision)
+    return predict_from(workload, params, nodes, global_batch, epochs, ranks_per_node, dataset_size)
+
+
+def predict_point(model: str, machine: str | Path | MachineProfile, nodes: int, global_batch: int,
+                  epochs: float = 90.0, ranks_per_node: int | None = None,
+                  dataset_size: int = IMAGENET_TRAIN_IMAGES, precision: str = "fp32") -> dict[str, Any]:
+    """One configuration → a dict with the stable KEYS (seconds, images/s, efficiency) and the breakdown."""
+    result = predict(model, machine, nodes, global_batch, epochs, ranks_per_node, dataset_size, precision)
+    record = result.record(0)
+    if not math.isfinite(record["iteration_s"]):
+        raise ValueError(f"prediction for {model} on {record['machine']} is not finite")
+    return record

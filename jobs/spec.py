@@ -248,7 +248,10 @@ def parse_spec(data: Any, source: str | None = None) -> SweepSpec:
     try:
         return from_mapping(SweepSpec, data)
     except SchemaError as err:
-        raise SchemaError(err.path, err.reason, source) from None
+        # A mistyped key can hold a newline or control character: escape it so the error stays one line.
+        path = err.path if err.path.isprintable() else err.path.encode("unicode_escape").decode()
+        reason = err.reason if err.reason.isprintable() else err.reason.encode("unicode_escape").decode()
+        raise SchemaError(path, reason, source) from None
     except RecursionError:
         raise SchemaError("", "document nested too deeply", source) from None
 

@@ -23,6 +23,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     smoke.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are killed")
     smoke.set_defaults(handler=run_smoke)
 
+    from scaling.train import add_arguments  # stdlib-only module: torch/TF/Horovod load in the handler
+
+    train = subparsers.add_parser(
+        "train",
+        help="Horovod data-parallel training (PyTorch or TensorFlow), measured step by step",
+        description="Run on every rank (mpirun/srun/horovodrun, or alone as 1 rank). Writes DIR/steps/"
+        "rank-NNNNN.jsonl, DIR/summary.json and DIR/checkpoints/ (schema: scaling/RUN_FORMAT.md). "
+        "Exit 0 when complete, 75 when stopped by SIGTERM/SIGUSR1 after a checkpoint (resume with --resume).",
+    )
+    add_arguments(train)
+    train.set_defaults(handler=run_train)
+
 
 def run_smoke(args: argparse.Namespace) -> int:
     from larscale import UsageError
@@ -56,3 +68,9 @@ def run_smoke(args: argparse.Namespace) -> int:
     print(f"smoke run passed: {args.ranks} ranks, controller {args.controller}, "
           f"frameworks {args.frameworks}")
     return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from scaling.train import run
+
+    return run(args)

@@ -1,0 +1,103 @@
+"""Checkpoint files: atomic writes by rank 0, keep the last K, find the newest complete one.
+
+A checkpoint is ``DIR/checkpoints/ckpt-<step:08d>.pt``. It is written to a temporary file in the same
+directory, flushed and fsync'ed, then renamed over the final name (``os.replace`` is atomic within a file
+system), and the directory is fsync'ed so the rename survives a crash. A reader therefore sees either no file
+or a whole one under the final name; stray ``*.tmp`` files come from writers killed mid-write and are ignored
+(and removed by the next successful save). A checkpoint also carries ``"complete": True`` written last in
+its dictionary, and :func:`latest` skips files that fail to load or lack it, so a truncated file copied by
+hand cannot be resumed from by mistake.
+
+The serializer is a parameter so PyTorch runs store ``torch.save`` archives and TensorFlow runs pickled
+NumPy arrays (no torch needed) under the same names and rules.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from scaling.runlog import fsync_dir
+
+CHECKPOINT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"ckpt-{step:08d}.pt"
+
+
+def pickle_dump(state: dict, handle: BinaryIO) -> None:
+    pickle.dump(state, handle, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def pickle_load(handle: BinaryIO) -> dict:
+    return pickle.load(handle)
+
+
+def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int,
+         dump: Callable[[dict, BinaryIO], None] = pickle_dump) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` atomically and keep only the ``keep`` newest."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(run_dir, step)
+    state = {**state, "step": step, "complete": True}
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            dump(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+    prune(run_dir, keep)
+    return final
+
+
+def listed(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint file under its final name, oldest first."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = CHECKPOINT_RE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def prune(run_dir: str | os.PathLike, keep: int) -> None:
+    """Remove all but the ``keep`` newest checkpoints, and temporary files of interrupted writes."""
+    for _, path in listed(run_dir)[:-keep]:
+        path.unlink(missing_ok=True)
+    for entry in checkpoint_dir(run_dir).glob(".ckpt-*.tmp"):
+        entry.unlink(missing_ok=True)
+
+
+def latest(run_dir: str | os.PathLike,
+           load: Callable[[BinaryIO], dict] = pickle_load) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads and is marked complete, with its state; None when there is none."""
+    for _, path in reversed(listed(run_dir)):
+        try:
+            with open(path, "rb") as handle:
+                state = load(handle)
+        except Exception:  # noqa: BLE001 - a damaged file is skipped, an older one may be whole
+            continue
+        if isinstance(state, dict) and state.get("complete") is True:
+            return path, state
+    return None

@@ -1,0 +1,250 @@
+"""Capacity planning: which nodes and batch, for how many node-hours, reach an accuracy (or epochs) by when.
+
+Candidates are every (nodes, global batch) pair of the grid below that the machine can hold:
+
+- nodes: powers of two up to ``max_nodes`` (the machine's limit unless lower), plus ``max_nodes`` itself;
+- global batch: with a target accuracy, the powers of two inside the seed table's batch range of the network
+  (time-to-accuracy does not extrapolate); with fixed epochs, powers of two from 256 to 32K, the range the
+  LARS results cover; ``batches`` overrides either;
+- the batch must divide evenly over the ranks, and the per-rank memory estimate must fit.
+
+For each, the epochs come from :func:`analysis.accuracy.epochs_to_accuracy` (or are given), the time from
+:func:`analysis.predict.predict_from` (one vectorised call for the whole grid). A job may run at most the
+walltime limit ``W``; a longer training is a checkpoint/restart chain of ``⌈T / (W − o)⌉`` jobs, each paying a
+restart overhead ``o`` (start-up, reading the checkpoint), so the wall time is ``T + jobs·o`` (queue waits
+excluded) and the cost ``nodes · (T + jobs·o)`` node-hours. Candidates over the node-hour budget or the deadline
+are dropped. The rest are ranked by wall time, then cost; the Pareto front is the set no other candidate beats
+on both time and node-hours.
+
+Memory per rank (estimate): weights, gradients, momentum and a fusion buffer ``4 × gradient_bytes``, plus
+twice the activations of ``b`` images (outputs kept for the backward pass and their gradients). It is
+checked against the device memory of a GPU rank, or the node memory shared by a CPU node's ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.accuracy import AccuracyError, epochs_to_accuracy, table_for
+from analysis.machine import MachineProfile, walltime_seconds
+from analysis.params import PerfParams
+from analysis.predict import predict_from, resolve_machine
+from analysis.workload import IMAGENET_TRAIN_IMAGES, load_workload
+
+DEFAULT_BATCHES = tuple(2**k for k in range(8, 16))   # 256 .. 32K
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    nodes: int
+    ranks_per_node: int
+    global_batch: int
+    batch_per_rank: int
+    epochs: float
+    epochs_bound: str            # "given", "exact", "interpolated" or "at_most" (see analysis.accuracy)
+    iteration_s: float
+    comm_exposed_s: float
+    scaling_efficiency: float
+    time_to_train_s: float       # pure training time
+    jobs: int                    # checkpoint/restart chain length under the walltime limit
+    wall_s: float                # time_to_train_s + jobs × restart overhead
+    node_hours: float
+    memory_gb_per_rank: float
+    pareto: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.nodes}n B={self.global_batch}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    machine: str
+    target_top1: float | None
+    rows: list[PlanRow]                      # feasible, ranked by wall time then node-hours
+    rejected: dict[str, int]                 # reason → candidates dropped
+    max_walltime_s: float
+    restart_overhead_s: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def front(self) -> list[PlanRow]:
+        return [r for r in self.rows if r.pareto]
+
+    def to_dict(self, top: int | None = None) -> dict[str, Any]:
+        return {"model": self.model, "machine": self.machine, "target_top1": self.target_top1,
+                "max_walltime_s": self.max_walltime_s, "restart_overhead_s": self.restart_overhead_s,
+                "rejected": self.rejected, "notes": self.notes,
+                "rows": [asdict(r) for r in self.rows[:top]], "pareto_front": [asdict(r) for r in self.front]}
+
+
+def pareto_mask(time: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """True where no other point is at least as good on both and better on one (minimising both)."""
+    time, cost = np.asarray(time, float), np.asarray(cost, float)
+    order = np.lexsort((cost, time))
+    mask = np.zeros(time.size, dtype=bool)
+    best_cost = math.inf
+    for i in order:
+        if cost[i] < best_cost:
+            mask[i] = True
+            best_cost = cost[i]
+    return mask
+
+
+def memory_gb_per_rank(workload, batch_per_rank) -> np.ndarray:
+    return (4 * workload.gradient_bytes + 2 * np.asarray(batch_per_rank, float) * workload.activation_bytes) / 1e9
+
+
+def memory_limit_gb(machine: MachineProfile, ranks_per_node: int) -> float:
+    devices = machine.node.devices
+    if devices.kind == "gpu" and devices.memory_gb:
+        return devices.memory_gb * devices.count / ranks_per_node
+    return machine.node.memory_gb / ranks_per_node
+
+
+def _node_grid(max_nodes: int) -> list[int]:
+    nodes = [2**k for k in range(0, 31) if 2**k <= max_nodes]
+    return nodes + ([max_nodes] if max_nodes not in nodes else [])
+
+
+def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | None = None,
+         epochs: float | None = None, budget_node_hours: float | None = None, max_nodes: int | None = None,
+         max_walltime: str | float | None = None, deadline: str | float | None = None,
+         ranks_per_node: int | None = None, batches: list[int] | None = None, restart_overhead_s: float = 120.0,
+         dataset_size: int = IMAGENET_TRAIN_IMAGES, params: PerfParams | None = None) -> Plan:
+    """Rank the feasible configurations (see the module docstring). ValueError for impossible questions."""
+    if (target_top1 is None) == (epochs is None):
+        raise ValueError("give exactly one of target_top1 and epochs")
+    if epochs is not None and not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs!r}")
+    profile = resolve_machine(machine)
+    params = params or PerfParams.from_machine(profile)
+    workload = load_workload(model)
+    limit = profile.limits.max_nodes
+    if max_nodes is not None:
+        if max_nodes < 1:
+            raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
+        if max_nodes > limit:
+            raise ValueError(f"max_nodes {max_nodes} is beyond machine {profile.name!r} (max_nodes {limit})")
+        limit = max_nodes
+    walltime_s = _seconds(max_walltime, "max_walltime") if max_walltime is not None else profile.limits.max_walltime_s
+    if walltime_s <= restart_overhead_s:
+        raise ValueError(f"max_walltime {walltime_s:g} s leaves no time after the restart overhead "
+                         f"({restart_overhead_s:g} s)")
+    deadline_s = _seconds(deadline, "deadline") if deadline is not None else math.inf
+    rpn = ranks_per_node or profile.default_ranks_per_node
+    notes: list[str] = []
+    if batches is None:
+        if target_top1 is not None:
+            table = table_for(model)
+            known = [r.batch for r in table.known_rows]
+            batches = [b for b in DEFAULT_BATCHES + tuple(known) if min(known) <= b <= max(known)]
+            notes.append(f"batches limited to the {table.network} table range {min(known)}..{max(known)} "
+                         "(time-to-accuracy does not extrapolate)")
+        else:
+            batches = list(DEFAULT_BATCHES)
+    batches = sorted(set(int(b) for b in batches))
+    rejected: dict[str, int] = {}
+
+    def reject(reason: str, count: int = 1) -> None:
+        rejected[reason] = rejected.get(reason, 0) + count
+
+    epochs_of: dict[int, tuple[float, str]] = {}
+    for b in batches:
+        if target_top1 is None:
+            epochs_of[b] = (float(epochs), "given")
+            continue
+        try:
+            answer = epochs_to_accuracy(model, b, target_top1)
+        except AccuracyError as err:
+            if "above every value" in str(err):
+                raise
+            reject(f"target not reached at this batch in the seed tables ({err})", len(_node_grid(limit)))
+            continue
+        epochs_of[b] = (answer.epochs, answer.bound)
+    if not epochs_of:
+        raise ValueError(f"no batch reaches top-1 {target_top1}% in the seed tables: " + "; ".join(rejected))
+
+    grid_nodes, grid_batch = [], []
+    for b in epochs_of:
+        for n in _node_grid(limit):
+            if b % (n * rpn):
+                reject("global batch not divisible by the ranks")
+                continue
+            grid_nodes.append(n)
+            grid_batch.append(b)
+    if not grid_nodes:
+        raise ValueError("no (nodes, batch) pair divides evenly: "
+                         + ", ".join(f"{k}: {v}" for k, v in rejected.items()))
+    nodes_a, batch_a = np.array(grid_nodes), np.array(grid_batch)
+    epochs_a = np.array([epochs_of[b][0] for b in grid_batch])
+    pred = predict_from(workload, params, nodes_a, batch_a, epochs_a, rpn, dataset_size)
+    memory = memory_gb_per_rank(workload, pred.batch_per_rank)
+    memory_limit = memory_limit_gb(profile, rpn)
+    jobs = np.maximum(np.ceil(pred.time_to_train_s / (walltime_s - restart_overhead_s)), 1)
+    wall = pred.time_to_train_s + jobs * restart_overhead_s
+    node_hours = nodes_a * wall / 3600
+    rows = []
+    for i in range(nodes_a.size):
+        if memory[i] > memory_limit:
+            reject(f"memory estimate over {memory_limit:.0f} GB per rank")
+            continue
+        if budget_node_hours is not None and node_hours[i] > budget_node_hours:
+            reject("over the node-hour budget")
+            continue
+        if wall[i] > deadline_s:
+            reject("past the deadline")
+            continue
+        rows.append(PlanRow(
+            nodes=int(nodes_a[i]), ranks_per_node=int(rpn), global_batch=int(batch_a[i]),
+            batch_per_rank=int(pred.batch_per_rank[i]), epochs=float(epochs_a[i]),
+            epochs_bound=epochs_of[int(batch_a[i])][1], iteration_s=float(pred.iteration_s[i]),
+            comm_exposed_s=float(pred.comm_exposed_s[i]), scaling_efficiency=float(pred.scaling_efficiency[i]),
+            time_to_train_s=float(pred.time_to_train_s[i]), jobs=int(jobs[i]), wall_s=float(wall[i]),
+            node_hours=float(node_hours[i]), memory_gb_per_rank=float(memory[i])))
+    if not rows:
+        raise ValueError("no configuration fits: " + ", ".join(f"{k}: {v}" for k, v in rejected.items()))
+    mask = pareto_mask([r.wall_s for r in rows], [r.node_hours for r in rows])
+    rows = [PlanRow(**{**asdict(r), "pareto": bool(m)}) for r, m in zip(rows, mask, strict=True)]
+    rows.sort(key=lambda r: (r.wall_s, r.node_hours))
+    return Plan(model=model, machine=profile.name, target_top1=target_top1, rows=rows, rejected=rejected,
+                max_walltime_s=walltime_s, restart_overhead_s=restart_overhead_s, notes=notes)
+
+
+def _seconds(value: str | float, name: str) -> float:
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        return float(value)
+    try:
+        return float(walltime_seconds(value))
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
+def format_plan(result: Plan, top: int = 15) -> str:
+    """A text table of the ranked candidates (Pareto-optimal ones starred) and what was dropped."""
+    head = (f"{'':1} {'nodes':>6} {'batch':>6} {'b/rank':>6} {'epochs':>7} {'iter s':>8} {'eff':>5} "
+            f"{'train h':>8} {'jobs':>4} {'wall h':>7} {'node-h':>9} {'mem GB':>7}")
+    lines = [f"plan for {result.model} on {result.machine}"
+             + (f", target top-1 {result.target_top1:g}%" if result.target_top1 is not None else "")
+             + f"; walltime limit {result.max_walltime_s / 3600:g} h, restart overhead {result.restart_overhead_s:g} s",
+             head]
+    for r in result.rows[:top]:
+        epochs = f"{r.epochs:.0f}" + ("≤" if r.epochs_bound == "at_most" else "")
+        lines.append(f"{'*' if r.pareto else ' '} {r.nodes:>6} {r.global_batch:>6} {r.batch_per_rank:>6} "
+                     f"{epochs:>7} {r.iteration_s:>8.3f} {r.scaling_efficiency:>5.2f} "
+                     f"{r.time_to_train_s / 3600:>8.2f} {r.jobs:>4} {r.wall_s / 3600:>7.2f} {r.node_hours:>9.1f} "
+                     f"{r.memory_gb_per_rank:>7.1f}")
+    lines.append(f"{len(result.rows)} feasible; * = Pareto front (time vs node-hours), {len(result.front)} points; "
+                 "≤ = at most this many epochs (the tables hold no shorter run)")
+    for reason, count in result.rejected.items():
+        lines.append(f"dropped {count}: {reason}")
+    lines.extend(f"note: {n}" for n in result.notes)
+    return "\n".join(lines)

@@ -37,6 +37,8 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DATASET = re.compile(r"^(synthetic|digits|imagenet:.+)$", re.DOTALL)
 # Used when the models registry is not importable (it is the fixed list of the models contract).
 KNOWN_MODELS = ("alexnet", "alexnet_bn", "resnet50", "resnet50_v1", "googlenet", "vgg16")
+# Networks the trainer defines itself for tests (scaling/train.py LOCAL_MODELS).
+TRAINER_MODELS = ("tiny",)
 
 
 def _safe_name(value: str) -> str | None:
@@ -60,14 +62,15 @@ def _non_negative(value: float) -> str | None:
 
 
 def model_names() -> list[str]:
-    """The registry's model names (``models.names()``), or the contract's fixed list when it is absent."""
+    """The registry's model names (``models.names()``, or the contract's fixed list when it is absent), plus
+    the trainer's own small test network ``tiny``."""
     try:
         import models
 
         names = list(models.names())
     except (ImportError, AttributeError):
         names = []
-    return names or list(KNOWN_MODELS)
+    return [*(names or KNOWN_MODELS), *TRAINER_MODELS]
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,8 @@ class Sweep:
     # A list of node counts or a geometric range mapping {start, stop, factor}; checked in __post_init__ so
     # that errors point at the offending element (``nodes[2]``).
     nodes: Any
-    ranks_per_node: int | None = check(positive, default=None)
+    # One count or a list to sweep over (nodes × ranks_per_node); default: the profile's.
+    ranks_per_node: Any = None
     threads_per_rank: int = check(positive, default=1)
     global_batch: int | None = check(positive, default=None)       # strong
     batch_per_rank: int | None = check(positive, default=None)     # weak
@@ -125,6 +129,13 @@ class Sweep:
             object.__setattr__(self, "nodes", node_range.values())
         else:
             object.__setattr__(self, "nodes", _positive_int_list(self.nodes, "nodes", 64))
+        if self.ranks_per_node is not None:
+            value = self.ranks_per_node
+            if isinstance(value, int) and not isinstance(value, bool):
+                if value <= 0:
+                    raise SchemaError("ranks_per_node", f"must be > 0, got {value!r}")
+                value = [value]
+            object.__setattr__(self, "ranks_per_node", _positive_int_list(value, "ranks_per_node", 16))
         needs = {"strong": "global_batch", "weak": "batch_per_rank", "grid": "global_batches"}[self.kind]
         if getattr(self, needs) is None:
             raise SchemaError(needs, f"required for a {self.kind} sweep")

@@ -16,7 +16,6 @@ walltime) are refused with the reason and never submitted.
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -148,22 +147,22 @@ def _predictor():
 
 def predict_seconds(spec: SweepSpec, machine: MachineProfile, nodes: int, ranks_per_node: int,
                     global_batch: int) -> float | None:
-    """The analysis model's time for one run (seconds), or None when no prediction is available."""
+    """The analysis model's time for one run (seconds), or None when no prediction is available.
+
+    Steps: ``iteration_s · steps``; epochs: ``time_to_train_s`` (ImageNet-1k epochs). The model predicts at the
+    network's native image size, so a run at a smaller ``image_size`` gets a generous (longer) walltime.
+    """
     predict_point = _predictor()
     if predict_point is None:
         return None
     t = spec.training
-    wanted = {"model": spec.model, "machine": machine, "nodes": nodes, "global_batch": global_batch,
-              "epochs": t.epochs if t.epochs is not None else 1.0, "ranks_per_node": ranks_per_node,
-              "image_size": t.image_size, "precision": t.precision}
-    accepted = inspect.signature(predict_point).parameters
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    kwargs = {k: v for k, v in wanted.items() if (takes_kwargs or k in accepted) and v is not None}
-    result = predict_point(**kwargs)
-    if t.steps is not None:
-        seconds = float(result["iteration_s"]) * t.steps
-    else:
-        seconds = float(result["time_to_train_s"])
+    try:
+        result = predict_point(model=spec.model, machine=machine, nodes=nodes, global_batch=global_batch,
+                               epochs=t.epochs if t.epochs is not None else 1.0, ranks_per_node=ranks_per_node,
+                               precision=t.precision)
+    except ValueError as err:
+        raise SchemaError("job.walltime", f"the walltime prediction failed ({err}): give job.walltime") from None
+    seconds = float(result["iteration_s"]) * t.steps if t.steps is not None else float(result["time_to_train_s"])
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
@@ -185,17 +184,19 @@ def plan(spec: SweepSpec | str | Path | dict, machine: MachineProfile | str | Pa
         except SchemaError as err:
             raise SchemaError("machine", err.reason if not err.path else str(err), err.source) from None
     sweep = spec.sweep
-    ranks_per_node = sweep.ranks_per_node or machine.default_ranks_per_node
-    if machine.node.devices.kind == "gpu" and ranks_per_node > machine.devices_per_node:
-        raise SchemaError("sweep.ranks_per_node", f"{ranks_per_node} ranks per node but machine "
-                          f"{machine.name!r} has {machine.devices_per_node} GPUs per node")
-    if ranks_per_node * sweep.threads_per_rank > machine.node.cores and machine.scheduler != "local":
-        raise SchemaError("sweep.threads_per_rank", f"{ranks_per_node} ranks x {sweep.threads_per_rank} threads "
-                          f"exceeds the {machine.node.cores} cores of a {machine.name!r} node")
+    rpn_values = sweep.ranks_per_node or [machine.default_ranks_per_node]
+    for i, ranks_per_node in enumerate(rpn_values):
+        where = f"sweep.ranks_per_node[{i}]" if sweep.ranks_per_node else "machine.ranks_per_node"
+        if machine.node.devices.kind == "gpu" and ranks_per_node > machine.devices_per_node:
+            raise SchemaError(where, f"{ranks_per_node} ranks per node but machine {machine.name!r} has "
+                              f"{machine.devices_per_node} GPUs per node")
+        if ranks_per_node * sweep.threads_per_rank > machine.node.cores and machine.scheduler != "local":
+            raise SchemaError("sweep.threads_per_rank", f"{ranks_per_node} ranks x {sweep.threads_per_rank} "
+                              f"threads exceeds the {machine.node.cores} cores of a {machine.name!r} node")
     user_walltime = walltime_seconds(spec.job.walltime) if spec.job.walltime else None
     limit_s = machine.limits.max_walltime_s
     points: list[Point] = []
-    for nodes in sweep.nodes:
+    for nodes, ranks_per_node in ((n, r) for n in sweep.nodes for r in rpn_values):
         ranks = nodes * ranks_per_node
         if sweep.kind == "weak":
             combos = [(sweep.batch_per_rank * ranks, "sweep.batch_per_rank")]

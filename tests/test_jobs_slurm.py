@@ -1,0 +1,156 @@
+"""jobs/ against a real one-node Slurm (munged, slurmctld, slurmd started by tests/slurm_cluster.py).
+
+- the fixture itself runs a trivial ``sbatch --wrap`` job;
+- a real 2-point sweep (1 and 2 ranks, tiny synthetic training through mpirun inside sbatch) is submitted,
+  waited for and collected into a table with measured throughput for both points;
+- a job whose ``--time`` is shorter than its work gets Slurm's pre-timeout ``SIGUSR1`` (``--signal=B:USR1@N``),
+  the trainer checkpoints and exits 75, and resubmitting the point (with ``--resume``) completes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.collect import collect
+from jobs.submit import submit, wait
+from jobs.sweep import plan
+from tests import slurm_cluster as _slurm
+from tests.slurm_cluster import SlurmCluster
+
+slurm_cluster = _slurm.slurm_cluster  # the module-scoped fixture, used by name below
+
+pytestmark = [pytest.mark.slurm]
+
+PROFILE = """\
+name: test-slurm
+description: the one-node test Slurm of tests/slurm_cluster.py, Open MPI ranks on this machine
+scheduler: slurm
+launcher: mpirun
+mpi_flavor: openmpi
+launcher_flags: ["--oversubscribe", "--bind-to", "none"]
+ranks_per_node: 2
+node:
+  cores: 2
+  memory_gb: 4
+  devices: {kind: cpu, model: test core, count: 2, peak_tflops: {fp32: 0.1}}
+network:
+  intra_node: {bandwidth_gbps: 20, latency_us: 4.0}
+  inter_node: {bandwidth_gbps: 20, latency_us: 4.0}
+limits: {max_nodes: 1, max_walltime: "00:20:00"}
+"""
+
+
+def trainer_available() -> bool:
+    """The trainer and the modules it needs at run time (LR schedules, LARS) are importable."""
+    code = "import scaling.train, scaling.schedules, scaling.optim"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def job_env(cluster: SlurmCluster) -> dict[str, str]:
+    """What sbatch exports into the job: the cluster's SLURM_CONF plus what local Open MPI ranks need."""
+    from scaling.launch import local_env
+
+    return local_env(cluster.env, threads_per_rank=1)
+
+
+def sweep_spec(profile: Path, name: str, steps: int, walltime: str, **training) -> dict:
+    return {
+        "name": name, "model": "tiny", "framework": "torch", "dataset": "synthetic", "machine": str(profile),
+        "sweep": {"kind": "weak", "nodes": [1], "ranks_per_node": [1, 2], "batch_per_rank": 4,
+                  "threads_per_rank": 1},
+        "training": {"steps": steps, "optimizer": "lars", "lr": 0.1, "warmup_steps": 0, "image_size": 16,
+                     "num_classes": 10, "extra_args": ["--no-eval"], **training},
+        "job": {"walltime": walltime, "signal_s": 55},
+    }
+
+
+def test_fixture_runs_a_trivial_batch_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    out = tmp_path / "hello.out"
+    proc = slurm_cluster.run(["sbatch", "--parsable", "-n", "2", f"--output={out}",
+                              "--wrap", "echo tasks=$SLURM_NTASKS node=$SLURMD_NODENAME"])
+    job_id = proc.stdout.strip().split(";")[0]
+    assert slurm_cluster.wait_job(job_id, timeout=60) == ("COMPLETED", "0:0")
+    assert out.read_text().split() == ["tasks=2", f"node={slurm_cluster.node}"]
+
+
+@pytest.fixture(scope="module")
+def two_point_sweep(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory):
+    if not trainer_available():
+        pytest.skip("the trainer (python -m scaling.train) does not run yet")
+    root = tmp_path_factory.mktemp("sweep2")
+    profile = root / "test-slurm.yaml"
+    profile.write_text(PROFILE)
+    the_plan = plan(sweep_spec(profile, "slurm2", steps=12, walltime="00:05:00"), output_dir=root / "out")
+    assert [(p.ranks, p.global_batch) for p in the_plan.points] == [(1, 4), (2, 8)]
+    manifest = submit(the_plan, env=job_env(slurm_cluster))
+    assert all(r.state == "submitted" and r.job_id for r in manifest.points.values())
+    manifest = wait(the_plan.output_dir, timeout=300, poll_s=1, env=slurm_cluster.env)
+    return the_plan, manifest, collect(the_plan.output_dir)
+
+
+@pytest.mark.slow
+def test_real_two_point_sweep_is_collected_with_throughput(two_point_sweep) -> None:
+    the_plan, manifest, result = two_point_sweep
+    logs = "\n".join(p.read_text()[-2000:] for p in (the_plan.output_dir / "logs").glob("*.out"))
+    assert {r.state for r in manifest.points.values()} == {"complete"}, logs
+    assert result.problems == [], [str(p) for p in result.problems]
+    table = result.table.sort_values("ranks")
+    assert list(table["ranks"]) == [1, 2] and list(table["measured_ranks"]) == [1, 2]
+    assert list(table["global_batch"]) == [4, 8] and list(table["measured_global_batch"]) == [4, 8]
+    assert (table["images_per_s"] > 0).all() and (table["ci95_low"] <= table["images_per_s"]).all()
+    assert (table["steps_done"] == 12).all() and (table["step_records"] == table["ranks"] * 12).all()
+    # The job ids in the table are the ones Slurm gave, and Slurm ran each job under its own id.
+    for rec in manifest.points.values():
+        assert (the_plan.output_dir / "logs" / f"{rec.attempts[0].job_name}-{rec.job_id}.out").exists()
+
+
+@pytest.mark.slow
+def test_walltime_signal_checkpoint_and_resubmission(slurm_cluster: SlurmCluster, two_point_sweep,
+                                                     tmp_path: Path) -> None:
+    """--time=1 min, work of ~75 s: Slurm's time-limit check (every 30 s) sends USR1 55 s before the limit,
+    i.e. within ~31 s of the start; the trainer stops with a checkpoint (exit 75); resubmitted with more time
+    and --resume, the point completes with every planned step done."""
+    _, manifest, calibration = two_point_sweep
+    assert {r.state for r in manifest.points.values()} == {"complete"}, "the 2-point sweep failed"
+    step_s = float(calibration.table.sort_values("ranks")["median_step_s"].iloc[-1])
+    steps = max(200, math.ceil(75.0 / step_s))
+    profile = tmp_path / "test-slurm.yaml"
+    profile.write_text(PROFILE)
+    spec = sweep_spec(profile, "signal", steps=steps, walltime="00:01:00", checkpoint_every=10**6, log_every=10**6)
+    spec["sweep"]["ranks_per_node"] = [2]
+    short = plan(spec, output_dir=tmp_path / "out")
+    (point,) = short.points
+    script = submit(short, env=job_env(slurm_cluster)).points[point.point_id].script
+    assert "#SBATCH --time=00:01:00" in Path(script).read_text()
+    assert "#SBATCH --signal=B:USR1@55" in Path(script).read_text()
+    first = wait(short.output_dir, timeout=240, poll_s=1, env=slurm_cluster.env).points[point.point_id]
+    log = "\n".join(p.read_text()[-3000:] for p in (short.output_dir / "logs").glob("*.out"))
+    assert first.state == "interrupted" and first.exit_status == 75, (first, log)
+    summary = json.loads((Path(first.run_dir) / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["steps_done"] < steps
+    assert summary["checkpoint"] and Path(summary["checkpoint"]).exists()
+    done_before = summary["steps_done"]
+
+    spec["job"]["walltime"] = "00:10:00"
+    longer = plan(spec, output_dir=tmp_path / "out")
+    manifest = submit(longer, env=job_env(slurm_cluster))
+    rec = manifest.points[point.point_id]
+    assert len(rec.attempts) == 2 and rec.attempts[-1].resume and rec.script.endswith(".try2.sh")
+    assert "--resume" in Path(rec.script).read_text()
+    final = wait(longer.output_dir, timeout=300, poll_s=1, env=slurm_cluster.env).points[point.point_id]
+    log = "\n".join(p.read_text()[-3000:] for p in (longer.output_dir / "logs").glob("*.out"))
+    assert final.state == "complete" and final.exit_status == 0, (final, log)
+    summary = json.loads((Path(final.run_dir) / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps_done"] == steps
+    # Resumed, not restarted: the second job logged only the steps after the checkpoint.
+    steps_logged = [json.loads(line)["step"] for line in
+                    (Path(final.run_dir) / "steps" / "rank-00000.jsonl").read_text().splitlines()]
+    assert min(steps_logged[-(steps - done_before):]) >= done_before - 1
+    result = collect(longer.output_dir)
+    assert result.table.loc[0, "state"] == "complete" and result.table.loc[0, "images_per_s"] > 0

@@ -41,15 +41,24 @@ def _head(in_features: int, num_classes: int, hidden: int = 4096) -> list[tuple[
 
 
 class _FlatNet(nn.Module):
-    """Layers run in order, with a flatten in front of the first fully-connected layer ``first_fc``."""
+    """Layers run in order, with a flatten in front of the first fully-connected layer ``first_fc``.
 
-    def __init__(self, layers: list[tuple[str, nn.Module]], first_fc: str) -> None:
+    The flattened size fixes the input to ``3 × input_size × input_size``; another size is refused up front
+    (rather than by a matrix-shape mismatch deep in the classifier).
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Module]], first_fc: str, input_size: int) -> None:
         super().__init__()
         for name, layer in layers:
             self.add_module(name, layer)
         self.first_fc = first_fc
+        self.input_size = input_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = (3, self.input_size, self.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{type(self).__name__} has a fixed-size classifier head: it takes input of shape "
+                             f"(N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         for name, layer in self.named_children():
             if name == self.first_fc:
                 x = torch.flatten(x, 1)
@@ -77,7 +86,7 @@ class AlexNet(_FlatNet):
             ("pool5", nn.MaxPool2d(3, 2)),
             *_head(256 * 6 * 6, num_classes),
         ]
-        super().__init__(layers, first_fc="fc6")
+        super().__init__(layers, first_fc="fc6", input_size=227)
         init_weights(self)
 
 
@@ -93,7 +102,7 @@ class VGG16(_FlatNet):
                            (f"relu{block}_{index}", nn.ReLU(inplace=True))]
                 channels = width
             layers.append((f"pool{block}", nn.MaxPool2d(2, 2)))
-        super().__init__([*layers, *_head(512 * 7 * 7, num_classes)], first_fc="fc6")
+        super().__init__([*layers, *_head(512 * 7 * 7, num_classes)], first_fc="fc6", input_size=224)
         init_weights(self)
 
 

@@ -133,6 +133,10 @@ class Compute:
 
     # Fraction of fp32 peak sustained by training at a large per-device batch.
     sustained_fraction: float = check(fraction, default=0.3)
+    # The same for other precisions' peaks (tensor cores sustain a much smaller share of their peak);
+    # a precision not listed uses sustained_fraction.
+    sustained_fraction_by_precision: dict[str, float] = check(lambda v: next(
+        (f"{k}: must be in (0, 1], got {x!r}" for k, x in v.items() if not 0 < x <= 1), None), default_factory=dict)
     # Per-device batch at which efficiency is half of sustained_fraction: small batches starve the cores.
     half_efficiency_batch: float = check(non_negative, default=4.0)
     # The same point as work instead of images: GFLOP per device per step at which efficiency is half of

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHUNK = 16384
+CHUNK = 8192
 
 
 @dataclass(frozen=True)
@@ -38,21 +38,29 @@ class OverlapResult:
 
 
 def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, latency_s, s_per_byte,
-             fusion_bytes: float, cycle_s) -> OverlapResult:
-    """Run the bucket schedule for every configuration (arrays broadcast to one shape; see module doc)."""
-    backward_s, latency_s, s_per_byte, cycle_s = (
-        np.asarray(a, dtype=float) for a in np.broadcast_arrays(backward_s, latency_s, s_per_byte, cycle_s))
+             fusion_bytes: float, cycle_s: float) -> OverlapResult:
+    """Run the bucket schedule for every configuration (arrays broadcast to one shape; see module doc).
+
+    ``cycle_s`` is one number for all configurations (configurations without communication, A = B = 0,
+    get no cycle wait: nothing is exposed for them).
+    """
+    backward_s, latency_s, s_per_byte = (
+        np.asarray(a, dtype=float) for a in np.broadcast_arrays(backward_s, latency_s, s_per_byte))
     shape = backward_s.shape
-    flat = [a.reshape(-1) for a in (backward_s, latency_s, s_per_byte, cycle_s)]
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in (backward_s, latency_s, s_per_byte)]
     size = flat[0].size
     finish = np.empty(size)
     buckets = np.empty(size)
     fractions = [float(f) for f in ready_fraction]
     sizes = [float(n) for n in event_bytes]
+    # Whether an event could overflow the buffer at all: events whose bytes so far fit need no check.
+    cumulative = [0.0, *np.cumsum(sizes)]
+    may_overflow = [c > fusion_bytes for c in cumulative[1:]]
     for start in range(0, size, CHUNK):
         part = slice(start, min(start + CHUNK, size))
-        finish[part], buckets[part] = _simulate_chunk(fractions, sizes, *(a[part] for a in flat),
-                                                      float(fusion_bytes))
+        finish[part], buckets[part] = _simulate_chunk(fractions, sizes, cumulative, may_overflow,
+                                                      *(a[part] for a in flat), float(fusion_bytes),
+                                                      0.5 * float(cycle_s))
     total_bytes = float(np.sum(event_bytes))
     comm_total = buckets * flat[1] + flat[2] * total_bytes
     no_comm = comm_total <= 0
@@ -63,35 +71,41 @@ def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, la
                          comm_exposed_s=exposed.reshape(shape), buckets=buckets.reshape(shape))
 
 
-def _simulate_chunk(fractions: list[float], sizes: list[float], backward: np.ndarray, latency: np.ndarray,
-                    per_byte: np.ndarray, cycle: np.ndarray, fusion: float) -> tuple[np.ndarray, np.ndarray]:
-    half_cycle = 0.5 * cycle
-    # Open bucket: its launch time and bytes. Buckets before it are finished by the time it launches.
+def _simulate_chunk(fractions: list[float], sizes: list[float], cumulative: list[float], may_overflow: list[bool],
+                    backward: np.ndarray, latency: np.ndarray, per_byte: np.ndarray, fusion: float,
+                    half_cycle: float) -> tuple[np.ndarray, np.ndarray]:
+    # State of the open bucket: launch time, finish time if it closed now, and the bytes of all events
+    # before its first one (its fill is cumulative bytes minus that). Earlier buckets are finished by the
+    # time it launches. Times are relative to the start of the backward pass.
     launch = fractions[0] * backward + half_cycle
-    filled = np.full_like(backward, sizes[0])
+    finish = launch + latency + per_byte * sizes[0]
+    track = any(may_overflow)
+    before_open = np.zeros_like(backward)
     count = np.ones_like(backward)
     ready = np.empty_like(backward)
-    finish = np.empty_like(backward)
-    joins = np.empty(backward.shape, dtype=bool)
+    moved = np.empty_like(backward)
+    opens = np.empty(backward.shape, dtype=bool)
     fits = np.empty(backward.shape, dtype=bool)
-    for fraction, nbytes in zip(fractions[1:], sizes[1:], strict=True):
-        np.multiply(backward, fraction, out=ready)
-        # finish of the open bucket if it closed now
-        np.multiply(per_byte, filled, out=finish)
-        finish += latency
-        finish += launch
-        np.less_equal(ready, launch, out=joins)
-        if nbytes <= fusion:
-            np.less_equal(filled, fusion - nbytes, out=fits)
-            joins &= fits
-        else:
-            joins[:] = False
-        # A new bucket launches when the previous one is done and the thread's next cycle comes round.
-        opens = ~joins
+    for k in range(1, len(fractions)):
+        nbytes = sizes[k]
+        np.multiply(backward, fractions[k], out=ready)
+        # A gradient opens a new bucket if the open one launched before it was ready, or it does not fit.
+        np.greater(ready, launch, out=opens)
+        if nbytes > fusion:
+            opens[:] = True
+        elif may_overflow[k]:
+            # fill + nbytes > fusion  ⇔  before_open < cumulative bytes through this event − fusion
+            np.less(before_open, cumulative[k + 1] - fusion, out=fits)
+            opens |= fits
+        if track:
+            np.copyto(before_open, cumulative[k], where=opens)
+        # The new bucket launches when the previous one is done and the thread's next cycle comes round.
         ready += half_cycle
         np.maximum(ready, finish, out=ready)
         np.copyto(launch, ready, where=opens)
-        filled += nbytes
-        np.copyto(filled, nbytes, where=opens)
+        ready += latency
+        np.copyto(finish, ready, where=opens)
+        np.multiply(per_byte, nbytes, out=moved)
+        finish += moved
         count += opens
-    return launch + latency + per_byte * filled, count
+    return finish, count

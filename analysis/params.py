@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from analysis.comm import LinkCost, check_algorithm
 from analysis.machine import MachineProfile
 
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "fp8")
+
 
 @dataclass(frozen=True)
 class PerfParams:
@@ -53,9 +55,11 @@ class PerfParams:
     @classmethod
     def from_machine(cls, machine: MachineProfile, precision: str = "fp32") -> PerfParams:
         devices = machine.node.devices
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
         if precision not in devices.peak_tflops:
-            raise ValueError(f"machine {machine.name!r} has no {precision!r} peak; it lists "
-                             f"{', '.join(devices.peak_tflops)}")
+            # No faster math for this precision on this device (e.g. bf16 on an older CPU): fp32 rate.
+            precision = "fp32"
         net = machine.network
         compute = machine.compute
         return cls(
@@ -69,7 +73,7 @@ class PerfParams:
             cycle_s=net.cycle_time_ms * 1e-3,
             peak_flops_per_device=devices.peak_tflops[precision] * 1e12,
             devices_per_node=devices.count,
-            sustained_fraction=compute.sustained_fraction,
+            sustained_fraction=compute.sustained_fraction_by_precision.get(precision, compute.sustained_fraction),
             half_efficiency_batch=compute.half_efficiency_batch,
             half_efficiency_flops=(None if compute.half_efficiency_gflop is None
                                    else compute.half_efficiency_gflop * 1e9),

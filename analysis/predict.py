@@ -138,17 +138,19 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     epochs_a = np.asarray(epochs, dtype=float)
     if dataset_size < 1:
         raise ValueError(f"dataset_size must be >= 1, got {dataset_size!r}")
-    nodes_a, rpn_a, batch_a, epochs_a = np.broadcast_arrays(nodes_a, rpn_a, batch_a, epochs_a)
+    # The allreduce cost depends on the placement only: evaluate it before broadcasting (a grid of nodes x
+    # batches then costs one evaluation per node count, not per point).
+    latency, per_byte = allreduce_affine(params.algorithm, nodes_a, rpn_a, params.link)
+    nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte = np.broadcast_arrays(
+        nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte)
     if check:
         validate(params, nodes_a, rpn_a, batch_a, epochs_a)
     ranks = nodes_a * rpn_a
     b = batch_a / ranks
     times = compute_times(workload, params, b, rpn_a)
     compute_s = times.total_s
-    latency, per_byte = allreduce_affine(params.algorithm, nodes_a, rpn_a, params.link)
-    cycle = np.where(ranks > 1, params.cycle_s, 0.0)
     overlap = simulate(workload.event_ready_fraction, workload.event_bytes, times.backward_s, latency, per_byte,
-                       params.fusion_bytes, cycle)
+                       params.fusion_bytes, params.cycle_s)
     data_s = b * rpn_a / params.data_images_per_s_per_node
     busy = compute_s + overlap.comm_exposed_s
     single_data_s = b / params.data_images_per_s_per_node

@@ -1,0 +1,85 @@
+"""The device catalog (``analysis/data/devices.yaml``): datasheet peaks, memory and links of common devices.
+
+Bundled machine profiles copy their device numbers from here (the tests check they agree), and
+:func:`machine_for_device` builds a profile for a cluster of a catalog device, for what-if predictions on
+hardware one has no profile for yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from analysis.machine import MachineProfile, parse_machine
+from analysis.schema import from_mapping, load_yaml
+
+CATALOG = Path(__file__).with_name("data") / "devices.yaml"
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: Literal["cpu", "gpu"]
+    model: str
+    peak_tflops: dict[str, float]
+    memory_bandwidth_gbytes_per_s: float
+    sources: list[str]
+    cores: int | None = None
+    memory_gb: float | None = None
+    nvlink_gbytes_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Catalog:
+    devices: dict[str, Device] = field(default_factory=dict)
+
+
+@cache
+def _catalog(path: str) -> Catalog:
+    return from_mapping(Catalog, load_yaml(Path(path)))
+
+
+def devices(path: Path = CATALOG) -> dict[str, Device]:
+    return dict(_catalog(str(path)).devices)
+
+
+def device(name: str, path: Path = CATALOG) -> Device:
+    catalog = devices(path)
+    if name not in catalog:
+        raise ValueError(f"unknown device {name!r}; the catalog has: {', '.join(catalog)}")
+    return catalog[name]
+
+
+def machine_for_device(name: str, devices_per_node: int, inter_node_gbps: float, max_nodes: int,
+                       sustained_fraction: float = 0.4, half_efficiency_gflop: float = 400.0,
+                       inter_node_latency_us: float = 2.0, max_walltime: str = "24:00:00") -> MachineProfile:
+    """A profile of ``max_nodes`` nodes with ``devices_per_node`` catalog devices each (one rank per device).
+
+    Intra-node links: NVLink per direction for GPUs (half the catalog's both-ways figure), shared memory for
+    CPUs. Compute efficiency is an estimate to calibrate, given by the caller.
+    """
+    d = device(name)
+    if d.kind == "gpu" and d.nvlink_gbytes_per_s:
+        intra = {"bandwidth_gbps": d.nvlink_gbytes_per_s / 2 * 8, "latency_us": 5.0, "topology": "nvlink"}
+    else:
+        intra = {"bandwidth_gbps": d.memory_bandwidth_gbytes_per_s / 4 * 8, "latency_us": 1.0,
+                 "topology": "shared-memory"}
+    doc = {
+        "name": f"{name}-x{devices_per_node}", "description": f"{max_nodes} nodes of {devices_per_node} x {d.model}",
+        "scheduler": "slurm", "launcher": "srun", "ranks_per_node": devices_per_node,
+        # Host cores: the CPU's own for CPU devices; 8 host cores per GPU otherwise (a typical GPU node).
+        "node": {"cores": (d.cores if d.kind == "cpu" and d.cores else 8) * devices_per_node,
+                 "memory_gb": 64.0 * devices_per_node,
+                 "devices": {"kind": d.kind, "model": d.model, "count": devices_per_node,
+                             "peak_tflops": dict(d.peak_tflops),
+                             **({"memory_gb": d.memory_gb} if d.memory_gb else {})}},
+        "network": {"intra_node": intra,
+                    "inter_node": {"bandwidth_gbps": inter_node_gbps, "latency_us": inter_node_latency_us,
+                                   "topology": "fat-tree"},
+                    "algorithm": "hierarchical" if devices_per_node > 1 else "ring"},
+        "limits": {"max_nodes": max_nodes, "max_walltime": max_walltime},
+        "compute": {"sustained_fraction": sustained_fraction, "half_efficiency_gflop": half_efficiency_gflop},
+        "sources": list(d.sources) + ["analysis/data/devices.yaml"],
+    }
+    return parse_machine(doc, f"device catalog: {name}")

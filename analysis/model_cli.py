@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ranks-per-node", type=int, default=None, help="default: the profile's (one per device)")
     p.add_argument("--dataset-size", type=int, default=None, help="images per epoch (default ImageNet-1k, 1281167)")
     p.add_argument("--precision", default="fp32", help="peak to use from the profile (default fp32)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the model's native one)")
+    p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--format", choices=("text", "json", "csv"), default="text")
     p.set_defaults(handler=run_predict)
 
@@ -132,7 +134,8 @@ def run_predict(args: argparse.Namespace) -> int:
     nodes, batch = np.meshgrid(np.array(args.nodes), np.array(args.global_batch), indexing="ij")
     with _usage_errors():
         result = predict(args.model, args.machine, nodes.reshape(-1), batch.reshape(-1), args.epochs,
-                         args.ranks_per_node, args.dataset_size or IMAGENET_TRAIN_IMAGES, args.precision)
+                         args.ranks_per_node, args.dataset_size or IMAGENET_TRAIN_IMAGES, args.precision,
+                         image_size=args.image_size, num_classes=args.num_classes)
     records = result.records()
     if args.format == "json":
         json.dump(records[0] if len(records) == 1 else records, sys.stdout, indent=2)

@@ -91,8 +91,8 @@ def resolve_machine(machine: str | Path | MachineProfile) -> MachineProfile:
     return machine if isinstance(machine, MachineProfile) else load_machine(machine)
 
 
-def resolve_workload(model: str | Workload) -> Workload:
-    return model if isinstance(model, Workload) else load_workload(model)
+def resolve_workload(model: str | Workload, image_size: int | None = None, num_classes: int = 1000) -> Workload:
+    return model if isinstance(model, Workload) else load_workload(model, image_size, num_classes)
 
 
 def _as_int_array(name: str, value: Any) -> np.ndarray:
@@ -176,14 +176,15 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
 
 def predict(model: str | Workload, machine: str | Path | MachineProfile, nodes, global_batch, epochs=90.0,
             ranks_per_node=None, dataset_size: int = IMAGENET_TRAIN_IMAGES, precision: str = "fp32",
-            params: PerfParams | None = None) -> Prediction:
+            params: PerfParams | None = None, image_size: int | None = None, num_classes: int = 1000) -> Prediction:
     """Vectorised prediction: ``nodes``, ``global_batch``, ``epochs`` and ``ranks_per_node`` broadcast.
 
     ``machine`` is a bundled profile name, a path to a profile YAML or a MachineProfile; ``params``
     (e.g. fitted by calibration) replaces the parameters the profile would give. Bad input (unknown model
     or machine, nodes beyond the machine, a batch not divisible by the ranks) raises ValueError.
+    ``image_size``/``num_classes`` other than the native ones recompute the layer table (small test runs).
     """
-    workload = resolve_workload(model)
+    workload = resolve_workload(model, image_size, num_classes)
     if params is None:
         params = PerfParams.from_machine(resolve_machine(machine), precision=precision)
     return predict_from(workload, params, nodes, global_batch, epochs, ranks_per_node, dataset_size)
@@ -191,9 +192,11 @@ def predict(model: str | Workload, machine: str | Path | MachineProfile, nodes, 
 
 def predict_point(model: str, machine: str | Path | MachineProfile, nodes: int, global_batch: int,
                   epochs: float = 90.0, ranks_per_node: int | None = None,
-                  dataset_size: int = IMAGENET_TRAIN_IMAGES, precision: str = "fp32") -> dict[str, Any]:
+                  dataset_size: int = IMAGENET_TRAIN_IMAGES, precision: str = "fp32", image_size: int | None = None,
+                  num_classes: int = 1000, params: PerfParams | None = None) -> dict[str, Any]:
     """One configuration → a dict with the stable KEYS (seconds, images/s, efficiency) and the breakdown."""
-    result = predict(model, machine, nodes, global_batch, epochs, ranks_per_node, dataset_size, precision)
+    result = predict(model, machine, nodes, global_batch, epochs, ranks_per_node, dataset_size, precision,
+                     params=params, image_size=image_size, num_classes=num_classes)
     record = result.record(0)
     if not math.isfinite(record["iteration_s"]):
         raise ValueError(f"prediction for {model} on {record['machine']} is not finite")

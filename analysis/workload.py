@@ -102,8 +102,18 @@ def _cap_events(fractions: list[float], sizes: list[float], names: list[list[str
     return fractions, sizes, names
 
 
-def load_workload(model: str, max_events: int = MAX_EVENTS) -> Workload:
-    """The workload of a registered model (``models.tables``); unknown names raise ValueError listing them."""
-    from models.tables import load_table  # pure python: no torch or tensorflow behind it
+def load_workload(model: str, image_size: int | None = None, num_classes: int = 1000,
+                  max_events: int = MAX_EVENTS) -> Workload:
+    """The workload of a registered model; unknown names raise ValueError listing the known ones.
 
-    return workload_from_rows(model, load_table(model), max_events=max_events)
+    At the native input size and 1000 classes it reads the packaged table (``models.tables.load_table``);
+    other sizes (e.g. 32-pixel test runs) or class counts are computed by ``models.tables.layer_table``.
+    Both are pure python: no torch or tensorflow behind them.
+    """
+    from models.tables import layer_table, load_table
+
+    if image_size is None and num_classes == 1000:
+        rows = load_table(model)
+    else:
+        rows = layer_table(model, image_size=image_size, num_classes=num_classes)
+    return workload_from_rows(model, rows, max_events=max_events)

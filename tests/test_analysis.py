@@ -449,3 +449,13 @@ def test_analysis_never_imports_torch_or_tensorflow() -> None:
         " 'horovod')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_small_image_runs_use_the_recomputed_table() -> None:
+    # ResNet-50 at 32 px does (32/224)^2 of the 224-px convolution work, give or take the first layer's padding.
+    small = predict_point("resnet50", "local", 1, 8, 1, image_size=32)
+    native = predict_point("resnet50", "local", 1, 8, 1)
+    assert 30 < native["compute_s"] / small["compute_s"] < 60
+    proc = _larscale("predict", "--model", "alexnet", "--machine", "local", "--nodes", "1", "--global-batch", "2",
+                     "--image-size", "32")
+    assert proc.returncode == 2 and "227" in proc.stderr

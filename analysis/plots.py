@@ -162,7 +162,7 @@ def pareto_front(hours: Sequence[float], node_hours: Sequence[float], on_front: 
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("cost (node-hours)")
-    ax.set_ylabel("time to train (h)")
+    ax.set_ylabel("wall time to train, all jobs (h)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")

@@ -31,27 +31,16 @@ def channels_last(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape if len(shape) == 1 else (*shape[1:], shape[0])
 
 
-_CACHE: dict[str, tf.keras.Model] = {}
-
-
-def native_model(name: str) -> tf.keras.Model:
-    if name not in _CACHE:
-        tf.keras.backend.clear_session()
-        _CACHE.clear()  # one model alive at a time: VGG-16 alone holds 0.55 GB of weights
-        _CACHE[name] = models.get(name, framework="tensorflow", num_classes=NUM_CLASSES)
-    return _CACHE[name]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_models():
-    yield
-    _CACHE.clear()
+@pytest.fixture(scope="module", params=models.names())
+def native(request) -> tuple[str, tf.keras.Model]:
+    """Each model at its native size, built once; module scope makes pytest run its tests together."""
     tf.keras.backend.clear_session()
+    yield request.param, models.get(request.param, framework="tensorflow", num_classes=NUM_CLASSES)
+    tf.keras.backend.clear_session()  # one model alive at a time: VGG-16 alone holds 0.55 GB of weights
 
 
-@pytest.mark.parametrize("name", models.names())
-def test_parameter_counts_equal_table_and_torch(name: str) -> None:
-    model = native_model(name)
+def test_parameter_counts_equal_table_and_torch(native: tuple[str, tf.keras.Model]) -> None:
+    name, model = native
     table = load_table(name)
     params = sum(r.params for r in table)
     assert trainable_count(model.trainable_weights) == params
@@ -62,18 +51,16 @@ def test_parameter_counts_equal_table_and_torch(name: str) -> None:
     assert sum(p.numel() for p in torch_model.parameters()) == trainable_count(model.trainable_weights)
 
 
-@pytest.mark.parametrize("name", models.names())
-def test_every_table_layer_exists_with_its_shape_and_parameters(name: str) -> None:
-    model = native_model(name)
+def test_every_table_layer_exists_with_its_shape_and_parameters(native: tuple[str, tf.keras.Model]) -> None:
+    name, model = native
     for row in load_table(name):
         layer = model.get_layer(row.name)
         assert tuple(layer.output_shape[1:]) == channels_last(row.output_shape), row.name
         assert trainable_count(layer.trainable_weights) == row.params, row.name
 
 
-@pytest.mark.parametrize("name", models.names())
-def test_forward_backward_batch_of_two_at_native_size(name: str) -> None:
-    model = native_model(name)
+def test_forward_backward_batch_of_two_at_native_size(native: tuple[str, tf.keras.Model]) -> None:
+    name, model = native
     size = models.input_size(name)
     images = tf.random.stateless_normal((2, size, size, 3), seed=(1, 2))
     with tf.GradientTape() as tape:
@@ -131,7 +118,6 @@ def test_keras_and_torch_compute_the_same_function(name: str, size: int | None) 
             elif isinstance(module, torch.nn.Linear):
                 torch.nn.init.normal_(module.weight, 0.0, module.in_features ** -0.5)
     tf.keras.backend.clear_session()
-    _CACHE.clear()
     keras_model = models.get(name, framework="tensorflow", num_classes=10, image_size=size)
     copy_torch_weights(torch_model, keras_model, name, size)
     # Caffe's pixel range (0..255 less the mean): large enough activations that LRN's α matters.
@@ -145,7 +131,6 @@ def test_keras_and_torch_compute_the_same_function(name: str, size: int | None) 
 
 def test_keras_models_at_other_sizes() -> None:
     tf.keras.backend.clear_session()
-    _CACHE.clear()
     model = models.get("googlenet", framework="tensorflow", num_classes=7, image_size=31)
     assert tuple(model.output_shape) == (None, 7)
     assert tuple(model.get_layer("inception_5b.concat").output_shape) == (None, 1, 1, 1024)
@@ -164,7 +149,6 @@ def test_bad_arguments(kwargs: dict, message: str) -> None:
 
 def test_fixed_head_model_refuses_wrong_input_size() -> None:
     tf.keras.backend.clear_session()
-    _CACHE.clear()
     model = models.get("alexnet", framework="tensorflow", num_classes=10)
     with pytest.raises(ValueError, match="incompatible"):
         model(tf.zeros((1, 224, 224, 3)))

@@ -63,34 +63,25 @@ def measure(model: nn.Module, image_size: int, batch: int = 2) -> Measured:
     return result
 
 
-_CACHE: dict[str, tuple[nn.Module, Measured]] = {}
+Native = tuple[str, nn.Module, Measured]
 
 
-def native_run(name: str) -> tuple[nn.Module, Measured]:
-    """The model at its native size and its one measured pass (shared by the tests of this file)."""
-    if name not in _CACHE:
-        torch.set_num_threads(2)
-        model = models.get(name, framework="torch", num_classes=NUM_CLASSES)
-        _CACHE[name] = (model, measure(model, models.input_size(name)))
-    return _CACHE[name]
+@pytest.fixture(scope="module", params=models.names())
+def native(request) -> Native:
+    """Each model at its native size and its one measured pass; module scope runs a model's tests together."""
+    torch.set_num_threads(2)
+    model = models.get(request.param, framework="torch", num_classes=NUM_CLASSES)
+    return request.param, model, measure(model, models.input_size(request.param))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _free_models():
-    yield
-    _CACHE.clear()
-
-
-@pytest.mark.parametrize("name", models.names())
-def test_forward_backward_batch_of_two_at_native_size(name: str) -> None:
-    _, run = native_run(name)
+def test_forward_backward_batch_of_two_at_native_size(native: Native) -> None:
+    _, _, run = native
     assert run.output_shape == (2, NUM_CLASSES)
     assert run.all_gradients_finite
 
 
-@pytest.mark.parametrize("name", models.names())
-def test_parameter_count_equals_table_per_layer(name: str) -> None:
-    model, _ = native_run(name)
+def test_parameter_count_equals_table_per_layer(native: Native) -> None:
+    name, model, _ = native
     table = load_table(name)
     assert sum(p.numel() for p in model.parameters()) == sum(r.params for r in table)
     modules = dict(model.named_modules())
@@ -98,31 +89,28 @@ def test_parameter_count_equals_table_per_layer(name: str) -> None:
         if row.params:
             assert sum(p.numel() for p in modules[row.name].parameters()) == row.params, row.name
     # Every parameter belongs to a layer of the table.
-    owners = {name for name, m in model.named_modules() if list(m.parameters(recurse=False))}
+    owners = {module_name for module_name, m in model.named_modules() if list(m.parameters(recurse=False))}
     assert owners == {r.name for r in table if r.params}
 
 
-@pytest.mark.parametrize("name", models.names())
-def test_hook_measured_macs_equal_table(name: str) -> None:
-    _, run = native_run(name)
+def test_hook_measured_macs_equal_table(native: Native) -> None:
+    name, _, run = native
     table = load_table(name)
     analytical = {r.name: r.macs for r in table if r.kind in ("conv", "linear")}
     assert run.macs == analytical
     assert sum(run.macs.values()) == sum(r.macs for r in table)
 
 
-@pytest.mark.parametrize("name", models.names())
-def test_output_shapes_of_every_module_equal_table(name: str) -> None:
-    _, run = native_run(name)
+def test_output_shapes_of_every_module_equal_table(native: Native) -> None:
+    name, _, run = native
     table = {r.name: r.output_shape for r in load_table(name)}
     assert run.shapes and set(run.shapes) <= set(table)
     for module_name, shape in run.shapes.items():
         assert shape == table[module_name], module_name
 
 
-@pytest.mark.parametrize("name", models.names())
-def test_gradients_become_ready_in_table_order(name: str) -> None:
-    _, run = native_run(name)
+def test_gradients_become_ready_in_table_order(native: Native) -> None:
+    name, _, run = native
     assert run.gradient_order == [r.name for r in load_table(name) if r.params]
 
 

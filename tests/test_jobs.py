@@ -322,3 +322,23 @@ def test_manifest_is_written_atomically(tmp_path: Path) -> None:
     assert manifest.path == tmp_path / "s" / "manifest.json"
     with pytest.raises(ValueError, match="holds sweep 'golden'"):
         submit(plan(base_spec(name="other"), output_dir=tmp_path / "s"), dry_run=True)
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "jobs" / "examples").glob("*.yaml")), ids=lambda p: p.stem)
+def test_bundled_example_specs_plan(example: Path, tmp_path: Path) -> None:
+    the_plan = plan(example, output_dir=tmp_path)
+    assert the_plan.points and not the_plan.refused and the_plan.node_hours > 0
+    manifest = submit(the_plan, dry_run=True)
+    for rec in manifest.points.values():
+        syntax = subprocess.run(["bash", "-n", rec.script], capture_output=True, text=True)
+        assert syntax.returncode == 0, syntax.stderr
+
+
+def test_papers_sweeps_get_walltimes_near_the_papers_times() -> None:
+    """The predicted 2048-KNL ResNet-50 run (paper: 20 min) and 1024-SKX AlexNet run (paper: 11 min) get
+    walltimes of the right size: (prediction + 2 min) · 1.5 within [paper, 3 · paper]."""
+    pytest.importorskip("analysis.predict")
+    resnet = plan(REPO / "jobs" / "examples" / "resnet50-knl-strong.yaml", output_dir="/x").point("n2048-p2048-b32768")
+    alexnet = plan(REPO / "jobs" / "examples" / "alexnet-skx-grid.yaml", output_dir="/x").point("n1024-p1024-b32768")
+    assert 20 * 60 <= resnet.walltime_s <= 3 * 20 * 60
+    assert 11 * 60 <= alexnet.walltime_s <= 3 * 11 * 60

@@ -1,0 +1,147 @@
+"""`larscale bench-comm`: statistics, CSV, and real multi-rank runs (self-launched and under mpirun)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.benchcomm import (
+    CSV_COLUMNS,
+    bandwidths,
+    message_sizes,
+    parse_bytes,
+    read_csv,
+    rows_to_csv,
+    summarize,
+    write_csv,
+)
+from scaling.launch import local_env, rank_command
+from tests.conftest import REPO
+
+QUICK = ["--max-bytes", "64K", "--factor", "4", "--warmup", "2", "--repetitions", "4", "--min-rep-ms", "0.2",
+         "--max-seconds-per-size", "2"]
+
+
+def test_message_sizes_double_from_4_bytes_and_end_at_the_maximum() -> None:
+    assert message_sizes(4, 64) == [4, 8, 16, 32, 64]
+    assert message_sizes(4, 100, 4) == [4, 16, 64, 100]
+    assert message_sizes(6, 6) == [4]   # whole float32 elements only
+    assert all(size % 4 == 0 for size in message_sizes(4, 64 << 20))
+    assert message_sizes(4, 64 << 20)[-1] == 64 << 20
+
+
+def test_parse_bytes_binary_suffixes_and_errors() -> None:
+    assert parse_bytes("4") == 4
+    assert parse_bytes("1K") == 1024
+    assert parse_bytes("64MiB") == 64 << 20
+    assert parse_bytes("1g") == 1 << 30
+    for bad in ("x", "0", "1.5", "-4"):
+        with pytest.raises(ValueError, match="byte count"):
+            parse_bytes(bad)
+
+
+def test_summary_is_mean_median_and_student_t_interval() -> None:
+    samples = [1.0, 2.0, 3.0, 4.0, 10.0]
+    s = summarize(samples)
+    assert s.mean == pytest.approx(4.0)
+    assert s.median == 3.0
+    assert s.std == pytest.approx(statistics.stdev(samples))
+    # t(0.975, 4 dof) = 2.7764 (tables).
+    half = 2.776445 * statistics.stdev(samples) / math.sqrt(5)
+    assert (s.ci95_low, s.ci95_high) == pytest.approx((4.0 - half, 4.0 + half), rel=1e-4)
+    assert (s.minimum, s.maximum) == (1.0, 10.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        summarize([1.0])
+
+
+def test_bus_bandwidth_follows_nccl_tests() -> None:
+    # 1e9 bytes in 1 s on 4 ranks: algbw 1 GB/s, busbw 1 * 2 * 3 / 4 = 1.5 GB/s.
+    assert bandwidths("allreduce", 10**9, 1.0, 4) == pytest.approx((1.0, 1.5))
+    assert bandwidths("allreduce", 10**9, 1.0, 2) == pytest.approx((1.0, 1.0))
+    assert bandwidths("pingpong", 10**9, 2.0, 2) == pytest.approx((0.5, 0.5))
+
+
+def test_csv_round_trip_and_bad_files(tmp_path: Path) -> None:
+    row = {c: 0 for c in CSV_COLUMNS} | {"operation": "allreduce", "ranks": 2, "nodes": 1, "bytes": 64,
+                                         "median_s": 1.5e-6, "label": "x", "dtype": "float32",
+                                         "mpi_library": "Open MPI"}
+    path = write_csv([row], tmp_path / "sub" / "b.csv")
+    back = read_csv(path)
+    assert back[0]["median_s"] == pytest.approx(1.5e-6) and back[0]["ranks"] == 2
+    assert rows_to_csv([row]).splitlines()[0] == ",".join(CSV_COLUMNS)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_csv(tmp_path / "none.csv")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="missing column"):
+        read_csv(tmp_path / "bad.csv")
+    (tmp_path / "bad2.csv").write_text(path.read_text().replace("allreduce", "alltoall"))
+    with pytest.raises(ValueError, match="unknown operation"):
+        read_csv(tmp_path / "bad2.csv")
+
+
+def _check_rows(rows: list[dict], ranks: int, nodes: int) -> None:
+    operations = {r["operation"] for r in rows}
+    assert operations == ({"allreduce", "pingpong", "reduce_local"} if ranks > 1 else {"allreduce", "reduce_local"})
+    sizes = message_sizes(4, 64 << 10, 4)
+    for op in operations:
+        assert [r["bytes"] for r in rows if r["operation"] == op] == sizes
+    for r in rows:
+        assert r["ranks"] == ranks and r["nodes"] == nodes
+        assert r["repetitions"] >= 3 and r["iterations_per_rep"] >= 1
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["ci95_low_s"] <= r["mean_s"] <= r["ci95_high_s"]
+        assert r["algbw_gbytes_per_s"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9, rel=1e-6)
+        factor = 2 * (ranks - 1) / ranks if r["operation"] == "allreduce" else 1.0
+        assert r["busbw_gbytes_per_s"] == pytest.approx(r["algbw_gbytes_per_s"] * factor, rel=1e-6)
+        assert r["mpi_library"].startswith("Open MPI")
+
+
+def test_self_launched_two_ranks_write_the_csv(tmp_path: Path) -> None:
+    out = tmp_path / "bench.csv"
+    proc = subprocess.run([sys.executable, "-m", "larscale", "bench-comm", "--ranks", "2", *QUICK,
+                           "--label", "shm", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                          env=local_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching:" in proc.stdout and "mpirun" in proc.stdout
+    rows = read_csv(out)
+    _check_rows(rows, ranks=2, nodes=1)
+    assert {r["label"] for r in rows} == {"shm"}
+    assert "busbw GB/s" in proc.stdout
+
+
+def test_under_mpirun_three_ranks_and_one_rank_without_launcher(tmp_path: Path) -> None:
+    out = tmp_path / "three.csv"
+    argv = rank_command(3, [sys.executable, "-m", "larscale", "bench-comm", *QUICK, "--out", str(out)])
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=local_env(threads_per_rank=1),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_rows(read_csv(out), ranks=3, nodes=1)
+    # Only rank 0 writes and prints: one table header, not three.
+    assert proc.stdout.count("median us") == 1
+
+    single = tmp_path / "one.csv"
+    proc = subprocess.run([sys.executable, "-m", "larscale", "bench-comm", *QUICK, "--out", str(single)],
+                          capture_output=True, text=True, cwd=REPO, env=local_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_rows(read_csv(single), ranks=1, nodes=1)
+
+
+def test_bad_options_are_one_line_usage_errors(tmp_path: Path) -> None:
+    cases = [(["--max-bytes", "1K", "--min-bytes", "4K"], "min_bytes"),
+             (["--operations", "alltoall"], "alltoall"),
+             (["--max-bytes", "lots"], "lots"),
+             (["--ranks", "0"], "--ranks")]
+    for extra, culprit in cases:
+        proc = subprocess.run([sys.executable, "-m", "larscale", "bench-comm", *extra], capture_output=True,
+                              text=True, cwd=REPO, env=local_env(), timeout=120)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert culprit in proc.stderr and "Traceback" not in proc.stderr
+    # Under a launcher, --ranks must match what the launcher started.
+    argv = rank_command(2, [sys.executable, "-m", "larscale", "bench-comm", "--ranks", "3", *QUICK])
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=local_env(), timeout=120)
+    assert proc.returncode != 0 and "--ranks 3 but the launcher started 2" in proc.stderr

@@ -41,6 +41,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--timeout", type=float, default=1800.0, help="seconds before started ranks are killed")
     bench.set_defaults(handler=run_bench_comm)
 
+    cal = subparsers.add_parser(
+        "calibrate",
+        help="fit alpha, beta, gamma and compute efficiency to bench-comm CSVs and training runs; write a profile",
+        description="Least-squares fit of the model's parameters to this machine's measurements: alpha/beta per "
+        "link and gamma from bench-comm CSVs (relative errors; gamma pinned by the reduce_local rows, since "
+        "allreduce times only see 2*beta + gamma), and measured images/s plus the sustained fraction and "
+        "half-efficiency batch from training run directories (summary.json + steps/). Writes the base profile "
+        "with network and compute replaced and the fit, residuals and inputs under 'calibration'.",
+    )
+    cal.add_argument("--machine", required=True, help="base profile (bundled name or YAML path)")
+    cal.add_argument("--bench", nargs="+", default=[], metavar="CSV", help="bench-comm CSV file(s)")
+    cal.add_argument("--runs", nargs="+", default=[], metavar="DIR", help="training run directories")
+    cal.add_argument("--out", required=True, help="calibrated profile YAML to write")
+    cal.add_argument("--name", default=None, help="profile name (default: <base>-calibrated)")
+    cal.add_argument("--algorithm", default=None,
+                     help="allreduce formula to fit (default: the base profile's network.algorithm)")
+    cal.add_argument("--gamma-gbytes-per-s", type=float, default=None,
+                     help="fix gamma (bytes reduced per second, GB/s) instead of fitting it")
+    cal.add_argument("--fit-min-bytes", default="4", help="smallest message size fitted (default 4)")
+    cal.add_argument("--fit-max-bytes", default="1G", help="largest message size fitted (default 1G)")
+    cal.add_argument("--with-pingpong", action="store_true",
+                     help="also fit the ping-pong rows jointly (default: reported as a diagnostic only)")
+    cal.add_argument("--warmup-steps", type=int, default=None,
+                     help="steps to drop at the start of each run (default: the run's warmup_steps_excluded)")
+    cal.set_defaults(handler=run_calibrate)
+
 
 def _bench_config(args: argparse.Namespace):
     from analysis.benchcomm import BenchConfig, parse_bytes
@@ -93,4 +119,49 @@ def run_bench_comm(args: argparse.Namespace) -> int:
         print(format_table(rows), flush=True)
         if args.out:
             print(f"wrote {write_csv(rows, args.out)}", flush=True)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from analysis.benchcomm import parse_bytes, read_csv
+    from analysis.calibrate import (
+        calibrated_profile,
+        fit_comm,
+        fit_compute,
+        format_report,
+        profile_yaml,
+        read_run,
+    )
+    from analysis.machine import load_machine
+    from larscale import UsageError
+
+    if not args.bench and not args.runs:
+        raise UsageError("give --bench CSV(s) and/or --runs DIR(s): nothing to calibrate from")
+    try:
+        base = load_machine(args.machine)
+        comm = compute = None
+        if args.bench:
+            rows = [row for path in args.bench for row in read_csv(path)]
+            operations = ("allreduce", "reduce_local") + (("pingpong",) if args.with_pingpong else ())
+            gamma = None if args.gamma_gbytes_per_s is None else 1.0 / (args.gamma_gbytes_per_s * 1e9)
+            comm = fit_comm(rows, algorithm=args.algorithm or base.network.algorithm, gamma_s_per_byte=gamma,
+                            default_gamma_s_per_byte=base.network.gamma_s_per_byte, operations=operations,
+                            min_bytes=parse_bytes(args.fit_min_bytes), max_bytes=parse_bytes(args.fit_max_bytes))
+        if args.runs:
+            runs = [read_run(path, args.warmup_steps) for path in args.runs]
+            devices = base.node.devices
+            cores_per_device = base.node.cores / devices.count if devices.kind == "cpu" else 1.0
+            compute = fit_compute(runs, devices.peak_tflops["fp32"] * 1e12, cores_per_device=cores_per_device,
+                                  default_half_efficiency_batch=base.compute.half_efficiency_batch)
+        data = calibrated_profile(base, comm, compute, name=args.name,
+                                  inputs={"bench": list(args.bench), "runs": list(args.runs)})
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    from pathlib import Path
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(profile_yaml(data))
+    print(format_report(comm, compute))
+    print(f"wrote {out} (profile {data['name']!r})")
     return 0

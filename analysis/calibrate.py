@@ -1,0 +1,547 @@
+"""`larscale calibrate`: fit the model's α, β, γ and compute efficiency to this machine's measurements.
+
+Communication (from ``larscale bench-comm`` CSVs). Each allreduce row (n bytes, p = nodes·q ranks) is a
+linear equation in the parameters (:func:`analysis.comm.allreduce_terms`, the same code that predicts):
+
+    t = a_i·α_i + a_e·α_e + b_i·β_i + b_e·β_e + c·γ
+
+Rows on one node inform the intra-node link (α_i, β_i), rows across nodes the inter-node one. The fit is
+non-negative least squares on *relative* errors (each row divided by its measured median): times span five
+orders of magnitude from 4 B to 64 MiB, and plain least squares would ignore every small message, i.e. α.
+
+**β and γ are not separable from allreduce times.** For the ring, the bandwidth terms are
+``2(p−1)/p·n·β + (p−1)/p·n·γ = (p−1)/p·n·(2β + γ)`` — proportional for *every* p, so adding more rank counts
+does not help; Rabenseifner, the binomial tree and recursive doubling likewise see only ``2β + γ`` or
+``β + γ``. What the allreduce rows determine is α and an effective per-byte cost ``2β + γ``. The γ column is
+pinned by an independent measurement: bench-comm's ``reduce_local`` rows (every rank timing
+``numpy.add(a, b, out=a)`` on n bytes at once: ``c + n·γ``, fitted jointly with their own intercept c, the
+numpy call overhead). Without such rows γ is fixed at the given value (the base profile's
+``network.reduce_gbytes_per_s``, documented default 10 GB/s) and the report says so. Then β comes out of the
+effective cost, so the fitted (α, β, γ) reproduce the measured allreduce whatever the split.
+
+``pingpong`` rows (one-way time ``α + n·β`` of one link) are fitted separately and reported as a diagnostic,
+not used in the joint fit by default: the library's allreduce need not run at the point-to-point link rate
+(over Open MPI's TCP BTL with one connection per peer pair, a 2-rank allreduce moved data at about half the
+ping-pong rate, see tests/netns.py), and the model must reproduce the allreduce, the operation it predicts.
+
+Compute (from training run directories, ``scaling/`` schema: ``summary.json`` + ``steps/rank-*.jsonl``).
+Per run, over the measured steps (warm-up excluded as the summary says), the median of the per-step
+slowest-rank non-communication time ``step_s − allreduce_s``. That gives ``measured_images_per_s[model][b]
+= b / t`` (the measured model of :mod:`analysis.compute`), and, over all runs at once, the FLOP model
+``t = F·(b + h)/(d·P·s)`` (F FLOPs per image at the run's image size, d devices the rank drives, P peak):
+``t·d·P/F = b/s + h/s`` is a line in b, so a least-squares line gives the sustained fraction s and the
+half-efficiency batch h shared by all models.
+
+Measured throughput at a non-native image size (a 64-pixel ResNet-50 run) is stored under the key
+``"<model>@<size>"`` so that a prediction at the native size never reads it (:func:`workload_key`).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.comm import allreduce_terms, check_algorithm
+
+# Columns of the joint design matrix: the five model parameters and the numpy-call overhead of reduce_local.
+PARAMETERS = ("alpha_intra_s", "alpha_inter_s", "beta_intra_s_per_byte", "beta_inter_s_per_byte",
+              "gamma_s_per_byte", "reduce_local_overhead_s")
+LINK_COLUMNS = {"intra": (0, 2), "inter": (1, 3)}
+DEFAULT_GAMMA_S_PER_BYTE = 1.0 / 10e9     # analysis.machine.Network.reduce_gbytes_per_s default (10 GB/s)
+
+
+class CalibrationError(ValueError):
+    """The inputs cannot determine what was asked (too few sizes, no rows, a degenerate fit)."""
+
+
+# ------------------------------------------------------------------------------------------- communication
+
+
+def row_link(row: dict[str, Any]) -> str:
+    return "inter" if int(row["nodes"]) > 1 else "intra"
+
+
+def design_row(row: dict[str, Any], algorithm: str) -> np.ndarray:
+    """Coefficients of :data:`PARAMETERS` in one bench-comm row's time."""
+    n = float(row["bytes"])
+    out = np.zeros(len(PARAMETERS))
+    if row["operation"] == "allreduce":
+        terms = allreduce_terms(algorithm, n, int(row["nodes"]), int(row.get("ranks_per_node") or 1))
+        out[:5] = terms.matrix().reshape(-1)
+    elif row["operation"] == "pingpong":
+        alpha, beta = LINK_COLUMNS[row_link(row)]
+        out[alpha], out[beta] = 1.0, n
+    elif row["operation"] == "reduce_local":
+        out[4], out[5] = n, 1.0
+    else:
+        raise CalibrationError(f"unknown operation {row['operation']!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    """One link's fitted α (s) and β (s/byte), None where no row informed it."""
+
+    alpha_s: float | None
+    beta_s_per_byte: float | None
+
+    @property
+    def latency_us(self) -> float | None:
+        return None if self.alpha_s is None else self.alpha_s * 1e6
+
+    @property
+    def bandwidth_gbps(self) -> float | None:
+        """Gigabits per second (the profile's unit) from β in s/byte."""
+        if self.beta_s_per_byte is None or self.beta_s_per_byte <= 0:
+            return None
+        return 8.0 / (self.beta_s_per_byte * 1e9)
+
+
+@dataclass(frozen=True)
+class CommFit:
+    """The α-β-γ fit, its per-row residuals and what it could not determine."""
+
+    algorithm: str
+    intra: LinkFit
+    inter: LinkFit
+    gamma_s_per_byte: float
+    gamma_source: str                  # "reduce_local" (fitted) or "fixed"
+    reduce_local_overhead_s: float
+    operations: tuple[str, ...]        # operations in the joint fit
+    residuals: list[dict[str, Any]]    # every row, fitted or not: measured, model, relative error
+    pingpong: dict[str, LinkFit] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reduce_gbytes_per_s(self) -> float:
+        return 1.0 / (self.gamma_s_per_byte * 1e9)
+
+    def rms_relative(self, operation: str = "allreduce") -> float:
+        values = [r["relative"] for r in self.residuals if r["operation"] == operation and r["fitted"]]
+        return math.sqrt(statistics.fmean(v * v for v in values)) if values else math.nan
+
+    def max_relative(self, operation: str = "allreduce") -> float:
+        values = [abs(r["relative"]) for r in self.residuals if r["operation"] == operation and r["fitted"]]
+        return max(values) if values else math.nan
+
+    def time(self, operation: str, nbytes: float, nodes: int, ranks_per_node: int) -> float:
+        """The fitted model's seconds for one operation (the way the fit evaluated it)."""
+        params = self.parameter_vector()
+        row = {"operation": operation, "bytes": nbytes, "nodes": nodes, "ranks_per_node": ranks_per_node}
+        if operation == "pingpong":
+            link = self.pingpong.get(row_link(row))
+            if link is None or link.alpha_s is None:
+                raise CalibrationError(f"no ping-pong fit for the {row_link(row)}-node link")
+            return link.alpha_s + link.beta_s_per_byte * nbytes
+        return float(design_row(row, self.algorithm) @ params)
+
+    def parameter_vector(self) -> np.ndarray:
+        return np.array([self.intra.alpha_s or 0.0, self.inter.alpha_s or 0.0, self.intra.beta_s_per_byte or 0.0,
+                         self.inter.beta_s_per_byte or 0.0, self.gamma_s_per_byte, self.reduce_local_overhead_s])
+
+    def summary(self) -> dict[str, Any]:
+        """Plain numbers for the profile's ``calibration`` block and for printing."""
+        out: dict[str, Any] = {"algorithm": self.algorithm, "operations_fitted": list(self.operations),
+                               "gamma_source": self.gamma_source}
+        for name, link in (("intra_node", self.intra), ("inter_node", self.inter)):
+            if link.alpha_s is not None:
+                out[name] = {"latency_us": link.latency_us, "beta_ns_per_byte": link.beta_s_per_byte * 1e9,
+                             "bandwidth_gbps": link.bandwidth_gbps}
+        out["gamma_ns_per_byte"] = self.gamma_s_per_byte * 1e9
+        out["reduce_gbytes_per_s"] = self.reduce_gbytes_per_s
+        out["reduce_local_overhead_us"] = self.reduce_local_overhead_s * 1e6
+        for op in self.operations:
+            out[f"rms_relative_residual_{op}"] = self.rms_relative(op)
+            out[f"max_relative_residual_{op}"] = self.max_relative(op)
+        if self.pingpong:
+            out["pingpong_diagnostic"] = {
+                f"{k}_node": {"latency_us": v.latency_us, "bandwidth_gbps": v.bandwidth_gbps}
+                for k, v in self.pingpong.items()}
+        out["notes"] = list(self.notes)
+        return _plain(out)
+
+
+def _identifiable(matrix: np.ndarray, times: np.ndarray, columns: Sequence[int]) -> bool:
+    weighted = matrix[:, columns] / times[:, None]
+    norms = np.linalg.norm(weighted, axis=0)
+    if np.any(norms == 0) or weighted.shape[0] < weighted.shape[1]:
+        return False
+    singular = np.linalg.svd(weighted / norms, compute_uv=False)
+    return bool(singular[-1] > 1e-8 * singular[0])
+
+
+def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_per_byte: float | None = None,
+             default_gamma_s_per_byte: float = DEFAULT_GAMMA_S_PER_BYTE,
+             operations: Sequence[str] = ("allreduce", "reduce_local"),
+             min_bytes: float = 0, max_bytes: float = math.inf) -> CommFit:
+    """Fit α (per link), β (per link) and γ to bench-comm rows (see the module docstring).
+
+    ``gamma_s_per_byte`` fixes γ (else it is fitted when ``reduce_local`` rows are present, else fixed at
+    ``default_gamma_s_per_byte``). Rows outside [min_bytes, max_bytes] are reported but not fitted.
+    """
+    check_algorithm(algorithm)
+    unknown = [op for op in operations if op not in ("allreduce", "pingpong", "reduce_local")]
+    if unknown:
+        raise CalibrationError(f"unknown operation(s) to fit: {', '.join(unknown)}")
+    all_rows = [r for r in rows if float(r["median_s"]) > 0]
+    if not all_rows:
+        raise CalibrationError("no bench-comm rows with a positive time")
+    use = [(r["operation"] in operations and min_bytes <= r["bytes"] <= max_bytes
+            and not (r["operation"] == "allreduce" and int(r["ranks"]) < 2)) for r in all_rows]
+    fit_rows = [r for r, u in zip(all_rows, use, strict=True) if u]
+    if not any(r["operation"] == "allreduce" for r in fit_rows):
+        raise CalibrationError("no multi-rank allreduce rows to fit (run bench-comm with at least 2 ranks)")
+    matrix = np.array([design_row(r, algorithm) for r in fit_rows])
+    times = np.array([float(r["median_s"]) for r in fit_rows])
+    notes: list[str] = []
+    active = [j for j in range(len(PARAMETERS)) if np.any(matrix[:, j] != 0)]
+    gamma_column = PARAMETERS.index("gamma_s_per_byte")
+    fixed: dict[int, float] = {}
+    if gamma_s_per_byte is not None:
+        fixed[gamma_column] = gamma_s_per_byte
+        gamma_source = "fixed"
+        notes.append(f"gamma fixed by the caller at {gamma_s_per_byte * 1e9:.4g} ns/byte")
+    elif not _identifiable(matrix, times, active):
+        default = default_gamma_s_per_byte
+        fixed[gamma_column] = default
+        gamma_source = "fixed"
+        notes.append("beta and gamma are collinear in allreduce times (the bandwidth terms are (p-1)/p*n*(2*beta "
+                     "+ gamma) for every p) and no reduce_local rows pin gamma: gamma fixed at "
+                     f"{default * 1e9:.4g} ns/byte ({1 / default / 1e9:.3g} GB/s); beta is the remainder of the "
+                     "fitted per-byte cost")
+    else:
+        gamma_source = "reduce_local" if any(r["operation"] == "reduce_local" for r in fit_rows) else "allreduce"
+    free = [j for j in active if j not in fixed]
+    target = times - sum((matrix[:, j] * v for j, v in fixed.items()), np.zeros_like(times))
+    if not _identifiable(matrix, times, free):
+        raise CalibrationError("the rows cannot determine the parameters: give at least two message sizes per "
+                               "link (and reduce_local rows or a fixed gamma)")
+    if np.any(target <= 0):
+        raise CalibrationError("the fixed gamma alone exceeds some measured allreduce times: it is too large")
+    solution = np.zeros(len(PARAMETERS))
+    for j, v in fixed.items():
+        solution[j] = v
+    # Relative errors of the *measured* times: weight by t, fit the remainder after the fixed terms.
+    solution[free] = _fit_relative_to(matrix[:, free], target, times)
+    links = {}
+    for name, (a, b) in LINK_COLUMNS.items():
+        if a in active or b in active:
+            links[name] = LinkFit(float(solution[a]), float(solution[b]))
+            if solution[b] <= 0:
+                notes.append(f"{name}-node beta fitted as 0 (the per-byte cost is all gamma): check the rows")
+        else:
+            links[name] = LinkFit(None, None)
+    residuals = []
+    for row, used in zip(all_rows, use, strict=True):
+        model = float(design_row(row, algorithm) @ solution) if row["operation"] != "pingpong" else math.nan
+        residuals.append({"operation": row["operation"], "ranks": int(row["ranks"]), "nodes": int(row["nodes"]),
+                          "bytes": int(row["bytes"]), "measured_s": float(row["median_s"]), "model_s": model,
+                          "relative": (model / float(row["median_s"]) - 1.0) if not math.isnan(model) else math.nan,
+                          "fitted": bool(used)})
+    pingpong = fit_pingpong(all_rows, min_bytes, max_bytes)
+    for residual in residuals:
+        if residual["operation"] == "pingpong":
+            link = pingpong.get("inter" if residual["nodes"] > 1 else "intra")
+            if link is not None:
+                residual["model_s"] = link.alpha_s + link.beta_s_per_byte * residual["bytes"]
+                residual["relative"] = residual["model_s"] / residual["measured_s"] - 1.0
+    return CommFit(algorithm=algorithm, intra=links["intra"], inter=links["inter"],
+                   gamma_s_per_byte=float(solution[gamma_column]), gamma_source=gamma_source,
+                   reduce_local_overhead_s=float(solution[-1]), operations=tuple(operations),
+                   residuals=residuals, pingpong=pingpong, notes=notes)
+
+
+def _fit_relative_to(matrix: np.ndarray, target: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """NNLS of ``matrix·x ≈ target`` with each row's error relative to the *measured* time."""
+    from scipy.optimize import nnls
+
+    weighted = matrix / measured[:, None]
+    scale = np.linalg.norm(weighted, axis=0)
+    scale[scale == 0] = 1.0
+    solution, _ = nnls(weighted / scale, target / measured, maxiter=50 * matrix.shape[1])
+    return solution / scale
+
+
+def fit_pingpong(rows: Iterable[dict[str, Any]], min_bytes: float = 0, max_bytes: float = math.inf
+                 ) -> dict[str, LinkFit]:
+    """Per link, α and β of the one-way ping-pong time ``α + n·β`` (relative-error NNLS)."""
+    out: dict[str, LinkFit] = {}
+    by_link: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["operation"] == "pingpong" and min_bytes <= r["bytes"] <= max_bytes and float(r["median_s"]) > 0:
+            by_link.setdefault(row_link(r), []).append(r)
+    for link, group in by_link.items():
+        if len({r["bytes"] for r in group}) < 2:
+            continue
+        matrix = np.array([[1.0, float(r["bytes"])] for r in group])
+        times = np.array([float(r["median_s"]) for r in group])
+        alpha, beta = _fit_relative_to(matrix, times, times)
+        out[link] = LinkFit(float(alpha), float(beta))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- compute
+
+
+def workload_key(model: str, image_size: int | None) -> str:
+    """Key of ``compute.measured_images_per_s``: the model name at its native size, else ``model@size``."""
+    if image_size is None:
+        return model
+    from models import input_size
+
+    return model if int(image_size) == int(input_size(model)) else f"{model}@{int(image_size)}"
+
+
+@dataclass(frozen=True)
+class RunMeasurement:
+    """One training run's measured steps (warm-up excluded), reduced to robust per-step numbers."""
+
+    path: str
+    model: str
+    image_size: int | None
+    ranks: int
+    batch_per_rank: int
+    threads_per_rank: int | None
+    steps_measured: int
+    step_s: float                 # median over steps of the slowest rank's step_s
+    step_s_mean: float
+    busy_s: float                 # median over steps of the slowest rank's step_s − allreduce_s
+    allreduce_s: float            # median over steps of the slowest rank's allreduce_s
+    compute_s: float
+    optimizer_s: float
+    data_s: float
+
+    @property
+    def images_per_s(self) -> float:
+        """One rank's throughput without communication: b / (step − allreduce)."""
+        return self.batch_per_rank / self.busy_s
+
+
+def _median_of_slowest(per_rank: list[list[dict[str, Any]]], key) -> list[float]:
+    steps = min(len(r) for r in per_rank)
+    return [max(key(r[k]) for r in per_rank) for k in range(steps)]
+
+
+def read_run(run_dir: str | Path, warmup_steps: int | None = None) -> RunMeasurement:
+    """Summary + step logs of a run directory (``scaling/`` schema); ValueError names what is wrong."""
+    from scaling.runlog import validate_step, validate_summary
+
+    root = Path(run_dir)
+    summary_path = root / "summary.json"
+    if not summary_path.exists():
+        raise CalibrationError(f"{root}: no summary.json (not a larscale run directory)")
+    summary = json.loads(summary_path.read_text())
+    try:
+        validate_summary(summary)
+    except ValueError as err:
+        raise CalibrationError(f"{summary_path}: {err}") from None
+    files = sorted((root / "steps").glob("rank-*.jsonl"))
+    if not files:
+        raise CalibrationError(f"{root}: no steps/rank-*.jsonl step logs")
+    per_rank: list[list[dict[str, Any]]] = []
+    for path in files:
+        records = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            try:
+                validate_step(record)
+            except ValueError as err:
+                raise CalibrationError(f"{path}:{number}: {err}") from None
+            records.append(record)
+        per_rank.append(sorted(records, key=lambda r: r["step"]))
+    skip = summary.get("warmup_steps_excluded", 0) if warmup_steps is None else warmup_steps
+    first_step = min(r[0]["step"] for r in per_rank if r) if all(per_rank) else 0
+    per_rank = [[r for r in records if r["step"] >= first_step + skip] for records in per_rank]
+    if min(len(r) for r in per_rank) < 1:
+        raise CalibrationError(f"{root}: no steps left after excluding {skip} warm-up step(s)")
+    step = _median_of_slowest(per_rank, lambda r: r["step_s"])
+    busy = _median_of_slowest(per_rank, lambda r: r["step_s"] - r["allreduce_s"])
+    config = summary.get("config") or {}
+    return RunMeasurement(
+        path=str(root), model=str(summary["model"]), image_size=config.get("image_size"),
+        ranks=int(summary["ranks"]), batch_per_rank=int(summary["batch_per_rank"]),
+        threads_per_rank=summary.get("threads_per_rank"), steps_measured=len(step),
+        step_s=statistics.median(step), step_s_mean=statistics.fmean(step), busy_s=statistics.median(busy),
+        allreduce_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["allreduce_s"])),
+        compute_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["compute_s"])),
+        optimizer_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["optimizer_s"])),
+        data_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["data_s"])))
+
+
+@dataclass(frozen=True)
+class ComputeFit:
+    sustained_fraction: float
+    half_efficiency_batch: float
+    measured_images_per_s: dict[str, dict[int, float]]
+    runs: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def rms_relative(self) -> float:
+        values = [r["relative"] for r in self.runs]
+        return math.sqrt(statistics.fmean(v * v for v in values)) if values else math.nan
+
+    def summary(self) -> dict[str, Any]:
+        return _plain({"sustained_fraction": self.sustained_fraction,
+                       "half_efficiency_batch": self.half_efficiency_batch,
+                       "rms_relative_residual": self.rms_relative(),
+                       "max_relative_residual": max((abs(r["relative"]) for r in self.runs), default=math.nan),
+                       "runs": self.runs, "notes": list(self.notes)})
+
+
+def fit_compute(runs: Sequence[RunMeasurement], peak_flops_per_device: float, cores_per_device: float = 1.0,
+                default_half_efficiency_batch: float = 4.0) -> ComputeFit:
+    """Measured images/s per (model, batch) and the FLOP model's s and h fitted to all runs at once.
+
+    ``cores_per_device`` turns a run's threads into the devices it drove (CPU profiles count cores or
+    sockets as devices); a run without a thread count drives one device.
+    """
+    from analysis.workload import load_workload
+
+    if not runs:
+        raise CalibrationError("no training runs to fit compute from")
+    measured: dict[str, dict[int, list[float]]] = {}
+    points = []
+    for run in runs:
+        key = workload_key(run.model, run.image_size)
+        measured.setdefault(key, {}).setdefault(run.batch_per_rank, []).append(run.images_per_s)
+        workload = load_workload(run.model, run.image_size)
+        devices = max(1.0, (run.threads_per_rank or cores_per_device) / cores_per_device)
+        # y = t·d·P/F = b/s + h/s : a line in b.
+        y = run.busy_s * devices * peak_flops_per_device / workload.flops_per_image
+        points.append((run, key, workload.flops_per_image, devices, y))
+    notes = []
+    b = np.array([float(p[0].batch_per_rank) for p in points])
+    y = np.array([p[4] for p in points])
+    if len(set(b.tolist())) >= 2:
+        slope, intercept = _fit_relative_to(np.column_stack([b, np.ones_like(b)]), y, y)
+        if slope <= 0:
+            raise CalibrationError("compute fit gave a non-positive slope: step time does not grow with batch")
+        sustained, half = 1.0 / slope, intercept / slope
+    else:
+        half = default_half_efficiency_batch
+        sustained = float(np.median((b + half) / y))
+        notes.append(f"one per-rank batch only: half_efficiency_batch kept at {half:g}, sustained fraction fitted")
+    records = []
+    for run, key, flops, devices, _ in points:
+        model_s = flops * (run.batch_per_rank + half) / (devices * peak_flops_per_device * sustained)
+        records.append({"run": run.path, "model": run.model, "key": key, "image_size": run.image_size,
+                        "batch_per_rank": run.batch_per_rank, "threads_per_rank": run.threads_per_rank,
+                        "steps_measured": run.steps_measured, "busy_s": run.busy_s, "step_s": run.step_s,
+                        "compute_s": run.compute_s, "optimizer_s": run.optimizer_s, "data_s": run.data_s,
+                        "images_per_s": run.images_per_s, "flops_per_image": flops, "flop_model_s": model_s,
+                        "relative": model_s / run.busy_s - 1.0})
+    if not 0 < sustained <= 1:
+        notes.append(f"fitted sustained fraction {sustained:.3g} is outside (0, 1]: the profile's peak is too low; "
+                     "clipped to 1")
+        sustained = min(max(sustained, 1e-6), 1.0)
+    table = {key: {batch: statistics.median(values) for batch, values in sorted(by_batch.items())}
+             for key, by_batch in measured.items()}
+    return ComputeFit(sustained_fraction=float(sustained), half_efficiency_batch=float(max(half, 0.0)),
+                      measured_images_per_s=table, runs=records, notes=notes)
+
+
+# ------------------------------------------------------------------------------------------------- profile
+
+
+def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | None = None,
+                       name: str | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The base profile (a MachineProfile) with ``network`` and ``compute`` replaced by the fits.
+
+    Returns a plain mapping in the profile schema (validated by :func:`analysis.machine.parse_machine`);
+    ``calibration`` holds the fit, its residuals and its inputs.
+    """
+    from analysis.machine import parse_machine
+
+    data = copy.deepcopy(base.to_dict())
+    data["name"] = name or f"{base.name}-calibrated"
+    data["description"] = f"{base.description} (calibrated {_dt.date.today().isoformat()})".strip()
+    block: dict[str, Any] = {"base_profile": base.name,
+                             "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                             "inputs": inputs or {}}
+    if comm is not None:
+        network = data["network"]
+        for key, link in (("intra_node", comm.intra), ("inter_node", comm.inter)):
+            if link.alpha_s is None:
+                continue
+            if link.bandwidth_gbps is None:
+                raise CalibrationError(f"{key}: the fit left no per-byte cost on the link (beta = 0); fix gamma "
+                                       "or check the rows")
+            network[key] = {**network[key], "latency_us": link.latency_us, "bandwidth_gbps": link.bandwidth_gbps}
+        network["reduce_gbytes_per_s"] = comm.reduce_gbytes_per_s
+        network["algorithm"] = comm.algorithm
+        block["network"] = comm.summary()
+        block["network_residuals"] = _plain(comm.residuals)
+    if compute is not None:
+        section = data.setdefault("compute", {})
+        section["sustained_fraction"] = compute.sustained_fraction
+        section["half_efficiency_batch"] = compute.half_efficiency_batch
+        section.pop("half_efficiency_gflop", None)          # h is fitted in images; a work-based h would win
+        section["step_overhead_s"] = 0.0                    # measured throughput includes the optimizer step
+        merged = {k: dict(v) for k, v in (section.get("measured_images_per_s") or {}).items()}
+        for key, table in compute.measured_images_per_s.items():
+            merged.setdefault(key, {}).update(table)
+        section["measured_images_per_s"] = merged
+        block["compute"] = compute.summary()
+    data["calibration"] = _plain(block)
+    data["sources"] = [*data.get("sources", []), "larscale calibrate (see calibration)"]
+    parse_machine(_plain(data), source=data["name"])        # the result must load as a profile
+    return _plain(data)
+
+
+def profile_yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, width=120)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and tuples → plain Python (YAML-safe); NaN stays a float."""
+    if isinstance(value, dict):
+        return {(int(k) if isinstance(k, np.integer) else k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def format_report(comm: CommFit | None, compute: ComputeFit | None) -> str:
+    """Human-readable summary of the fits (what `larscale calibrate` prints)."""
+    lines = []
+    if comm is not None:
+        lines.append(f"communication ({comm.algorithm} formula; gamma {comm.gamma_source}):")
+        for name, link in (("intra-node", comm.intra), ("inter-node", comm.inter)):
+            if link.alpha_s is not None:
+                bandwidth = link.bandwidth_gbps
+                lines.append(f"  {name}: alpha {link.latency_us:.2f} us, beta {link.beta_s_per_byte * 1e9:.4g} ns/B"
+                             f" ({bandwidth:.3g} Gb/s)" if bandwidth else f"  {name}: alpha {link.latency_us:.2f} us")
+        lines.append(f"  gamma {comm.gamma_s_per_byte * 1e9:.4g} ns/B ({comm.reduce_gbytes_per_s:.3g} GB/s reduced)")
+        for op in comm.operations:
+            lines.append(f"  {op}: rms relative residual {comm.rms_relative(op):.1%}, "
+                         f"max {comm.max_relative(op):.1%}")
+        for name, link in comm.pingpong.items():
+            lines.append(f"  ping-pong ({name}-node, diagnostic): alpha {link.latency_us:.2f} us, "
+                         f"{link.bandwidth_gbps or math.inf:.3g} Gb/s")
+        lines.extend(f"  note: {note}" for note in comm.notes)
+    if compute is not None:
+        lines.append(f"compute: sustained fraction {compute.sustained_fraction:.3f}, half-efficiency batch "
+                     f"{compute.half_efficiency_batch:.2f} (FLOP model rms residual {compute.rms_relative():.1%})")
+        lines.append(f"  {'run key':<16}{'batch':>6}{'steps':>6}{'busy s':>10}{'images/s':>10}{'FLOP model':>11}")
+        for r in compute.runs:
+            lines.append(f"  {r['key']:<16}{r['batch_per_rank']:>6}{r['steps_measured']:>6}{r['busy_s']:>10.4f}"
+                         f"{r['images_per_s']:>10.2f}{r['relative']:>+11.1%}")
+        lines.extend(f"  note: {note}" for note in compute.notes)
+    return "\n".join(lines)

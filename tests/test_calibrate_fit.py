@@ -1,0 +1,214 @@
+"""`analysis.calibrate`: α, β, γ and compute efficiency recovered from synthetic measurements with noise."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from analysis.benchcomm import message_sizes
+from analysis.calibrate import (
+    CalibrationError,
+    RunMeasurement,
+    calibrated_profile,
+    fit_comm,
+    fit_compute,
+    profile_yaml,
+    workload_key,
+)
+from analysis.comm import single_link_time
+from analysis.machine import load_machine, parse_machine
+from analysis.workload import load_workload
+
+ALPHA, BETA, GAMMA = 25e-6, 1.0 / 1.2e9, 1.0 / 6e9      # 25 µs, 1.2 GB/s link, 6 GB/s reduction
+NOISE = 0.05
+
+
+def noisy(value: float, rng: np.random.Generator) -> float:
+    return value * (1.0 + rng.uniform(-NOISE, NOISE))
+
+
+def synthetic_rows(rng: np.random.Generator, ranks=(2, 3, 4, 8, 16), algorithm: str = "ring",
+                   reduce_local: bool = True, pingpong: bool = False, sizes=None) -> list[dict]:
+    """bench-comm rows on the inter-node link (one rank per node) from the exact formulas, noise within 5 %."""
+    sizes = sizes or message_sizes(4, 64 << 20, 4)
+    rows = []
+    for p in ranks:
+        for n in sizes:
+            exact = float(single_link_time(algorithm, n, p, ALPHA, BETA, GAMMA))
+            rows.append({"operation": "allreduce", "ranks": p, "nodes": p, "ranks_per_node": 1, "bytes": n,
+                         "median_s": noisy(exact, rng)})
+            if pingpong:
+                rows.append({"operation": "pingpong", "ranks": p, "nodes": p, "ranks_per_node": 1, "bytes": n,
+                             "median_s": noisy(ALPHA + n * BETA, rng)})
+    if reduce_local:
+        for n in sizes:
+            rows.append({"operation": "reduce_local", "ranks": 2, "nodes": 2, "ranks_per_node": 1, "bytes": n,
+                         "median_s": noisy(4e-7 + n * GAMMA, rng)})
+    return rows
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "recursive_doubling", "rabenseifner", "binomial_tree"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recovers_alpha_beta_gamma_within_5_percent(algorithm: str, seed: int) -> None:
+    fit = fit_comm(synthetic_rows(np.random.default_rng(seed), algorithm=algorithm), algorithm=algorithm)
+    assert fit.gamma_source == "reduce_local"
+    assert fit.inter.alpha_s == pytest.approx(ALPHA, rel=0.05)
+    assert fit.inter.beta_s_per_byte == pytest.approx(BETA, rel=0.05)
+    assert fit.gamma_s_per_byte == pytest.approx(GAMMA, rel=0.05)
+    assert fit.intra.alpha_s is None                       # no row on one node: nothing said about it
+    assert fit.rms_relative("allreduce") < NOISE
+    assert fit.max_relative("allreduce") < 2 * NOISE
+    # The profile's units: Gb/s and µs.
+    assert fit.inter.bandwidth_gbps == pytest.approx(9.6, rel=0.05)
+    assert fit.inter.latency_us == pytest.approx(25.0, rel=0.05)
+
+
+def test_both_links_fitted_from_one_node_and_two_node_rows() -> None:
+    rng = np.random.default_rng(7)
+    rows = synthetic_rows(rng, ranks=(2, 4))
+    alpha_i, beta_i = 2e-6, 1.0 / 8e9
+    for q in (2, 4):
+        for n in message_sizes(4, 64 << 20, 4):
+            exact = float(single_link_time("ring", n, q, alpha_i, beta_i, GAMMA))
+            rows.append({"operation": "allreduce", "ranks": q, "nodes": 1, "ranks_per_node": q, "bytes": n,
+                         "median_s": noisy(exact, rng)})
+    fit = fit_comm(rows)
+    assert fit.intra.alpha_s == pytest.approx(alpha_i, rel=0.05)
+    assert fit.intra.beta_s_per_byte == pytest.approx(beta_i, rel=0.05)
+    assert fit.inter.alpha_s == pytest.approx(ALPHA, rel=0.05)
+    assert fit.inter.beta_s_per_byte == pytest.approx(BETA, rel=0.05)
+    assert fit.gamma_s_per_byte == pytest.approx(GAMMA, rel=0.05)
+
+
+def test_allreduce_alone_cannot_split_beta_from_gamma_so_gamma_is_fixed_and_said() -> None:
+    # Several p values do not help: the ring's bandwidth terms are (p-1)/p * n * (2 beta + gamma) for every p.
+    rows = synthetic_rows(np.random.default_rng(3), reduce_local=False)
+    assumed = 1.0 / 20e9
+    fit = fit_comm(rows, default_gamma_s_per_byte=assumed)
+    assert fit.gamma_source == "fixed" and fit.gamma_s_per_byte == assumed
+    assert any("collinear" in note for note in fit.notes)
+    # What the rows do determine is recovered: alpha and the effective per-byte cost 2 beta + gamma.
+    assert fit.inter.alpha_s == pytest.approx(ALPHA, rel=0.05)
+    assert 2 * fit.inter.beta_s_per_byte + fit.gamma_s_per_byte == pytest.approx(2 * BETA + GAMMA, rel=0.05)
+    # And so the fitted model reproduces the allreduce times it was given.
+    assert fit.rms_relative("allreduce") < NOISE
+    # The caller may pin gamma from elsewhere; then beta is exact again.
+    pinned = fit_comm(rows, gamma_s_per_byte=GAMMA)
+    assert pinned.inter.beta_s_per_byte == pytest.approx(BETA, rel=0.05)
+    assert pinned.gamma_source == "fixed"
+
+
+def test_single_p_two_ranks_with_reduce_local_rows() -> None:
+    fit = fit_comm(synthetic_rows(np.random.default_rng(4), ranks=(2,)))
+    assert fit.inter.alpha_s == pytest.approx(ALPHA, rel=0.05)
+    assert fit.inter.beta_s_per_byte == pytest.approx(BETA, rel=0.05)
+    assert fit.gamma_s_per_byte == pytest.approx(GAMMA, rel=0.05)
+
+
+def test_pingpong_is_a_separate_diagnostic_fit() -> None:
+    rows = synthetic_rows(np.random.default_rng(5), ranks=(2,), pingpong=True)
+    # Make the library's allreduce twice as slow per byte as the link (what Open MPI's TCP BTL did): the joint
+    # fit must follow the allreduce, the ping-pong fit the link.
+    for row in rows:
+        if row["operation"] == "allreduce":
+            row["median_s"] += row["bytes"] * BETA
+    fit = fit_comm(rows)
+    assert fit.pingpong["inter"].alpha_s == pytest.approx(ALPHA, rel=0.05)
+    assert fit.pingpong["inter"].beta_s_per_byte == pytest.approx(BETA, rel=0.05)
+    assert fit.inter.beta_s_per_byte == pytest.approx(2 * BETA, rel=0.05)
+    assert fit.rms_relative("allreduce") < NOISE
+    joint = fit_comm(rows, operations=("allreduce", "pingpong", "reduce_local"))
+    assert joint.rms_relative("allreduce") > fit.rms_relative("allreduce")
+
+
+def test_fit_range_and_errors() -> None:
+    rows = synthetic_rows(np.random.default_rng(6), ranks=(2,))
+    ranged = fit_comm(rows, min_bytes=1024)
+    assert all(r["fitted"] == (r["bytes"] >= 1024) for r in ranged.residuals)
+    with pytest.raises(CalibrationError, match="at least 2 ranks|multi-rank"):
+        fit_comm([r for r in rows if r["operation"] == "reduce_local"])
+    one_size = [r for r in rows if r["bytes"] == 1024 and r["operation"] == "allreduce"]
+    with pytest.raises(CalibrationError, match="two message sizes"):
+        fit_comm(one_size, gamma_s_per_byte=GAMMA)
+    with pytest.raises(ValueError, match="unknown allreduce algorithm"):
+        fit_comm(rows, algorithm="butterfly")
+
+
+def _runs(rng, sustained: float, half: float, peak: float) -> list[RunMeasurement]:
+    runs = []
+    for model, size in (("alexnet", None), ("resnet50", 64), ("resnet50", None)):
+        flops = load_workload(model, size).flops_per_image
+        for batch in (1, 2, 4, 8):
+            busy = noisy(flops * (batch + half) / (peak * sustained), rng)
+            runs.append(RunMeasurement(path=f"{model}-{size}-{batch}", model=model, image_size=size, ranks=1,
+                                       batch_per_rank=batch, threads_per_rank=1, steps_measured=10,
+                                       step_s=busy, step_s_mean=busy, busy_s=busy, allreduce_s=0.0,
+                                       compute_s=0.8 * busy, optimizer_s=0.2 * busy, data_s=0.0))
+    return runs
+
+
+def test_compute_fit_recovers_sustained_fraction_and_half_batch() -> None:
+    peak = 0.1e12
+    runs = _runs(np.random.default_rng(8), sustained=0.4, half=2.0, peak=peak)
+    fit = fit_compute(runs, peak_flops_per_device=peak)
+    assert fit.sustained_fraction == pytest.approx(0.4, rel=0.05)
+    assert fit.half_efficiency_batch == pytest.approx(2.0, rel=0.10)
+    assert fit.rms_relative() < NOISE
+    # Measured throughput per (model, batch); a non-native image size gets its own key.
+    assert set(fit.measured_images_per_s) == {"alexnet", "resnet50", "resnet50@64"}
+    run = runs[0]
+    assert fit.measured_images_per_s["alexnet"][1] == pytest.approx(run.batch_per_rank / run.busy_s)
+    assert workload_key("resnet50", 224) == "resnet50" and workload_key("alexnet", 227) == "alexnet"
+
+
+def test_calibrated_profile_is_a_valid_profile_with_the_fit(tmp_path) -> None:
+    base = load_machine("local")
+    comm = fit_comm(synthetic_rows(np.random.default_rng(9), ranks=(2,)))
+    compute = fit_compute(_runs(np.random.default_rng(10), 0.4, 2.0, 0.1e12), peak_flops_per_device=0.1e12)
+    data = calibrated_profile(base, comm, compute, name="here", inputs={"bench": ["x.csv"]})
+    path = tmp_path / "here.yaml"
+    path.write_text(profile_yaml(data))
+    profile = load_machine(path)
+    assert profile.name == "here"
+    assert profile.network.inter_node.bandwidth_gbps == pytest.approx(9.6, rel=0.05)
+    assert profile.network.inter_node.latency_us == pytest.approx(25, rel=0.05)
+    assert profile.network.reduce_gbytes_per_s == pytest.approx(6.0, rel=0.05)
+    assert profile.network.intra_node == base.network.intra_node      # not measured: kept
+    assert profile.compute.sustained_fraction == pytest.approx(0.4, rel=0.05)
+    assert profile.compute.measured_images_per_s["resnet50@64"]
+    cal = profile.calibration
+    assert cal["inputs"] == {"bench": ["x.csv"]} and cal["base_profile"] == "local"
+    assert cal["network"]["gamma_source"] == "reduce_local"
+    assert len(cal["network_residuals"]) == len(comm.residuals)
+    assert math.isfinite(cal["compute"]["rms_relative_residual"])
+    parse_machine(data)
+
+
+def test_calibrate_command_writes_a_profile_from_csv_and_reports_errors(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from analysis.benchcomm import CSV_COLUMNS, write_csv
+    from tests.conftest import REPO
+
+    rows = [{c: 0 for c in CSV_COLUMNS} | r | {"label": "synthetic", "dtype": "float32", "mpi_library": "none"}
+            for r in synthetic_rows(np.random.default_rng(11), ranks=(2, 4))]
+    csv_path = write_csv(rows, tmp_path / "bench.csv")
+    out = tmp_path / "cal.yaml"
+    proc = subprocess.run([sys.executable, "-m", "larscale", "calibrate", "--machine", "local", "--bench",
+                           str(csv_path), "--out", str(out), "--name", "synthetic-net"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "gamma reduce_local" in proc.stdout and "rms relative residual" in proc.stdout
+    profile = load_machine(out)
+    assert profile.network.inter_node.latency_us == pytest.approx(25, rel=0.05)
+    for argv, culprit in ((["--bench", str(tmp_path / "missing.csv")], "missing.csv"),
+                          (["--machine", "nowhere", "--bench", str(csv_path)], "nowhere"),
+                          (["--runs", str(tmp_path)], "summary.json"),
+                          ([], "nothing to calibrate")):
+        base = ["--machine", "local"] if "--machine" not in argv else []
+        proc = subprocess.run([sys.executable, "-m", "larscale", "calibrate", *base, *argv, "--out",
+                               str(tmp_path / "x.yaml")], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert proc.returncode == 2 and culprit in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -15,9 +15,10 @@ from tests.netns import NetnsPair, netns_available, netns_pair  # noqa: F401  (f
 
 pytestmark = pytest.mark.netns
 
+# One write(2) per line: two ranks printing at once must not interleave.
 PLACEMENT = ("import json, os; from mpi4py import MPI; c = MPI.COMM_WORLD; "
-             "print('PLACE ' + json.dumps({'rank': c.Get_rank(), 'cpus': sorted(os.sched_getaffinity(0)), "
-             "'netns': os.readlink('/proc/self/ns/net')}), flush=True)")
+             "os.write(1, ('PLACE ' + json.dumps({'rank': c.Get_rank(), 'cpus': sorted(os.sched_getaffinity(0)), "
+             "'netns': os.readlink('/proc/self/ns/net')}) + chr(10)).encode())")
 
 
 def test_pair_is_created_rate_limited_and_removed(tmp_path: Path) -> None:

@@ -228,24 +228,28 @@ class LARS(Optimizer):
             self._update(group, chunk, trust_ratio=False)
 
     def _update(self, group: dict[str, Any], params: list[Tensor], trust_ratio: bool) -> None:
-        """Update one chunk (same device and dtype). All arithmetic on norms and scalars stays on the device."""
+        """Update one chunk (same device and dtype). All arithmetic on norms and scalars stays on the device.
+
+        The scalar work is a few dozen tiny ops per chunk whatever its size, so it is written with as few ops as
+        the math allows.
+        """
         grads = [p.grad for p in params]
         dtype, device, n = params[0].dtype, params[0].device, len(params)
         sdtype = _scalar_dtype(dtype)
         lr, momentum = group["lr"], group["momentum"]
         if trust_ratio:
-            weight_decay = group["weight_decay"]
-            norms = torch._foreach_norm(params + grads, 2, dtype=sdtype)
-            stacked = torch.stack(norms)
-            w_norm, g_norm = stacked[:n], stacked[n:]
-            ratio = torch.where((w_norm > 0) & (g_norm > 0),
-                                group["trust_coefficient"] * w_norm / (g_norm + weight_decay * w_norm), 1.0)
+            weight_decay, eta = group["weight_decay"], group["trust_coefficient"]
+            norms = torch.stack(torch._foreach_norm(params + grads, 2, dtype=sdtype))
+            w_norm, g_norm = norms[:n], norms[n:]
+            # s = γ_t·local_lr: γ_t·η·‖w‖/(‖g‖ + β‖w‖) where both norms are > 0, else γ_t
+            rate = torch.where(torch.minimum(w_norm, g_norm) > 0,
+                               w_norm / torch.add(g_norm, w_norm, alpha=weight_decay) * (eta * lr), lr)
             if group["clip"]:
-                ratio = ratio.clamp(max=1.0)
-            rate = ratio * lr  # s = γ_t·local_lr per tensor
+                rate = torch.clamp(rate, max=lr)  # local_lr ≤ 1
         else:
             weight_decay = 0.0
-            rate = torch.ones(n, dtype=sdtype, device=device) * lr
+            rate = torch.full((n,), lr, dtype=sdtype, device=device) if not isinstance(lr, Tensor) else \
+                torch.ones(n, dtype=sdtype, device=device) * lr
 
         if momentum == 0:
             # v = s·(g + β·w): no state needed, w ← (1 − s·β)·w − s·g.
@@ -265,14 +269,18 @@ class LARS(Optimizer):
         accumulators = [st[_ACCUMULATOR] for st in states]
         scales = [st[_SCALE] for st in states]
         shares = [st[_WEIGHT_SHARE] for st in states]
-        decayed_scale = momentum * torch.stack(scales)                  # m·c
-        k = momentum * torch.stack(shares) + weight_decay * rate        # m·α + s·β
-        torch._foreach_addcmul_(accumulators, grads, _per_tensor(rate / decayed_scale, dtype))
-        torch._foreach_mul_(params, _per_tensor(1 - k, dtype))
-        torch._foreach_addcmul_(params, accumulators, _per_tensor(-decayed_scale, dtype))
+        decayed_scale = torch.stack(scales) * momentum                              # m·c
+        k = torch.add(torch.stack(shares) * momentum, rate, alpha=weight_decay)     # m·α + s·β
         keep = 1 - k
-        torch._foreach_copy_(scales, list((decayed_scale / keep).unbind()))
-        torch._foreach_copy_(shares, list((k / keep).unbind()))
+        # rows: a's gradient factor s/(m·c), w's factor 1 − k, a's factor in w −m·c; new c, new α
+        factors = torch.stack([rate / decayed_scale, keep, -decayed_scale, decayed_scale / keep, k / keep])
+        update = factors[:3].to(dtype).reshape(-1).unbind()
+        new_state = factors[3:].reshape(-1).unbind()
+        torch._foreach_addcmul_(accumulators, grads, list(update[:n]))
+        torch._foreach_mul_(params, list(update[n:2 * n]))
+        torch._foreach_addcmul_(params, accumulators, list(update[2 * n:]))
+        torch._foreach_copy_(scales, list(new_state[:n]))
+        torch._foreach_copy_(shares, list(new_state[n:]))
         for st in states:
             st[_SINCE_RESCALE] += 1
 

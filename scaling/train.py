@@ -92,11 +92,11 @@ class TrainConfig:
     lr_preset: bool = False
     warmup_steps: int | None = None
     warmup_epochs: float | None = None
-    warmup_start_lr: float = 0.0
-    end_lr: float = 0.0
+    warmup_start_lr: float | None = None
+    end_lr: float | None = None
     schedule: str = "poly"
-    power: float = 2.0
-    momentum: float = 0.9
+    power: float | None = None
+    momentum: float | None = None
     weight_decay: float | None = None
     trust_coefficient: float | None = None
     image_size: int | None = None
@@ -142,11 +142,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      "model and global batch (scaling.schedules.preset); explicit options override it")
     opt.add_argument("--warmup-steps", type=int, help="linear warm-up steps")
     opt.add_argument("--warmup-epochs", type=float, help="linear warm-up in epochs")
-    opt.add_argument("--warmup-start-lr", type=float, default=d.warmup_start_lr)
-    opt.add_argument("--end-lr", type=float, default=d.end_lr)
+    opt.add_argument("--warmup-start-lr", type=float, help="LR at step 0 of the warm-up (default 0)")
+    opt.add_argument("--end-lr", type=float, help="LR at the last step (default 0)")
     opt.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    opt.add_argument("--power", type=float, default=d.power, help="poly decay power (default 2)")
-    opt.add_argument("--momentum", type=float, default=d.momentum)
+    opt.add_argument("--power", type=float, help="poly decay power (default 2)")
+    opt.add_argument("--momentum", type=float, help="default 0.9")
     opt.add_argument("--weight-decay", type=float, help="default 5e-4, or the preset's")
     opt.add_argument("--trust-coefficient", type=float, help="LARS η (default 0.001, or the preset's)")
     data = parser.add_argument_group("data and model")
@@ -246,6 +246,7 @@ class RunPlan:
     warmup_steps: int
     weight_decay: float
     trust_coefficient: float
+    momentum: float
     schedule: Any  # scaling.schedules.LRSchedule
 
     def lr_at(self, step: int) -> float:
@@ -280,26 +281,34 @@ def make_plan(config: TrainConfig, ranks: int, train_size: int, image_size: int,
             preset_values = preset(config.model, batch.global_batch)
         except (ValueError, KeyError) as err:
             raise usage_error(f"--lr-preset: {err}") from None
-    base_lr = config.lr or _field(preset_values, "base_lr") or 0.1 * batch.global_batch / 256
+        if config.steps is None and config.epochs is None:
+            total = max(1, math.ceil(float(preset_values.epochs) * per_epoch))
+
+    def pick(explicit: Any, name: str, default: float) -> float:
+        """An explicit option wins, then the preset's value, then the default."""
+        if explicit is not None:
+            return float(explicit)
+        value = _field(preset_values, name)
+        return float(value) if value is not None else default
+
+    base_lr = pick(config.lr, "base_lr", 0.1 * batch.global_batch / 256)  # Goyal et al.'s linear rule
     if config.warmup_steps is not None:
         warmup = config.warmup_steps
     else:
-        warmup_epochs = config.warmup_epochs if config.warmup_epochs is not None else \
-            _field(preset_values, "warmup_epochs", 0.0)
-        warmup = int(round(float(warmup_epochs or 0.0) * per_epoch))
+        warmup = int(round(pick(config.warmup_epochs, "warmup_epochs", 0.0) * per_epoch))
     warmup = min(warmup, total)
-    weight_decay = config.weight_decay if config.weight_decay is not None else \
-        float(_field(preset_values, "weight_decay", 5e-4) or 0.0)
-    trust = config.trust_coefficient if config.trust_coefficient is not None else \
-        float(_field(preset_values, "trust_coefficient", 0.001) or 0.001)
+    weight_decay = pick(config.weight_decay, "weight_decay", 5e-4)
+    trust = pick(config.trust_coefficient, "trust_coefficient", 0.001)
+    momentum = pick(config.momentum, "momentum", 0.9)
     try:
-        schedule = LRSchedule(base_lr=float(base_lr), total_steps=total, warmup_steps=warmup,
-                              warmup_start_lr=config.warmup_start_lr, end_lr=config.end_lr, kind=config.schedule,
-                              power=config.power)
+        schedule = LRSchedule(base_lr=base_lr, total_steps=total, warmup_steps=warmup,
+                              warmup_start_lr=min(pick(config.warmup_start_lr, "warmup_start_lr", 0.0), base_lr),
+                              end_lr=pick(config.end_lr, "end_lr", 0.0), kind=config.schedule,
+                              power=pick(config.power, "power", 2.0))
     except ValueError as err:
         raise usage_error(f"learning-rate schedule: {err}") from None
-    return RunPlan(batch, per_epoch, total, image_size, num_classes, float(base_lr), warmup, weight_decay, trust,
-                   schedule)
+    return RunPlan(batch, per_epoch, total, image_size, num_classes, base_lr, warmup, weight_decay, trust,
+                   momentum, schedule)
 
 
 def train_set_size(spec: Any, seed: int) -> int:
@@ -635,10 +644,10 @@ def make_torch_optimizer(config: TrainConfig, plan: RunPlan, model: Any) -> Any:
 
     groups = torch_param_groups(model, plan.weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=plan.base_lr, momentum=config.momentum)
+        return torch.optim.SGD(groups, lr=plan.base_lr, momentum=plan.momentum)
     from scaling.optim import LARS
 
-    return LARS(groups, lr=plan.base_lr, momentum=config.momentum, weight_decay=plan.weight_decay,
+    return LARS(groups, lr=plan.base_lr, momentum=plan.momentum, weight_decay=plan.weight_decay,
                 trust_coefficient=plan.trust_coefficient)
 
 
@@ -791,8 +800,10 @@ def run_torch(config: TrainConfig) -> int:
     # alone make the convolutions run channels-last.
     model = build_torch_model(config.model, num_classes, image_size).to(backend.device)
     plan = make_plan(config, ranks, train_set_size(spec, config.seed), image_size, num_classes)
-    base_optimizer = make_torch_optimizer(config, plan, model)
-    optimizer = hvd.DistributedOptimizer(base_optimizer, named_parameters=model.named_parameters(),
+    # hvd.DistributedOptimizer returns a new optimizer object sharing the parameter groups but with its own
+    # state: from here on only `optimizer` is used (state_dict, load_state_dict, broadcast).
+    optimizer = hvd.DistributedOptimizer(make_torch_optimizer(config, plan, model),
+                                         named_parameters=model.named_parameters(),
                                          backward_passes_per_step=plan.batch.accumulation, op=hvd.Average)
 
     # Resume: rank 0 reads the newest complete checkpoint and everything else is broadcast from it.
@@ -812,12 +823,17 @@ def run_torch(config: TrainConfig) -> int:
     start_step = header["step"]
     if state is not None:
         model.load_state_dict(state["model"])
-        base_optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler") is not None and backend.scaler is not None:
-            backend.scaler.load_state_dict(state["scaler"])
     with watchdog.waiting("parameter broadcast", startup_timeout):
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        hvd.broadcast_optimizer_state(base_optimizer, root_rank=0)
+        if header["path"] is not None:
+            # The optimizer state travels pickled, not through hvd.broadcast_optimizer_state: that one sends
+            # hyper-parameters (momentum, weight decay) as float32 tensors and rounds them, which breaks a
+            # bitwise resume. A fresh start needs no broadcast: every rank builds the same empty state.
+            restored = hvd.broadcast_object((state["optimizer"], state.get("scaler")) if state else None,
+                                            root_rank=0, name="larscale.optimizer")
+            optimizer.load_state_dict(restored[0])
+            if restored[1] is not None and backend.scaler is not None:
+                backend.scaler.load_state_dict(restored[1])
     if header["rng"] is not None and header["ranks"] == ranks:
         restore_rng_torch(header["rng"][rank])
     else:
@@ -847,7 +863,7 @@ def run_torch(config: TrainConfig) -> int:
             rng_states = hvd.allgather_object(rng_state_torch(), name="larscale.rng")
         path = None
         if rank == 0:
-            payload = {"model": model.state_dict(), "optimizer": base_optimizer.state_dict(),
+            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": backend.scaler.state_dict() if backend.scaler is not None else None,
                        "schedule_step": step, "epoch": step // plan.steps_per_epoch,
                        "position_in_epoch": step % plan.steps_per_epoch, "rng_per_rank": rng_states,
@@ -880,7 +896,7 @@ def run_torch(config: TrainConfig) -> int:
         while step < plan.total_steps:
             epoch = step // plan.steps_per_epoch
             lr = plan.lr_at(step)
-            for group in base_optimizer.param_groups:
+            for group in optimizer.param_groups:
                 group["lr"] = lr
             data_s = compute_s = 0.0
             loss_sum = 0.0

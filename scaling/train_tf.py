@@ -8,8 +8,8 @@ is three compiled functions so that each phase can be timed:
    performs inside its ``gradient()`` call, issued as one fused group; timed as ``allreduce_s``. The tape would
    fuse steps 1 and 2 into one call and leave the allreduce time unmeasurable; the split computes the same
    average (on CPU TensorFlow returns all gradients of a tape at once, so little overlap is lost);
-3. ``apply``: L2 weight decay added to the gradients of ≥ 2-D weights (coupled, as PyTorch's SGD does), then
-   the optimizer update; timed as ``optimizer_s``.
+3. ``apply``: the optimizer update; for SGD, L2 weight decay is first added to the gradients of ≥ 2-D weights
+   (coupled, as PyTorch's SGD does), LARS applies its own; timed as ``optimizer_s``.
 
 Checkpoints hold NumPy arrays (pickled, no torch needed): model weights, optimizer variables, the step, the
 Python and NumPy RNG states per rank and the configuration.
@@ -85,11 +85,11 @@ def make_keras_optimizer(config: TrainConfig, plan: Any) -> Any:
     import tensorflow as tf
 
     if config.optimizer == "sgd":
-        return tf.keras.optimizers.SGD(learning_rate=plan.base_lr, momentum=config.momentum)
+        return tf.keras.optimizers.SGD(learning_rate=plan.base_lr, momentum=plan.momentum)
     from scaling.optim_tf import LARS
 
-    # Weight decay enters through the gradient (see `apply`), so the optimizer is given none of its own.
-    return LARS(learning_rate=plan.base_lr, momentum=config.momentum, weight_decay=plan.weight_decay,
+    # LARS applies weight decay itself (and needs the unregularised gradient for its trust ratio).
+    return LARS(learning_rate=plan.base_lr, momentum=plan.momentum, weight_decay=plan.weight_decay,
                 trust_coefficient=plan.trust_coefficient)
 
 
@@ -224,7 +224,7 @@ def run_tensorflow(config: TrainConfig) -> int:
     @tf.function
     def apply(grads: Any, lr: Any) -> None:
         optimizer.learning_rate.assign(lr)
-        wd = plan.weight_decay
+        wd = plan.weight_decay if config.optimizer == "sgd" else 0.0  # LARS decays inside its update
         grads = [g + wd * v if d and wd else g for g, v, d in zip(grads, variables, decayed, strict=True)]
         optimizer.apply_gradients(zip(grads, variables, strict=True))
 

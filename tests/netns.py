@@ -35,7 +35,9 @@ machine (2-core VM, kernel 6.18 with HZ=250, Open MPI 4.1.4, mpi4py ping-pong an
 4. **Start-up flakes** seen while measuring, avoided here: the daemon in the second namespace crashed once in
    ``hwloc_shmem_topology_write`` (the rtc/hwloc component shares the topology through shared memory mapped
    at a fixed address) → ``--mca rtc ^hwloc``; a stale session directory of an earlier run with the same job
-   family stopped a start once (``mkdir ... File exists``) → ``--mca orte_tmpdir_base`` in the fixture's dir.
+   family stopped a start (``mkdir .../ompi.<host>.0/jf.N: File exists``). The cause is a race, not a leftover:
+   both daemons see the same host name (namespaces share the UTS name) and create the same session directory
+   at the same moment → each emulated host gets its own ``TMPDIR`` under the fixture's directory.
 5. As a precaution (not measured separately) ``net.ipv4.tcp_slow_start_after_idle=0`` in both namespaces:
    training leaves the link idle between steps for longer than the retransmission timeout, after which Linux
    would restart each step's first transfer from a small congestion window, unlike the back-to-back
@@ -106,9 +108,9 @@ class NetnsPair:
     def hostfile(self) -> Path:
         return self.workdir / "hostfile"
 
-    @property
-    def session_dir(self) -> Path:
-        return self.workdir / "ompi"
+    def tmpdir(self, host: str) -> Path:
+        """Per-host TMPDIR: Open MPI's session directories would otherwise collide (same host name)."""
+        return self.workdir / f"tmp-{host}"
 
     def up(self) -> NetnsPair:
         self.down()
@@ -135,9 +137,11 @@ class NetnsPair:
             self.down()
             raise RuntimeError(f"netns set-up failed: {' '.join(err.cmd)}: {err.stderr}") from None
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.session_dir.mkdir(exist_ok=True)
+        for host in (a, b):
+            self.tmpdir(host).mkdir(exist_ok=True)
         self.agent.write_text('#!/bin/sh\n# Open MPI rsh agent: "log in" to the namespace named as the host.\n'
-                              'host=$1; shift\nexec ip netns exec "$host" /bin/sh -c "$*"\n')
+                              f'host=$1; shift\nexec ip netns exec "$host" env TMPDIR="{self.workdir}/tmp-$host" '
+                              '/bin/sh -c "$*"\n')
         self.agent.chmod(0o755)
         self.hostfile.write_text(f"{a} slots=1\n{b} slots=1\n")
         return self
@@ -154,14 +158,14 @@ class NetnsPair:
         """Open MPI options: one rank per namespace, TCP over the veth; ``tuned`` adds :data:`TUNED_MCA`."""
         base = ["--hostfile", str(self.hostfile), "--mca", "plm_rsh_agent", str(self.agent),
                 "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", self.subnet,
-                "--mca", "oob_tcp_if_include", self.subnet, "--mca", "orte_tmpdir_base", str(self.session_dir)]
+                "--mca", "oob_tcp_if_include", self.subnet]
         return base + (list(TUNED_MCA) if tuned else [])
 
     def mpirun(self, program: Sequence[str], ranks: int = 2, extra: Sequence[str] = (),
                tuned: bool = True) -> list[str]:
         """argv that runs ``program`` on ``ranks`` ranks spread over the two namespaces."""
-        return ["ip", "netns", "exec", self.host_a, "mpirun", "-np", str(ranks), *self.mca(tuned), *extra,
-                *program]
+        return ["ip", "netns", "exec", self.host_a, "env", f"TMPDIR={self.tmpdir(self.host_a)}", "mpirun",
+                "-np", str(ranks), *self.mca(tuned), *extra, *program]
 
 
 @pytest.fixture

@@ -241,11 +241,13 @@ class LARS(Optimizer):
             weight_decay, eta = group["weight_decay"], group["trust_coefficient"]
             norms = torch.stack(torch._foreach_norm(params + grads, 2, dtype=sdtype))
             w_norm, g_norm = norms[:n], norms[n:]
-            # s = γ_t·local_lr: γ_t·η·‖w‖/(‖g‖ + β‖w‖) where both norms are > 0, else γ_t
-            rate = torch.where(torch.minimum(w_norm, g_norm) > 0,
-                               w_norm / torch.add(g_norm, w_norm, alpha=weight_decay) * (eta * lr), lr)
+            # local_lr/η = ‖w‖/(‖g‖ + β‖w‖) where both norms are > 0, else 1/η; then s = γ_t·η·(local_lr/η).
+            # γ_t enters only through a product (a float, or a CPU-scalar or device tensor: no copy, no sync).
+            ratio = torch.where(torch.minimum(w_norm, g_norm) > 0,
+                                w_norm / torch.add(g_norm, w_norm, alpha=weight_decay), 1.0 / eta)
             if group["clip"]:
-                rate = torch.clamp(rate, max=lr)  # local_lr ≤ 1
+                ratio = ratio.clamp(max=1.0 / eta)  # local_lr ≤ 1
+            rate = ratio * (eta * lr)
         else:
             weight_decay = 0.0
             rate = torch.full((n,), lr, dtype=sdtype, device=device) if not isinstance(lr, Tensor) else \
@@ -274,13 +276,13 @@ class LARS(Optimizer):
         keep = 1 - k
         # rows: a's gradient factor s/(m·c), w's factor 1 − k, a's factor in w −m·c; new c, new α
         factors = torch.stack([rate / decayed_scale, keep, -decayed_scale, decayed_scale / keep, k / keep])
-        update = factors[:3].to(dtype).reshape(-1).unbind()
-        new_state = factors[3:].reshape(-1).unbind()
-        torch._foreach_addcmul_(accumulators, grads, list(update[:n]))
-        torch._foreach_mul_(params, list(update[n:2 * n]))
-        torch._foreach_addcmul_(params, accumulators, list(update[2 * n:]))
-        torch._foreach_copy_(scales, list(new_state[:n]))
-        torch._foreach_copy_(shares, list(new_state[n:]))
+        flat = list(factors.view(-1).unbind())  # one unbind for all five rows
+        update = flat[:3 * n] if dtype == sdtype else list(factors[:3].to(dtype).view(-1).unbind())
+        torch._foreach_addcmul_(accumulators, grads, update[:n])
+        torch._foreach_mul_(params, update[n:2 * n])
+        torch._foreach_addcmul_(params, accumulators, update[2 * n:3 * n])
+        torch._foreach_copy_(scales, flat[3 * n:4 * n])
+        torch._foreach_copy_(shares, flat[4 * n:])
         for st in states:
             st[_SINCE_RESCALE] += 1
 

@@ -34,10 +34,11 @@ machine (2-core VM, kernel 6.18 with HZ=250, Open MPI 4.1.4, mpi4py ping-pong an
    around the burst size: calibration fits the large sizes well and the small ones roughly.
 4. **Start-up flakes** seen while measuring, avoided here: the daemon in the second namespace crashed once in
    ``hwloc_shmem_topology_write`` (the rtc/hwloc component shares the topology through shared memory mapped
-   at a fixed address) → ``--mca rtc ^hwloc``; a stale session directory of an earlier run with the same job
-   family stopped a start (``mkdir .../ompi.<host>.0/jf.N: File exists``). The cause is a race, not a leftover:
-   both daemons see the same host name (namespaces share the UTS name) and create the same session directory
-   at the same moment → each emulated host gets its own ``TMPDIR`` under the fixture's directory.
+   at a fixed address) → ``--mca rtc ^hwloc``; a start failed with ``mkdir .../ompi.<host>.0/jf.N: File
+   exists``: not a leftover but a race, both daemons seeing the same host name (network namespaces share the
+   UTS name) and creating the same session directory at once → each emulated host runs in its own UTS
+   namespace with its own host name (``unshare --uts``; Horovod and the trainer count nodes by host name
+   too) and its own ``TMPDIR``.
 5. As a precaution (not measured separately) ``net.ipv4.tcp_slow_start_after_idle=0`` in both namespaces:
    training leaves the link idle between steps for longer than the retransmission timeout, after which Linux
    would restart each step's first transfer from a small congestion window, unlike the back-to-back
@@ -139,9 +140,12 @@ class NetnsPair:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for host in (a, b):
             self.tmpdir(host).mkdir(exist_ok=True)
-        self.agent.write_text('#!/bin/sh\n# Open MPI rsh agent: "log in" to the namespace named as the host.\n'
-                              f'host=$1; shift\nexec ip netns exec "$host" env TMPDIR="{self.workdir}/tmp-$host" '
-                              '/bin/sh -c "$*"\n')
+        # The agent "logs in" to the namespace named as the host, with that host name (its own UTS namespace)
+        # and its own TMPDIR: two hosts that share a name look like one node to Horovod and to Open MPI.
+        self.agent.write_text('#!/bin/sh\n# Open MPI rsh agent for the emulated hosts of tests/netns.py.\n'
+                              'host=$1; shift\n'
+                              f'exec ip netns exec "$host" unshare --uts env TMPDIR="{self.workdir}/tmp-$host" '
+                              '/bin/sh -c "hostname $host && $*"\n')
         self.agent.chmod(0o755)
         self.hostfile.write_text(f"{a} slots=1\n{b} slots=1\n")
         return self
@@ -164,8 +168,9 @@ class NetnsPair:
     def mpirun(self, program: Sequence[str], ranks: int = 2, extra: Sequence[str] = (),
                tuned: bool = True) -> list[str]:
         """argv that runs ``program`` on ``ranks`` ranks spread over the two namespaces."""
-        return ["ip", "netns", "exec", self.host_a, "env", f"TMPDIR={self.tmpdir(self.host_a)}", "mpirun",
-                "-np", str(ranks), *self.mca(tuned), *extra, *program]
+        return ["ip", "netns", "exec", self.host_a, "unshare", "--uts", "/bin/sh", "-c",
+                f'hostname {self.host_a} && exec "$0" "$@"', "env", f"TMPDIR={self.tmpdir(self.host_a)}",
+                "mpirun", "-np", str(ranks), *self.mca(tuned), *extra, *program]
 
 
 @pytest.fixture

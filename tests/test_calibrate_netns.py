@@ -16,9 +16,9 @@ from tests.netns import NetnsPair, netns_available, netns_pair  # noqa: F401  (f
 pytestmark = pytest.mark.netns
 
 # One write(2) per line: two ranks printing at once must not interleave.
-PLACEMENT = ("import json, os; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+PLACEMENT = ("import json, os, socket; from mpi4py import MPI; c = MPI.COMM_WORLD; "
              "os.write(1, ('PLACE ' + json.dumps({'rank': c.Get_rank(), 'cpus': sorted(os.sched_getaffinity(0)), "
-             "'netns': os.readlink('/proc/self/ns/net')}) + chr(10)).encode())")
+             "'netns': os.readlink('/proc/self/ns/net'), 'host': socket.gethostname()}) + chr(10)).encode())")
 
 
 def test_pair_is_created_rate_limited_and_removed(tmp_path: Path) -> None:
@@ -52,7 +52,8 @@ def test_one_rank_per_namespace_and_the_default_binding_that_cost_8_ms(netns_pai
     program = [sys.executable, "-c", PLACEMENT]
     tuned = _placements(netns_pair.mpirun(program))
     assert [r["rank"] for r in tuned] == [0, 1]
-    assert tuned[0]["netns"] != tuned[1]["netns"]               # two "hosts"
+    assert tuned[0]["netns"] != tuned[1]["netns"]               # two "hosts", each with its own name
+    assert [r["host"] for r in tuned] == [netns_pair.host_a, netns_pair.host_b]
     # Unbound: each rank may run on any core of the machine.
     assert tuned[0]["cpus"] == tuned[1]["cpus"]
     # Open MPI's default placement binds each host's first rank to its first core: on one machine both ranks
@@ -72,6 +73,6 @@ def test_bench_comm_runs_over_the_veth(netns_pair: NetnsPair, tmp_path: Path) ->
     from analysis.benchcomm import read_csv
 
     rows = read_csv(out)
-    assert {r["nodes"] for r in rows} == {2} and {r["ranks"] for r in rows} == {2}
+    assert {r["nodes"] for r in rows} == {2} and {r["ranks"] for r in rows} == {2}   # as Open MPI sees it
     assert {r["operation"] for r in rows} == {"allreduce", "pingpong", "reduce_local"}
     assert json.dumps(rows)  # plain values only

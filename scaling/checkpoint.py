@@ -54,6 +54,7 @@ def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int
     state = {**state, "step": step, "complete": True}
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as handle:
             dump(state, handle)
             handle.flush()

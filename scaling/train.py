@@ -491,9 +491,10 @@ def build_summary(config: TrainConfig, plan: RunPlan, status: str, ranks: RankIn
         means = [m for m in (rank_mean(getattr(t, key)) for t in all_times) if m is not None]
         times[key] = sum(means) / len(means) if means else None
     per_rank = []
-    for t in all_times:
-        m = rank_mean(t.step_s)
-        per_rank.append(images_per_rank_step / m if m else 0.0)
+    if len(all_times) == ranks.ranks:  # a failure summary knows only rank 0's times: leave the list empty
+        for t in all_times:
+            m = rank_mean(t.step_s)
+            per_rank.append(images_per_rank_step / m if m else 0.0)
     hosts = list(dict.fromkeys(all_hosts))
     summary = {
         "schema": SCHEMA,
@@ -790,6 +791,10 @@ def run_torch(config: TrainConfig) -> int:
     except BackendError as err:
         raise usage_error(str(err)) from None
     watchdog = Watchdog(rank).start()
+    # Hosts and ranks per node, gathered up front so even a failure summary describes the job; after the
+    # backend set-up because TensorFlow fixes its thread pools at its first op.
+    topology = hvd.allgather_object((info.host, info.local_size), name="larscale.topology")
+    all_hosts, all_local_sizes = [t[0] for t in topology], [t[1] for t in topology]
     stop = StopFlag().install()
     startup_timeout = max(300.0, 5 * config.stall_timeout)
 
@@ -874,11 +879,10 @@ def run_torch(config: TrainConfig) -> int:
 
     def finish(status: str, step: int, checkpoint_path: str | None, evaluation: dict | None) -> None:
         with watchdog.waiting("summary gather", config.stall_timeout):
-            gathered = hvd.allgather_object((info.host, info.local_size, times), name="larscale.summary")
+            gathered = hvd.allgather_object(times, name="larscale.summary")
         if rank == 0:
-            summary = build_summary(config, plan, status, info, [g[0] for g in gathered], [g[1] for g in gathered],
-                                    [g[2] for g in gathered], step, backend.threads, versions, started_at,
-                                    checkpoint_path, evaluation, spec.name)
+            summary = build_summary(config, plan, status, info, all_hosts, all_local_sizes, gathered, step,
+                                    backend.threads, versions, started_at, checkpoint_path, evaluation, spec.name)
             summary["backend"] = {"threads_per_rank": backend.threads, "channels_last": backend.channels_last,
                                   "device": str(backend.device), **backend.details,
                                   "nccl": bool(hvd.nccl_built())}
@@ -993,7 +997,7 @@ def run_torch(config: TrainConfig) -> int:
               flush=True)
         if rank == 0:
             with contextlib.suppress(Exception):
-                failed = build_summary(config, plan, "failed", info, [info.host], [info.local_size], [times], step,
+                failed = build_summary(config, plan, "failed", info, all_hosts, all_local_sizes, [times], step,
                                        backend.threads, versions, started_at, last_checkpoint, None, spec.name)
                 write_summary(config.out, failed)
         return EXIT_FAILED

@@ -196,6 +196,10 @@ def run_tensorflow(config: TrainConfig) -> int:
     except BackendError as err:
         raise usage_error(str(err)) from None
     watchdog = Watchdog(rank).start()
+    # Hosts and ranks per node, gathered up front so even a failure summary describes the job; after the
+    # backend set-up because TensorFlow fixes its thread pools at its first op.
+    topology = hvd.allgather_object((info.host, info.local_size), name="larscale.topology")
+    all_hosts, all_local_sizes = [t[0] for t in topology], [t[1] for t in topology]
     stop = StopFlag().install()
     startup_timeout = max(300.0, 5 * config.stall_timeout)
 
@@ -281,11 +285,10 @@ def run_tensorflow(config: TrainConfig) -> int:
 
     def finish(status: str, step: int, checkpoint_path: str | None, evaluation: dict | None) -> None:
         with watchdog.waiting("summary gather", config.stall_timeout):
-            gathered = hvd.allgather_object((info.host, info.local_size, times), name="larscale.summary")
+            gathered = hvd.allgather_object(times, name="larscale.summary")
         if rank == 0:
-            summary = build_summary(config, plan, status, info, [g[0] for g in gathered], [g[1] for g in gathered],
-                                    [g[2] for g in gathered], step, backend.threads, versions, started_at,
-                                    checkpoint_path, evaluation, spec.name)
+            summary = build_summary(config, plan, status, info, all_hosts, all_local_sizes, gathered, step,
+                                    backend.threads, versions, started_at, checkpoint_path, evaluation, spec.name)
             summary["backend"] = {"threads_per_rank": backend.threads, "device": backend.device_name,
                                   "allreduce": "hvd.grouped_allreduce after backward",
                                   "nccl": bool(hvd.nccl_built())}
@@ -388,7 +391,7 @@ def run_tensorflow(config: TrainConfig) -> int:
         if rank == 0:
             with contextlib.suppress(Exception):
                 write_summary(config.out, build_summary(
-                    config, plan, "failed", info, [info.host], [info.local_size], [times], step, backend.threads,
+                    config, plan, "failed", info, all_hosts, all_local_sizes, [times], step, backend.threads,
                     versions, started_at, last_checkpoint, None, spec.name))
         return EXIT_FAILED
     finally:

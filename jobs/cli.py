@@ -12,6 +12,20 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands. Handlers import heavy modules inside themselves."""
+    demo = subparsers.add_parser(
+        "demo", help="the main job: a real scaling study on this machine, calibrated, explained in a report",
+        description="Plan and run a weak- and a strong-scaling sweep (1 and 2 ranks, ResNet-50 and AlexNet, "
+        "synthetic data) as real Horovod jobs, calibrate the local profile (bench-comm + 1-rank runs) and "
+        "predict every point, reproduce the seed papers' headline times, answer a planning question on "
+        "Stampede2 KNL, and write a report directory (index.md, plots, CSV/Parquet). Finished points are "
+        "reused unless --fresh.")
+    demo.add_argument("--out", default="report", help="report directory (default: ./report)")
+    demo.add_argument("--quick", action="store_true", help="smaller study (ResNet-50 at 64 px, 12 steps)")
+    demo.add_argument("--fresh", action="store_true",
+                      help="start over: the previous output is moved to OUT.old-<time>, not deleted")
+    demo.add_argument("--scheduler", choices=("local", "slurm"), default="local",
+                      help="run the points directly (local) or through a reachable Slurm")
+    demo.set_defaults(handler=run_demo)
     sweep = subparsers.add_parser(
         "sweep", help="sweep node counts x batch sizes as scheduler jobs: plan, submit, status, collect",
         description="Turn a sweep spec (YAML) into batch scripts for the machine's scheduler, print what it "
@@ -131,6 +145,12 @@ def run_status(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     _print_states(manifest)
     return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig.make(args.out, quick=args.quick, fresh=args.fresh, scheduler=args.scheduler))
 
 
 def run_collect(args: argparse.Namespace) -> int:

@@ -92,20 +92,23 @@ def slurm_reachable() -> str | None:
 
 
 def prepare_output(cfg: DemoConfig) -> None:
-    """--fresh moves the previous output aside (never deletes results); then check we can write there."""
-    if cfg.fresh and cfg.out.exists() and any(cfg.out.iterdir()):
-        backup = cfg.out.with_name(f"{cfg.out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        cfg.out.rename(backup)
-        _say(f"--fresh: previous output moved to {backup}")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    probe = cfg.out / ".write-test"
+    """--fresh moves the previous output aside (never deletes results); then check we can write there.
+
+    Checked at start, so an unwritable or full output directory fails now, not after the runs.
+    """
+    from larscale import UsageError
+
     try:
-        probe.write_text("ok")
+        if cfg.fresh and cfg.out.is_dir() and any(cfg.out.iterdir()):
+            backup = cfg.out.with_name(f"{cfg.out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            cfg.out.rename(backup)
+            _say(f"--fresh: previous output moved to {backup}")
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        probe = cfg.out / ".write-test"
+        probe.write_bytes(b"\0" * 65536)
         probe.unlink()
     except OSError as err:
-        from larscale import UsageError
-
-        raise UsageError(f"cannot write to output directory {cfg.out}: {err.strerror}") from None
+        raise UsageError(f"cannot write to output directory {cfg.out}: {err.strerror or err}") from None
 
 
 def run_sweeps(cfg: DemoConfig) -> tuple[list[Any], Any]:

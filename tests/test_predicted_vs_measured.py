@@ -1,0 +1,208 @@
+"""Predicted vs measured on this machine: calibrate on 1-rank runs + bench-comm, predict real 2-rank Horovod runs.
+
+For AlexNet (227 px) and ResNet-50 (64 px, to keep it fast) at 4 images per rank:
+
+1. compute: 1-rank training runs (``python -m scaling.train``, no communication). Two of them run side by
+   side, one per core, because a data-parallel run keeps every core busy and a core's throughput depends on
+   what its neighbour does (shared caches and memory bandwidth, clocks, and on a VM possibly an SMT sibling):
+   the per-device rate is measured with all devices of the node loaded, as one would on a cluster node;
+2. communication: ``larscale bench-comm`` between 2 ranks over the same transport as the training run;
+3. ``larscale calibrate`` writes a profile; ``analysis.predict`` predicts the 2-rank iteration time;
+4. real 2-rank Horovod runs (MPI controller) measure it: the median over measured steps (warm-up excluded)
+   of the slowest rank's step time.
+
+Two networks: Open MPI shared memory on one node, and two network namespaces joined by a veth pair with a
+``tbf`` rate limit of 1 Gbit/s each way, Open MPI forced onto TCP (``--mca btl tcp,self``), where
+communication dominates the step (tests/netns.py explains the Open MPI options). The error of the predicted
+iteration time must be within 15 % in every case; the table is printed (``pytest -s`` shows it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from analysis.calibrate import read_run, workload_key
+from analysis.machine import load_machine
+from analysis.predict import predict
+from analysis.workload import load_workload
+from scaling.launch import local_env, rank_command
+from tests.conftest import REPO
+from tests.netns import NetnsPair, netns_available
+
+pytestmark = pytest.mark.slow
+
+CASES = (("alexnet", 227, 4), ("resnet50", 64, 4))    # model, image size, images per rank
+STEPS, WARMUP = 10, 3
+TOLERANCE = 0.15
+RATE_MBIT = 1000
+# Two ranks and Horovod's background threads share 2 cores: a rank waiting in MPI yields instead of spinning.
+SHM_MCA = ("--mca", "mpi_yield_when_idle", "1")
+BENCH = ("--max-bytes", "64M", "--factor", "4", "--warmup", "2", "--repetitions", "6", "--min-rep-ms", "1",
+         "--max-seconds-per-size", "3", "--operations", "allreduce,reduce_local")
+
+
+def quiet_malloc_env() -> dict[str, str]:
+    """Every run (calibration, benchmark, measured) with glibc keeping freed memory instead of unmapping it.
+
+    By default glibc serves blocks above 128 KiB-32 MiB with mmap and returns them with munmap, so Open MPI's
+    per-call temporary buffers and PyTorch's per-step tensors are page-faulted anew every time; page faults
+    are expensive on this VM: a 2-rank in-place MPI_Allreduce of 151 MiB (AlexNet's fc6 gradient, which
+    Horovod sends unfused) took 151 ms by default and 48 ms with these settings (mallopt(3):
+    M_MMAP_THRESHOLD, M_TRIM_THRESHOLD); a 1-rank AlexNet step went from ~0.57 to ~0.43 s.
+    """
+    env = local_env(threads_per_rank=1)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 << 30))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(16 << 30))
+    return env
+
+
+def horovod_env(profile_name: str = "local") -> dict[str, str]:
+    """Horovod's fusion buffer and cycle time set to what the profile (and so the model) assumes."""
+    network = load_machine(profile_name).network
+    env = quiet_malloc_env()
+    env["HOROVOD_FUSION_THRESHOLD"] = str(int(network.fusion_buffer_mb * 2**20))
+    env["HOROVOD_CYCLE_TIME"] = f"{network.cycle_time_ms:g}"
+    return env
+
+
+def train_program(model: str, image_size: int, batch: int, out: Path) -> list[str]:
+    return [sys.executable, "-m", "scaling.train", "--model", model, "--image-size", str(image_size),
+            "--batch-per-rank", str(batch), "--steps", str(STEPS), "--measure-warmup-steps", str(WARMUP),
+            "--threads", "1", "--seed", "1", "--no-eval", "--out", str(out)]
+
+
+def run(argv: list[str], env: dict[str, str], what: str, timeout: float = 600) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{what} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+
+
+def drop_checkpoints(run_dir: Path) -> None:
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)   # AlexNet's is ~0.5 GB; only the logs matter
+
+
+@pytest.fixture(scope="module")
+def one_rank_runs(tmp_path_factory) -> list[Path]:
+    """For each case, two 1-rank runs side by side (one per core): the compute calibration."""
+    root = tmp_path_factory.mktemp("one-rank")
+    env = horovod_env()
+    dirs = []
+    for model, size, batch in CASES:
+        outs = [root / f"{model}-{i}" for i in range(2)]
+        procs = [subprocess.Popen(train_program(model, size, batch, out), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=REPO, env=env) for out in outs]
+        for proc, out in zip(procs, outs, strict=True):
+            stdout, stderr = proc.communicate(timeout=600)
+            if proc.returncode != 0:
+                pytest.fail(f"1-rank {model} run exited {proc.returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}")
+            drop_checkpoints(out)
+            dirs.append(out)
+    return dirs
+
+
+def calibrate(base: str | Path, bench_csv: Path, runs: list[Path], out: Path) -> Path:
+    argv = [sys.executable, "-m", "larscale", "calibrate", "--machine", str(base), "--bench", str(bench_csv),
+            "--runs", *map(str, runs), "--out", str(out), "--name", out.stem]
+    run(argv, local_env(), "larscale calibrate")
+    return out
+
+
+def compare(profile_path: Path, nodes: int, ranks_per_node: int, two_rank_dirs: dict[str, Path],
+            network: str) -> list[dict]:
+    profile = load_machine(profile_path)
+    rows = []
+    for model, size, batch in CASES:
+        workload = dataclasses.replace(load_workload(model, size), model=workload_key(model, size))
+        predicted = predict(workload, profile, nodes=nodes, global_batch=2 * batch, ranks_per_node=ranks_per_node,
+                            epochs=1).record(0)
+        measured = read_run(two_rank_dirs[model])
+        assert measured.ranks == 2 and measured.steps_measured == STEPS - WARMUP
+        rows.append({"network": network, "model": f"{model}@{size}", "batch": batch,
+                     "predicted_s": predicted["iteration_s"], "compute_s": predicted["compute_s"],
+                     "comm_total_s": predicted["comm_total_s"], "comm_exposed_s": predicted["comm_exposed_s"],
+                     "measured_s": measured.step_s, "measured_mean_s": measured.step_s_mean,
+                     "measured_allreduce_s": measured.allreduce_s,
+                     "error": predicted["iteration_s"] / measured.step_s - 1.0})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'network':<22}{'model':<14}{'b/rank':>7}{'predicted s':>12}{'compute':>9}{'comm':>8}"
+              f"{'exposed':>9}{'measured s':>12}{'(mean)':>9}{'allreduce':>10}{'error':>8}")
+    print("\npredicted vs measured iteration time, 2 ranks (Horovod, MPI controller)")
+    print(header)
+    for r in rows:
+        print(f"{r['network']:<22}{r['model']:<14}{r['batch']:>7}{r['predicted_s']:>12.3f}{r['compute_s']:>9.3f}"
+              f"{r['comm_total_s']:>8.3f}{r['comm_exposed_s']:>9.3f}{r['measured_s']:>12.3f}"
+              f"{r['measured_mean_s']:>9.3f}{r['measured_allreduce_s']:>10.3f}{r['error']:>+8.1%}")
+
+
+def check(rows: list[dict]) -> None:
+    print_table(rows)
+    bad = [r for r in rows if abs(r["error"]) > TOLERANCE]
+    assert not bad, f"prediction off by more than {TOLERANCE:.0%}: " + ", ".join(
+        f"{r['network']} {r['model']} {r['error']:+.1%}" for r in bad)
+
+
+def test_shared_memory(one_rank_runs: list[Path], tmp_path: Path) -> None:
+    bench = tmp_path / "shm.csv"
+    run([sys.executable, "-m", "larscale", "bench-comm", "--ranks", "2", "--launcher-args", " ".join(SHM_MCA),
+         *BENCH, "--label", "shared-memory", "--out", str(bench)], quiet_malloc_env(), "bench-comm (shared memory)")
+    profile = calibrate("local", bench, one_rank_runs, tmp_path / "local-shm.yaml")
+    two = {}
+    for model, size, batch in CASES:
+        out = tmp_path / f"two-{model}"
+        run(rank_command(2, train_program(model, size, batch, out), extra_launcher_args=SHM_MCA), horovod_env(),
+            f"2-rank {model} (shared memory)")
+        drop_checkpoints(out)
+        two[model] = out
+    check(compare(profile, nodes=1, ranks_per_node=2, two_rank_dirs=two, network="shared memory"))
+
+
+def veth_base_profile(path: Path) -> Path:
+    """This machine seen as two 1-core hosts joined by the rate-limited veth (one rank per host)."""
+    data = load_machine("local").to_dict()
+    data.update(name="local-veth", ranks_per_node=1,
+                description=f"this machine as two network namespaces, veth + tbf {RATE_MBIT} Mbit/s, TCP BTL")
+    data["limits"]["max_nodes"] = 2
+    data["network"]["inter_node"] = {"bandwidth_gbps": RATE_MBIT / 1000, "latency_us": 20.0, "topology": "veth-tbf"}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.netns
+def test_rate_limited_veth(one_rank_runs: list[Path], tmp_path: Path) -> None:
+    reason = netns_available()
+    if reason:
+        pytest.skip(reason)
+    pair = NetnsPair(tmp_path / "netns", rate_mbit=RATE_MBIT)
+    try:
+        pair.up()
+        bench = tmp_path / "veth.csv"
+        run(pair.mpirun([sys.executable, "-m", "larscale", "bench-comm", *BENCH, "--operations",
+                         "allreduce,pingpong,reduce_local", "--label", f"veth-tbf-{RATE_MBIT}mbit",
+                         "--out", str(bench)]), quiet_malloc_env(), "bench-comm (veth)")
+        profile = calibrate(veth_base_profile(tmp_path / "local-veth.yaml"), bench, one_rank_runs,
+                            tmp_path / "veth-cal.yaml")
+        two = {}
+        for model, size, batch in CASES:
+            out = tmp_path / f"two-{model}"
+            run(pair.mpirun(train_program(model, size, batch, out)), horovod_env(), f"2-rank {model} (veth)")
+            drop_checkpoints(out)
+            two[model] = out
+    finally:
+        pair.down()
+    link = load_machine(profile).network.inter_node
+    # The fitted link cannot beat the tbf limit (a check that traffic really crossed the limited veth).
+    assert link.bandwidth_gbps <= RATE_MBIT / 1000 * 1.1, link
+    rows = compare(profile, nodes=2, ranks_per_node=1, two_rank_dirs=two, network=f"veth tbf {RATE_MBIT} Mbit/s")
+    assert all(r["comm_exposed_s"] > 0.3 * r["predicted_s"] for r in rows if r["model"].startswith("alexnet"))
+    check(rows)
+

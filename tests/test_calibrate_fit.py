@@ -212,3 +212,44 @@ def test_calibrate_command_writes_a_profile_from_csv_and_reports_errors(tmp_path
         proc = subprocess.run([sys.executable, "-m", "larscale", "calibrate", *base, *argv, "--out",
                                str(tmp_path / "x.yaml")], capture_output=True, text=True, cwd=REPO, timeout=120)
         assert proc.returncode == 2 and culprit in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_compute_calibration_from_real_run_logs(tmp_path) -> None:
+    """Real 1-rank training runs (scaling.train) → read_run medians → calibrate --runs → measured images/s."""
+    import json
+    import shutil
+    import statistics
+    import subprocess
+    import sys
+
+    from analysis.calibrate import read_run
+    from scaling.launch import local_env
+    from tests.conftest import REPO
+
+    dirs = []
+    for batch in (2, 4):
+        out = tmp_path / f"run-b{batch}"
+        proc = subprocess.run([sys.executable, "-m", "scaling.train", "--model", "resnet50", "--image-size", "32",
+                               "--batch-per-rank", str(batch), "--steps", "5", "--measure-warmup-steps", "2",
+                               "--threads", "1", "--no-eval", "--optimizer", "sgd", "--out", str(out)],
+                              capture_output=True, text=True, cwd=REPO, env=local_env(threads_per_rank=1), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)    # 0.2 GB each; only the logs matter here
+        dirs.append(out)
+        run = read_run(out)
+        records = [json.loads(line) for line in (out / "steps" / "rank-00000.jsonl").read_text().splitlines()]
+        kept = [r for r in records if r["step"] >= 2]
+        assert run.steps_measured == len(kept) == 3 and run.ranks == 1 and run.image_size == 32
+        assert run.step_s == pytest.approx(statistics.median(r["step_s"] for r in kept))
+        assert run.busy_s == pytest.approx(statistics.median(r["step_s"] - r["allreduce_s"] for r in kept))
+    out = tmp_path / "cal.yaml"
+    proc = subprocess.run([sys.executable, "-m", "larscale", "calibrate", "--machine", "local", "--runs",
+                           *map(str, dirs), "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    profile = load_machine(out)
+    table = profile.compute.measured_images_per_s["resnet50@32"]
+    assert sorted(table) == [2, 4]
+    assert table[4] == pytest.approx(4 / read_run(dirs[1]).busy_s)
+    assert 0 < profile.compute.sustained_fraction <= 1
+    assert [r["batch_per_rank"] for r in profile.calibration["compute"]["runs"]] == [2, 4]
+    assert "resnet50" not in profile.compute.measured_images_per_s     # 32 px numbers never stand for 224 px

@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="start over: the previous output is moved to OUT.old-<time>, not deleted")
     demo.add_argument("--scheduler", choices=("local", "slurm"), default="local",
                       help="run the points directly (local) or through a reachable Slurm")
+    demo.add_argument("--figures", default=None, metavar="DIR",
+                      help="also copy the main figures here (the README's: docs/figures)")
     demo.set_defaults(handler=run_demo)
     sweep = subparsers.add_parser(
         "sweep", help="sweep node counts x batch sizes as scheduler jobs: plan, submit, status, collect",
@@ -150,7 +152,8 @@ def run_status(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from jobs.demo import DemoConfig, run_demo
 
-    return run_demo(DemoConfig.make(args.out, quick=args.quick, fresh=args.fresh, scheduler=args.scheduler))
+    return run_demo(DemoConfig.make(args.out, quick=args.quick, fresh=args.fresh, scheduler=args.scheduler,
+                                    figures=args.figures))
 
 
 def run_collect(args: argparse.Namespace) -> int:

@@ -205,8 +205,6 @@ def check_config(config: TrainConfig) -> None:
         raise usage_error("--precision fp16 needs --device cuda; on CPU use bf16 or fp32")
     if config.warmup_steps is not None and config.warmup_epochs is not None:
         raise usage_error("give --warmup-steps or --warmup-epochs, not both")
-    if config.framework == "tensorflow" and config.dataset.startswith("imagenet:") and config.workers < 0:
-        raise usage_error("--workers must be >= 0")
 
 
 @dataclass(frozen=True)

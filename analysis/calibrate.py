@@ -33,7 +33,13 @@ slowest-rank non-communication time ``step_s − allreduce_s``. That gives ``mea
 half-efficiency batch h shared by all models.
 
 Measured throughput at a non-native image size (a 64-pixel ResNet-50 run) is stored under the key
-``"<model>@<size>"`` so that a prediction at the native size never reads it (:func:`workload_key`).
+``"<model>@<size>"`` so that a prediction at the native size never reads it (:func:`workload_key`,
+:func:`analysis.compute.measured_key`; a prediction with ``image_size`` reads its own size's entry).
+
+Not fitted: ``network.overlap_fraction`` (the share of communication that can hide behind the backward
+pass). 1-rank runs communicate nothing and bench-comm computes nothing, so these inputs cannot identify it;
+it is a property of the machine (are there cores or DMA engines left for communication?) and is carried over
+from the base profile, as the ``calibration.from_base_profile`` block records.
 """
 
 from __future__ import annotations
@@ -293,12 +299,10 @@ def fit_pingpong(rows: Iterable[dict[str, Any]], min_bytes: float = 0, max_bytes
 
 
 def workload_key(model: str, image_size: int | None) -> str:
-    """Key of ``compute.measured_images_per_s``: the model name at its native size, else ``model@size``."""
-    if image_size is None:
-        return model
-    from models import input_size
+    """Key of ``compute.measured_images_per_s`` (:func:`analysis.compute.measured_key`, where predictions read it)."""
+    from analysis.compute import measured_key
 
-    return model if int(image_size) == int(input_size(model)) else f"{model}@{int(image_size)}"
+    return measured_key(model, image_size)
 
 
 @dataclass(frozen=True)
@@ -331,15 +335,38 @@ def _median_of_slowest(per_rank: list[list[dict[str, Any]]], key) -> list[float]
     return [max(key(r[k]) for r in per_rank) for k in range(steps)]
 
 
-def read_run(run_dir: str | Path, warmup_steps: int | None = None) -> RunMeasurement:
-    """Summary + step logs of a run directory (``scaling/`` schema); ValueError names what is wrong."""
+@dataclass(frozen=True)
+class InputProblem:
+    """Something in the inputs that calibrate skipped: one step-log line, or a whole run directory."""
+
+    path: str
+    line: int | None
+    reason: str
+    what: str                     # "line skipped" | "run skipped" | "steps missing"
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else self.path
+        return f"{where}: {self.reason} ({self.what})"
+
+
+def read_run(run_dir: str | Path, warmup_steps: int | None = None,
+             problems: list[InputProblem] | None = None) -> RunMeasurement:
+    """Summary + step logs of a run directory (``scaling/`` schema); ValueError names what is wrong.
+
+    Without ``problems`` the first malformed step-log line is an error (file:line); with a list, each malformed
+    line is appended to it and skipped. Ranks are paired by step number, so a skipped line never pairs one
+    rank's step k with another rank's step k + 1.
+    """
     from scaling.runlog import validate_step, validate_summary
 
     root = Path(run_dir)
     summary_path = root / "summary.json"
     if not summary_path.exists():
         raise CalibrationError(f"{root}: no summary.json (not a larscale run directory)")
-    summary = json.loads(summary_path.read_text())
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CalibrationError(f"{summary_path}:{err.lineno}: not JSON ({err.msg})") from None
     try:
         validate_summary(summary)
     except ValueError as err:
@@ -347,21 +374,35 @@ def read_run(run_dir: str | Path, warmup_steps: int | None = None) -> RunMeasure
     files = sorted((root / "steps").glob("rank-*.jsonl"))
     if not files:
         raise CalibrationError(f"{root}: no steps/rank-*.jsonl step logs")
-    per_rank: list[list[dict[str, Any]]] = []
+    by_rank: list[dict[int, dict[str, Any]]] = []
     for path in files:
-        records = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        records = {}
+        lines = path.read_text(errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
             try:
-                validate_step(record)
+                record = validate_step(json.loads(line))
+            except json.JSONDecodeError as err:
+                reason = f"not JSON ({err.msg}{'; a torn last line' if number == len(lines) else ''})"
             except ValueError as err:
-                raise CalibrationError(f"{path}:{number}: {err}") from None
-            records.append(record)
-        per_rank.append(sorted(records, key=lambda r: r["step"]))
+                reason = str(err)
+            else:
+                records[record["step"]] = record
+                continue
+            if problems is None:
+                raise CalibrationError(f"{path}:{number}: {reason}")
+            problems.append(InputProblem(str(path), number, reason, "line skipped"))
+        # A complete run logs every step once per rank: fewer is a log cut at a line boundary (no bad line).
+        if problems is not None and summary.get("status") == "complete" and len(records) != summary["steps_done"]:
+            problems.append(InputProblem(str(path), None, f"{len(records)} valid step record(s), the summary says "
+                                         f"{summary['steps_done']} step(s) done (truncated or damaged log)",
+                                         "steps missing"))
+        by_rank.append(records)
+    common = sorted(set.intersection(*(set(records) for records in by_rank)))
+    per_rank = [[records[s] for s in common] for records in by_rank]
     skip = summary.get("warmup_steps_excluded", 0) if warmup_steps is None else warmup_steps
-    first_step = min(r[0]["step"] for r in per_rank if r) if all(per_rank) else 0
+    first_step = common[0] if common else 0
     per_rank = [[r for r in records if r["step"] >= first_step + skip] for records in per_rank]
     if min(len(r) for r in per_rank) < 1:
         raise CalibrationError(f"{root}: no steps left after excluding {skip} warm-up step(s)")
@@ -377,6 +418,20 @@ def read_run(run_dir: str | Path, warmup_steps: int | None = None) -> RunMeasure
         compute_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["compute_s"])),
         optimizer_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["optimizer_s"])),
         data_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["data_s"])))
+
+
+def read_runs(run_dirs: Sequence[str | Path], warmup_steps: int | None = None
+              ) -> tuple[list[RunMeasurement], list[InputProblem]]:
+    """Every usable run of ``run_dirs``, and what was skipped: malformed lines (file:line) and runs that cannot
+    be used at all (no or broken summary, no step logs, no measured step). Nothing is dropped unreported."""
+    runs: list[RunMeasurement] = []
+    problems: list[InputProblem] = []
+    for run_dir in run_dirs:
+        try:
+            runs.append(read_run(run_dir, warmup_steps, problems))
+        except CalibrationError as err:
+            problems.append(InputProblem(str(run_dir), None, str(err), "run skipped"))
+    return runs, problems
 
 
 @dataclass(frozen=True)
@@ -493,6 +548,9 @@ def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | 
             merged.setdefault(key, {}).update(table)
         section["measured_images_per_s"] = merged
         block["compute"] = compute.summary()
+    # Not identifiable from the inputs: 1-rank runs have no communication and bench-comm has no compute, so
+    # how much of the allreduce hides behind the backward pass is the base profile's physical statement.
+    block["from_base_profile"] = {"network.overlap_fraction": base.network.overlap_fraction}
     data["calibration"] = _plain(block)
     data["sources"] = [*data.get("sources", []), "larscale calibrate (see calibration)"]
     parse_machine(_plain(data), source=data["name"])        # the result must load as a profile
@@ -545,3 +603,9 @@ def format_report(comm: CommFit | None, compute: ComputeFit | None) -> str:
                          f"{r['images_per_s']:>10.2f}{r['relative']:>+11.1%}")
         lines.extend(f"  note: {note}" for note in compute.notes)
     return "\n".join(lines)
+
+
+def format_base_properties(base) -> str:
+    """What the calibrated profile takes from the base profile unfitted (printed after the report)."""
+    return (f"kept from {base.name}: network.overlap_fraction {base.network.overlap_fraction:g} (share of "
+            "communication that can hide behind the backward pass; the inputs cannot identify it)")

@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="also fit the ping-pong rows jointly (default: reported as a diagnostic only)")
     cal.add_argument("--warmup-steps", type=int, default=None,
                      help="steps to drop at the start of each run (default: the run's warmup_steps_excluded)")
+    cal.add_argument("--strict", action="store_true",
+                     help="exit 1 without writing the profile when any run or step-log line had to be skipped "
+                     "(default: skip it, list it with file and line, and fit the rest)")
     cal.set_defaults(handler=run_calibrate)
 
 
@@ -98,6 +101,13 @@ def run_bench_comm(args: argparse.Namespace) -> int:
     config = _bench_config(args)
     if args.ranks is not None and args.ranks < 1:
         raise UsageError(f"--ranks must be at least 1, got {args.ranks}")
+    if args.out:  # the CSV is written at the end: an unwritable path must fail now, not after the benchmark
+        from scaling.runlog import OutputDirError, check_writable_file
+
+        try:
+            check_writable_file(args.out)
+        except OutputDirError as err:
+            raise UsageError(f"--out {err}") from None
     if args.ranks is not None and args.ranks > 1 and not launched_by_mpi():
         from scaling.launch import local_env, rank_command
 
@@ -128,15 +138,22 @@ def run_calibrate(args: argparse.Namespace) -> int:
         calibrated_profile,
         fit_comm,
         fit_compute,
+        format_base_properties,
         format_report,
         profile_yaml,
-        read_run,
+        read_runs,
     )
     from analysis.machine import load_machine
     from larscale import UsageError
+    from scaling.runlog import OutputDirError, check_writable_file
 
     if not args.bench and not args.runs:
         raise UsageError("give --bench CSV(s) and/or --runs DIR(s): nothing to calibrate from")
+    try:
+        check_writable_file(args.out)
+    except OutputDirError as err:
+        raise UsageError(f"--out {err}") from None
+    skipped = []
     try:
         base = load_machine(args.machine)
         comm = compute = None
@@ -148,13 +165,27 @@ def run_calibrate(args: argparse.Namespace) -> int:
                             default_gamma_s_per_byte=base.network.gamma_s_per_byte, operations=operations,
                             min_bytes=parse_bytes(args.fit_min_bytes), max_bytes=parse_bytes(args.fit_max_bytes))
         if args.runs:
-            runs = [read_run(path, args.warmup_steps) for path in args.runs]
+            runs, skipped = read_runs(args.runs, args.warmup_steps)
+            if skipped:
+                count = {what: sum(1 for p in skipped if p.what == what)
+                         for what in ("line skipped", "run skipped", "steps missing")}
+                print(f"larscale calibrate: skipped {count['line skipped']} step-log line(s) and "
+                      f"{count['run skipped']} run(s) of {len(args.runs)}; {count['steps missing']} step log(s) "
+                      "incomplete:", file=sys.stderr)
+                for problem in skipped:
+                    print(f"  {problem}", file=sys.stderr)
+            if args.strict and skipped:
+                print("larscale calibrate: --strict: no profile written", file=sys.stderr)
+                return 1
+            if not runs:
+                raise UsageError(f"none of the {len(args.runs)} run(s) given with --runs is usable (see above)")
             devices = base.node.devices
             cores_per_device = base.node.cores / devices.count if devices.kind == "cpu" else 1.0
             compute = fit_compute(runs, devices.peak_tflops["fp32"] * 1e12, cores_per_device=cores_per_device,
                                   default_half_efficiency_batch=base.compute.half_efficiency_batch)
         data = calibrated_profile(base, comm, compute, name=args.name,
-                                  inputs={"bench": list(args.bench), "runs": list(args.runs)})
+                                  inputs={"bench": list(args.bench), "runs": list(args.runs),
+                                          "skipped": [str(p) for p in skipped]})
     except ValueError as err:
         raise UsageError(str(err)) from None
     from pathlib import Path
@@ -163,5 +194,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(profile_yaml(data))
     print(format_report(comm, compute))
+    print(format_base_properties(base))
     print(f"wrote {out} (profile {data['name']!r})")
     return 0

@@ -20,7 +20,9 @@ Measured model. When the profile has ``measured_images_per_s[model]`` (one rank'
 its batch, including the optimizer: step_overhead_s is not added again), the step time ``b / ips(b)`` is
 interpolated *linearly in b* between measured batches — the same linear form as above — and continued
 beyond the measured range along the nearest segment; from a single measurement it follows ``(b + h)`` with
-the profile's h. The result is split into forward and backward by FLOPs.
+the profile's h. The result is split into forward and backward by FLOPs. Measurements are keyed by
+:func:`measured_key`: the model name at its native input size, ``"<model>@<size>"`` at another size (a
+64-pixel ResNet-50 does far less work per image than a 224-pixel one, so neither may stand in for the other).
 """
 
 from __future__ import annotations
@@ -65,11 +67,26 @@ def measured_step_seconds(points: dict[int, float], batch_per_rank, half_efficie
     return seconds[segment] + slopes[segment] * (b - batches[segment])
 
 
-def compute_times(workload: Workload, params: PerfParams, batch_per_rank, ranks_per_node) -> ComputeTimes:
-    """Forward, backward and fixed per-step seconds of one rank (vectorised over the arrays)."""
+def measured_key(model: str, image_size: int | None = None) -> str:
+    """Key of ``measured_images_per_s``: ``model`` at its native input size (or None), else ``model@size``."""
+    if image_size is None:
+        return model
+    # Architecture metadata only: no torch or tensorflow behind it.
+    from models import input_size
+
+    return model if int(image_size) == int(input_size(model)) else f"{model}@{int(image_size)}"
+
+
+def compute_times(workload: Workload, params: PerfParams, batch_per_rank, ranks_per_node,
+                  image_size: int | None = None) -> ComputeTimes:
+    """Forward, backward and fixed per-step seconds of one rank (vectorised over the arrays).
+
+    ``image_size`` is the input size ``workload`` was built for (None: native); it selects the measured
+    throughput (:func:`measured_key`), never the FLOP model, which reads the workload's own FLOPs.
+    """
     b = np.asarray(batch_per_rank, dtype=float)
     forward_share = workload.forward_flops / workload.flops_per_image
-    measured = params.measured_images_per_s.get(workload.model)
+    measured = params.measured_images_per_s.get(measured_key(workload.model, image_size))
     devices_per_rank = params.devices_per_node / np.asarray(ranks_per_node, dtype=float)
     half = params.half_batch(workload.flops_per_image, devices_per_rank)
     if measured:

@@ -64,6 +64,10 @@ def _peak_rule(value: dict[str, float]) -> str | None:
     return f"peaks must be > 0 (bad: {', '.join(bad)})" if bad else None
 
 
+def _unit_interval_rule(value: float) -> str | None:
+    return None if 0 <= value <= 1 else f"must be in [0, 1], got {value!r}"
+
+
 @dataclass(frozen=True)
 class Devices:
     """What one rank drives. For a CPU node this is the socket (or the whole node) itself."""
@@ -110,6 +114,12 @@ class Network:
     fusion_buffer_mb: float = check(positive, default=64.0)
     cycle_time_ms: float = check(non_negative, default=1.0)
     algorithm: Literal["ring", "recursive_doubling", "rabenseifner", "binomial_tree", "hierarchical"] = "ring"
+    # Share of the allreduce time that can run beside the backward pass (0..1). 1.0 (default): communication
+    # needs no compute core — a GPU with NCCL/DMA, or a CPU node where the MPI library has cores of its own
+    # (Intel MLSL / Caffe on KNL and SKX reserve cores for communication). 0.0: every second of it occupies
+    # the cores that compute — CPU ranks on all cores, where shared-memory copies, the reduction, Horovod's
+    # buffer copies and MPI's polling progress all run on them. See analysis/overlap.py for the model.
+    overlap_fraction: float = check(_unit_interval_rule, default=1.0)
 
     @property
     def gamma_s_per_byte(self) -> float:

@@ -16,6 +16,18 @@ The step's communication is *exposed* for ``max(0, finish_of_last_bucket − T_b
 it. With one rank there is nothing to communicate and nothing is exposed. The total communication time is
 ``buckets·A + B·Σn`` (B is linear), of which ``total − exposed`` is hidden behind the backward pass.
 
+Overlap needs a free resource. With ``overlap_fraction`` f < 1, a share ``1 − f`` of every collective's time
+needs the cores that compute (CPU ranks on every core: shared-memory copies, the reduction, Horovod's buffer
+copies and MPI's polling progress run there), so it cannot hide behind the backward pass: the step is longer
+by that CPU time wherever the schedule puts it. Only the rest, ``f·(A + B·n)`` per bucket, runs beside the
+backward pass. So the schedule above runs with costs ``f·A`` and ``f·B``, and
+
+    exposed = (1 − f)·total + max(0, finish_f − T_b)          total = buckets·A + B·Σn (full costs)
+
+f = 1 is the pure schedule (GPUs with NCCL, CPU nodes with cores reserved for communication); f = 0 gives
+``exposed = total + (the last bucket's cycle wait)``: compute and communication strictly in sequence. Buckets
+form by that same schedule (with f < 1 collectives end sooner in it, so gradients fuse less: a few more α).
+
 Vectorised: one pass over the events, each a handful of numpy operations on all configurations at once
 (processed in cache-sized chunks).
 """
@@ -31,19 +43,22 @@ CHUNK = 8192
 
 @dataclass(frozen=True)
 class OverlapResult:
-    finish_s: np.ndarray          # end of the last allreduce, from the start of the backward pass
+    finish_s: np.ndarray          # end of the last allreduce (plus the non-overlappable share), from the
+                                  # start of the backward pass
     comm_total_s: np.ndarray      # sum of all allreduce times
     comm_exposed_s: np.ndarray    # communication the step waits for after the backward pass
     buckets: np.ndarray           # number of fused allreduces
 
 
 def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, latency_s, s_per_byte,
-             fusion_bytes: float, cycle_s: float) -> OverlapResult:
+             fusion_bytes: float, cycle_s: float, overlap_fraction: float = 1.0) -> OverlapResult:
     """Run the bucket schedule for every configuration (arrays broadcast to one shape; see module doc).
 
-    ``cycle_s`` is one number for all configurations (configurations without communication, A = B = 0,
-    get no cycle wait: nothing is exposed for them).
+    ``cycle_s`` and ``overlap_fraction`` are one number for all configurations (configurations without
+    communication, A = B = 0, get no cycle wait: nothing is exposed for them).
     """
+    if not 0 <= overlap_fraction <= 1:
+        raise ValueError(f"overlap_fraction must be in [0, 1], got {overlap_fraction!r}")
     backward_s, latency_s, s_per_byte = (
         np.asarray(a, dtype=float) for a in np.broadcast_arrays(backward_s, latency_s, s_per_byte))
     shape = backward_s.shape
@@ -58,15 +73,20 @@ def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, la
     may_overflow = [c > fusion_bytes for c in cumulative[1:]]
     for start in range(0, size, CHUNK):
         part = slice(start, min(start + CHUNK, size))
-        finish[part], buckets[part] = _simulate_chunk(fractions, sizes, cumulative, may_overflow,
-                                                      *(a[part] for a in flat), float(fusion_bytes),
+        # The overlappable share of each bucket's cost goes through the schedule.
+        finish[part], buckets[part] = _simulate_chunk(fractions, sizes, cumulative, may_overflow, flat[0][part],
+                                                      overlap_fraction * flat[1][part],
+                                                      overlap_fraction * flat[2][part], float(fusion_bytes),
                                                       0.5 * float(cycle_s))
     total_bytes = float(np.sum(event_bytes))
     comm_total = buckets * flat[1] + flat[2] * total_bytes
     no_comm = comm_total <= 0
+    # The share that occupies the compute cores lengthens the step whatever the schedule.
+    serial = np.where(no_comm, 0.0, (1.0 - overlap_fraction) * comm_total)
     finish = np.where(no_comm, flat[0], finish)
     buckets = np.where(no_comm, 0.0, buckets)
-    exposed = np.maximum(finish - flat[0], 0.0)
+    exposed = np.maximum(finish - flat[0], 0.0) + serial
+    finish = finish + serial
     return OverlapResult(finish_s=finish.reshape(shape), comm_total_s=comm_total.reshape(shape),
                          comm_exposed_s=exposed.reshape(shape), buckets=buckets.reshape(shape))
 

@@ -1,10 +1,11 @@
 """The time model's parameters, explicit and flat: what a machine profile says, and what calibration fits.
 
 :class:`PerfParams` gathers every number the model uses (α, β per link, γ, peak FLOP/s, sustained
-efficiency, half-efficiency batch, fusion buffer, cycle time, data rate, step overhead). It is derived from a
-:class:`~analysis.machine.MachineProfile` by :meth:`PerfParams.from_machine`; a least-squares fit replaces
-fields with :func:`dataclasses.replace` and hands the result to :func:`analysis.predict.predict_from`, so the
-fitted model and the predicting model are the same code.
+efficiency, half-efficiency batch, fusion buffer, cycle time, overlappable share of communication, data
+rate, step overhead). It is derived from a :class:`~analysis.machine.MachineProfile` by
+:meth:`PerfParams.from_machine`; a least-squares fit replaces fields with :func:`dataclasses.replace` and
+hands the result to :func:`analysis.predict.predict_from`, so the fitted model and the predicting model are
+the same code.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class PerfParams:
     step_overhead_s: float = 0.0
     data_images_per_s_per_node: float = math.inf
     data_overlapped: bool = True
+    overlap_fraction: float = 1.0      # share of each allreduce that can run beside the backward pass
     measured_images_per_s: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
     max_nodes: int | None = None
     default_ranks_per_node: int = 1
@@ -51,6 +53,8 @@ class PerfParams:
         for name in ("cycle_s", "half_efficiency_batch", "step_overhead_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.overlap_fraction <= 1:
+            raise ValueError(f"PerfParams.overlap_fraction must be in [0, 1], got {self.overlap_fraction!r}")
 
     @classmethod
     def from_machine(cls, machine: MachineProfile, precision: str = "fp32") -> PerfParams:
@@ -80,6 +84,7 @@ class PerfParams:
             step_overhead_s=compute.step_overhead_s,
             data_images_per_s_per_node=compute.data_images_per_s or math.inf,
             data_overlapped=compute.data_overlapped,
+            overlap_fraction=net.overlap_fraction,
             measured_images_per_s={k: dict(v) for k, v in compute.measured_images_per_s.items()},
             max_nodes=machine.limits.max_nodes,
             default_ranks_per_node=machine.default_ranks_per_node,

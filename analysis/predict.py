@@ -3,7 +3,9 @@
 For ``nodes`` nodes with ``ranks_per_node`` ranks each (p ranks), global batch ``B`` (``b = B/p`` per rank):
 
     compute_s       = forward + backward + step overhead        (analysis.compute)
-    comm_exposed_s  = allreduce time not hidden behind the backward pass (analysis.overlap, analysis.comm)
+    comm_exposed_s  = allreduce time not hidden behind the backward pass (analysis.overlap, analysis.comm):
+                      the schedule's wait after the backward pass, plus the share 1 − overlap_fraction of all
+                      communication that needs the compute cores and so cannot hide
     data_s          = b·ranks_per_node / (node's decode rate)   (0 when the profile gives no rate)
     iteration_s     = max(compute_s + comm_exposed_s, data_s)   if data loading is prefetched, else the sum
     epoch_s         = iteration_s · N / B                       (N images per epoch, ImageNet-1k by default)
@@ -129,8 +131,12 @@ def validate(params: PerfParams, nodes: np.ndarray, ranks_per_node: np.ndarray, 
 
 def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, epochs=90.0,
                  ranks_per_node=None, dataset_size: int = IMAGENET_TRAIN_IMAGES,
-                 check: bool = True) -> Prediction:
-    """The model as a pure function of its parameters and of arrays of configurations (see module doc)."""
+                 check: bool = True, image_size: int | None = None) -> Prediction:
+    """The model as a pure function of its parameters and of arrays of configurations (see module doc).
+
+    ``image_size``: the input size ``workload`` was built for (None: native), which selects the measured
+    throughput of that size (:func:`analysis.compute.measured_key`).
+    """
     nodes_a = _as_int_array("nodes", nodes)
     rpn_a = _as_int_array("ranks_per_node", params.default_ranks_per_node if ranks_per_node is None
                           else ranks_per_node)
@@ -147,10 +153,10 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
         validate(params, nodes_a, rpn_a, batch_a, epochs_a)
     ranks = nodes_a * rpn_a
     b = batch_a / ranks
-    times = compute_times(workload, params, b, rpn_a)
+    times = compute_times(workload, params, b, rpn_a, image_size=image_size)
     compute_s = times.total_s
     overlap = simulate(workload.event_ready_fraction, workload.event_bytes, times.backward_s, latency, per_byte,
-                       params.fusion_bytes, params.cycle_s)
+                       params.fusion_bytes, params.cycle_s, params.overlap_fraction)
     data_s = b * rpn_a / params.data_images_per_s_per_node
     busy = compute_s + overlap.comm_exposed_s
     single_data_s = b / params.data_images_per_s_per_node
@@ -182,12 +188,15 @@ def predict(model: str | Workload, machine: str | Path | MachineProfile, nodes, 
     ``machine`` is a bundled profile name, a path to a profile YAML or a MachineProfile; ``params``
     (e.g. fitted by calibration) replaces the parameters the profile would give. Bad input (unknown model
     or machine, nodes beyond the machine, a batch not divisible by the ranks) raises ValueError.
-    ``image_size``/``num_classes`` other than the native ones recompute the layer table (small test runs).
+    ``image_size``/``num_classes`` other than the native ones recompute the layer table (small test runs), and
+    ``image_size`` selects the profile's measured images/s for that size (key ``model@size``); a Workload
+    given as ``model`` is used as it is, ``image_size`` then says which size it was built for.
     """
     workload = resolve_workload(model, image_size, num_classes)
     if params is None:
         params = PerfParams.from_machine(resolve_machine(machine), precision=precision)
-    return predict_from(workload, params, nodes, global_batch, epochs, ranks_per_node, dataset_size)
+    return predict_from(workload, params, nodes, global_batch, epochs, ranks_per_node, dataset_size,
+                        image_size=image_size)
 
 
 def predict_point(model: str, machine: str | Path | MachineProfile, nodes: int, global_batch: int,

@@ -8,7 +8,6 @@ does. The prediction is :func:`analysis.predict.predict` for the run's own model
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 from analysis.calibrate import read_run, workload_key
 from analysis.machine import MachineProfile
 from analysis.predict import predict
-from analysis.workload import load_workload
 
 
 def compare_run(run_dir: str | Path, profile: MachineProfile) -> dict[str, Any]:
@@ -26,15 +24,13 @@ def compare_run(run_dir: str | Path, profile: MachineProfile) -> dict[str, Any]:
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     nodes = int(summary.get("nodes") or 1)
     ranks_per_node = int(summary.get("ranks_per_node") or measured.ranks // nodes)
-    # The workload is keyed like the calibration's measured images/s (model@size), so a calibrated
-    # profile's measured throughput for this exact network and input size is what the model uses.
-    workload = dataclasses.replace(load_workload(measured.model, measured.image_size),
-                                   model=workload_key(measured.model, measured.image_size))
-    predicted = predict(workload, profile, nodes=nodes, global_batch=measured.ranks * measured.batch_per_rank,
-                        ranks_per_node=ranks_per_node, epochs=1).record(0)
+    # At the run's own input size: the prediction then reads the calibration's measured images/s for this
+    # exact network and size (key model@size), never another size's.
+    predicted = predict(measured.model, profile, nodes=nodes, global_batch=measured.ranks * measured.batch_per_rank,
+                        ranks_per_node=ranks_per_node, epochs=1, image_size=measured.image_size).record(0)
     return {
         "run": Path(run_dir).name,
-        "model": workload.model,
+        "model": workload_key(measured.model, measured.image_size),
         "ranks": measured.ranks,
         "nodes": nodes,
         "batch_per_rank": measured.batch_per_rank,

@@ -133,6 +133,34 @@ def test_cycle_time_delays_idle_launches_by_half_a_cycle() -> None:
     assert (finish, buckets) == pytest.approx((1.3, 3))
 
 
+@pytest.mark.parametrize("per_byte, fraction, expected", [
+    # (finish, exposed, buckets, total). Fast network, half overlappable: the schedule runs buckets of
+    # 0.05 + 0.05 s (launched 0.2, 0.5, 1.0; the last ends at 1.1); total 3·0.1 + 300·0.001 = 0.6, of which
+    # 0.3 occupies the compute cores: exposed 0.1 + 0.3, finish 1.1 + 0.3.
+    (0.001, 0.5, (1.4, 0.4, 3, 0.6)),
+    # Nothing overlappable: zero-cost schedule ends with the backward pass; exposed = total.
+    (0.001, 0.0, (1.6, 0.6, 3, 0.6)),
+    # Busy network, half overlappable: buckets of 0.05 + 0.5 s at 0.2..0.75, 0.75..1.3 (event 3, ready at 1.0,
+    # missed that launch) and 1.3..1.85; total 3·0.1 + 300·0.01 = 3.3, half of it serial: exposed 0.85 + 1.65.
+    (0.01, 0.5, (3.5, 2.5, 3, 3.3)),
+    # Fully overlappable is the plain schedule (test_busy_network_fuses_what_is_ready).
+    (0.01, 1.0, (3.4, 2.4, 2, 3.2)),
+])
+def test_non_overlappable_share_of_communication_adds_to_the_step(per_byte, fraction, expected) -> None:
+    r = simulate(FRACTIONS, BYTES, 1.0, 0.1, per_byte, 1000.0, 0.0, overlap_fraction=fraction)
+    got = float(r.finish_s), float(r.comm_exposed_s), int(r.buckets), float(r.comm_total_s)
+    assert got == pytest.approx(expected)
+
+
+def test_overlap_fraction_outside_unit_interval_is_named() -> None:
+    with pytest.raises(ValueError, match="overlap_fraction"):
+        simulate(FRACTIONS, BYTES, 1.0, 0.1, 0.001, 1000.0, 0.0, overlap_fraction=1.5)
+    machine = load_machine("local").to_dict()
+    machine["network"]["overlap_fraction"] = -0.1
+    with pytest.raises(ValueError, match="network.overlap_fraction"):
+        parse_machine(machine)
+
+
 def test_vectorised_schedule_equals_one_at_a_time() -> None:
     rng = np.random.default_rng(7)
     size = CHUNK + 37        # crosses a chunk boundary
@@ -243,6 +271,68 @@ def test_fitted_parameters_flow_through_predict_from() -> None:
     assert float(faster) == pytest.approx(float(base) / 2)
     slower_net = predict_from(w, params.replace(beta_intra_s_per_byte=1e-6), 1, 8, 1)
     assert float(slower_net.comm_total_s) > float(predict_from(w, params, 1, 8, 1).comm_total_s)
+
+
+def test_no_overlap_puts_all_communication_in_sequence_with_compute() -> None:
+    # overlap_fraction 0: every allreduce second is a compute-core second. The last gradient (the first layer's)
+    # is ready as the backward pass ends, so the step waits for all communication plus half a Horovod cycle.
+    machine = load_machine("stampede2-skx").to_dict()
+    machine["network"]["overlap_fraction"] = 0.0
+    serial = predict_point("alexnet", parse_machine(machine), 64, 2048, 1)
+    overlapped = predict_point("alexnet", "stampede2-skx", 64, 2048, 1)
+    half_cycle = 0.5 * machine["network"]["cycle_time_ms"] * 1e-3
+    assert serial["comm_exposed_s"] == pytest.approx(serial["comm_total_s"] + half_cycle)
+    assert serial["iteration_s"] == pytest.approx(serial["compute_s"] + serial["comm_total_s"] + half_cycle)
+    assert serial["compute_s"] == overlapped["compute_s"]
+    # Buckets form by the overlappable schedule (instant here), so a few more of them: a few more α.
+    assert serial["buckets"] >= overlapped["buckets"]
+    assert serial["comm_total_s"] == pytest.approx(overlapped["comm_total_s"], rel=1e-3)
+    assert overlapped["comm_exposed_s"] < overlapped["comm_total_s"]          # the default overlaps
+
+
+def test_bundled_profiles_keep_full_overlap_except_local() -> None:
+    # The published headlines were reproduced with communication overlapping compute; only this CPU-only
+    # machine, whose ranks use every core, says otherwise (analysis/machines/local.yaml explains why).
+    for name in bundled_machines():
+        expected = 0.0 if name == "local" else 1.0
+        assert load_machine(name).network.overlap_fraction == expected, name
+        assert PerfParams.from_machine(load_machine(name)).overlap_fraction == expected, name
+
+
+def test_local_launches_set_the_allocator() -> None:
+    # Every local launch (submit's local job scripts, bench-comm --ranks, tests) goes through local_env, so
+    # calibration and the predicted runs see one allocator setting.
+    from scaling.launch import QUIET_MALLOC, local_env
+
+    assert QUIET_MALLOC == {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30)}
+    assert {k: local_env({})[k] for k in QUIET_MALLOC} == QUIET_MALLOC
+    assert local_env({"MALLOC_MMAP_THRESHOLD_": "65536"})["MALLOC_MMAP_THRESHOLD_"] == "65536"   # caller wins
+
+
+def test_calibrated_profile_keeps_the_base_overlap_fraction() -> None:
+    from analysis.calibrate import calibrated_profile
+
+    for fraction in (0.0, 0.25):
+        machine = load_machine("local").to_dict()
+        machine["network"]["overlap_fraction"] = fraction
+        data = calibrated_profile(parse_machine(machine))
+        assert parse_machine(data).network.overlap_fraction == fraction
+        assert data["calibration"]["from_base_profile"] == {"network.overlap_fraction": fraction}
+
+
+def test_measured_throughput_is_read_for_the_workloads_own_image_size() -> None:
+    from analysis.compute import measured_key
+
+    assert measured_key("resnet50", 64) == "resnet50@64" and measured_key("resnet50", 224) == "resnet50"
+    assert measured_key("alexnet", 227) == measured_key("alexnet", None) == "alexnet"
+    machine = load_machine("local").to_dict()
+    machine["compute"]["measured_images_per_s"] = {"resnet50@64": {4: 10.0}, "resnet50": {4: 1.0}}
+    profile = parse_machine(machine)
+    small = predict_point("resnet50", profile, 1, 8, 1, image_size=64)      # 4 per rank at 10 images/s
+    native = predict_point("resnet50", profile, 1, 8, 1)                    # 4 per rank at 1 image/s
+    assert small["compute_s"] == pytest.approx(0.4) and native["compute_s"] == pytest.approx(4.0)
+    other = predict_point("resnet50", profile, 1, 8, 1, image_size=32)      # no measurement at 32 px: FLOPs
+    assert other["compute_s"] == pytest.approx(predict_point("resnet50", "local", 1, 8, 1, image_size=32)["compute_s"])
 
 
 @pytest.mark.parametrize("call, culprit", [

@@ -304,7 +304,8 @@ def test_local_launches_set_the_allocator() -> None:
     # calibration and the predicted runs see one allocator setting.
     from scaling.launch import QUIET_MALLOC, local_env
 
-    assert QUIET_MALLOC == {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30)}
+    assert QUIET_MALLOC == {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30),
+                            "MALLOC_ARENA_MAX": "1"}
     assert {k: local_env({})[k] for k in QUIET_MALLOC} == QUIET_MALLOC
     assert local_env({"MALLOC_MMAP_THRESHOLD_": "65536"})["MALLOC_MMAP_THRESHOLD_"] == "65536"   # caller wins
 

@@ -19,7 +19,6 @@ iteration time must be within 15 % in every case; the table is printed (``pytest
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,6 @@ import yaml
 from analysis.calibrate import read_run, workload_key
 from analysis.machine import load_machine
 from analysis.predict import predict
-from analysis.workload import load_workload
 from scaling.launch import local_env, rank_command
 from tests.conftest import REPO
 from tests.netns import NetnsPair, netns_available
@@ -49,18 +47,9 @@ BENCH = ("--max-bytes", "64M", "--factor", "4", "--warmup", "2", "--repetitions"
 
 
 def quiet_malloc_env() -> dict[str, str]:
-    """Every run (calibration, benchmark, measured) with glibc keeping freed memory instead of unmapping it.
-
-    By default glibc serves blocks above 128 KiB-32 MiB with mmap and returns them with munmap, so Open MPI's
-    per-call temporary buffers and PyTorch's per-step tensors are page-faulted anew every time; page faults
-    are expensive on this VM: a 2-rank in-place MPI_Allreduce of 151 MiB (AlexNet's fc6 gradient, which
-    Horovod sends unfused) took 151 ms by default and 48 ms with these settings (mallopt(3):
-    M_MMAP_THRESHOLD, M_TRIM_THRESHOLD); a 1-rank AlexNet step went from ~0.57 to ~0.43 s.
-    """
-    env = local_env(threads_per_rank=1)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 << 30))
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(16 << 30))
-    return env
+    """Every run (calibration, benchmark, measured) under local_env: one thread per rank, and glibc keeping
+    freed memory instead of unmapping it (scaling.launch.QUIET_MALLOC: page faults are expensive on this VM)."""
+    return local_env(threads_per_rank=1)
 
 
 def horovod_env(profile_name: str = "local") -> dict[str, str]:
@@ -119,12 +108,11 @@ def compare(profile_path: Path, nodes: int, ranks_per_node: int, two_rank_dirs: 
     profile = load_machine(profile_path)
     rows = []
     for model, size, batch in CASES:
-        workload = dataclasses.replace(load_workload(model, size), model=workload_key(model, size))
-        predicted = predict(workload, profile, nodes=nodes, global_batch=2 * batch, ranks_per_node=ranks_per_node,
-                            epochs=1).record(0)
+        predicted = predict(model, profile, nodes=nodes, global_batch=2 * batch, ranks_per_node=ranks_per_node,
+                            epochs=1, image_size=size).record(0)
         measured = read_run(two_rank_dirs[model])
         assert measured.ranks == 2 and measured.steps_measured == STEPS - WARMUP
-        rows.append({"network": network, "model": f"{model}@{size}", "batch": batch,
+        rows.append({"network": network, "model": workload_key(model, size), "batch": batch,
                      "predicted_s": predicted["iteration_s"], "compute_s": predicted["compute_s"],
                      "comm_total_s": predicted["comm_total_s"], "comm_exposed_s": predicted["comm_exposed_s"],
                      "measured_s": measured.step_s, "measured_mean_s": measured.step_s_mean,

@@ -27,6 +27,38 @@ from scaling.runlog import fsync_dir
 CHECKPOINT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space, I/O error); the older checkpoints are intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class _RecordingWriter:
+    """A binary file's ``write`` that remembers the OSError it raised (serializers may re-raise another type)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._handle.flush()
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -52,17 +84,30 @@ def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, step)
     state = {**state, "step": step, "complete": True}
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
+    except OSError as err:
+        raise CheckpointWriteError(err.errno, f"cannot write checkpoint {final}: {err.strerror}; the previous "
+                                   "checkpoints are untouched") from err
+    writer = None
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as handle:
-            dump(state, handle)
+            writer = _RecordingWriter(handle)
+            dump(state, writer)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # Disk full or a vanished mount: say which file and that nothing older was touched (the rename never
+        # happened). The serializer may hide the OS error: torch.save turns a failed write into
+        # "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", so the writer keeps the original.
+        cause = err if isinstance(err, OSError) else (writer.error if writer is not None else None)
+        if cause is not None and not isinstance(err, CheckpointWriteError):
+            raise CheckpointWriteError(cause.errno, f"cannot write checkpoint {final}: {cause.strerror or cause}; "
+                                       "the previous checkpoints are untouched") from err
         raise
     fsync_dir(directory)
     prune(run_dir, keep)

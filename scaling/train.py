@@ -990,7 +990,8 @@ def run_torch(config: TrainConfig) -> int:
         return EXIT_RESUMABLE
     except Exception as err:
         progress.close()
-        traceback.print_exc()
+        if not isinstance(err, ckpt.CheckpointWriteError):  # that one's message says it all
+            traceback.print_exc()
         print(f"larscale train: rank {rank}: failed at step {step}: {type(err).__name__}: {err}", file=sys.stderr,
               flush=True)
         if rank == 0:

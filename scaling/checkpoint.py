@@ -147,3 +147,31 @@ def latest(run_dir: str | os.PathLike,
         if isinstance(state, dict) and state.get("complete") is True:
             return path, state
     return None
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still use on the file system of ``path`` (its nearest existing parent)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    stats = os.statvfs(probe)
+    return stats.f_bavail * stats.f_frsize
+
+
+def space_problem(run_dir: str | os.PathLike, checkpoint_bytes: int, keep: int, checkpoints_planned: int) -> str | None:
+    """Why the checkpoints of a run cannot fit in ``run_dir``, or None when they can.
+
+    At the peak the directory holds ``min(keep + 1, planned)`` checkpoints (the new one is renamed in before the
+    oldest is pruned). Checkpoints already there (a resumed run) are pruned as the run goes, so their bytes count
+    as available. ``checkpoint_bytes`` is an estimate (weights + optimizer state): a lower bound, so a refusal is
+    never wrong by more than the serializer's few kilobytes of overhead.
+    """
+    peak = min(keep + 1, max(1, checkpoints_planned)) * checkpoint_bytes
+    present = sum(path.stat().st_size for _, path in listed(run_dir) if path.exists())
+    needed = max(checkpoint_bytes, peak - present)
+    available = free_bytes(checkpoint_dir(run_dir))
+    if available >= needed:
+        return None
+    return (f"{run_dir}: only {available / 2**20:.2f} MiB free, but the checkpoints need about "
+            f"{needed / 2**20:.2f} MiB ({min(keep + 1, max(1, checkpoints_planned))} × "
+            f"{checkpoint_bytes / 2**20:.2f} MiB at the peak); free space, lower --keep or choose another --out")

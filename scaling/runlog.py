@@ -17,9 +17,11 @@ interval is a little optimistic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -255,6 +257,44 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+class OutputDirError(ValueError):
+    """An output directory that cannot be created or written; the message names the path and the OS error."""
+
+
+def check_writable_dir(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` (with parents) and prove it writable by writing, fsyncing and removing a probe file.
+
+    Called before any work starts, so a read-only mount, a path under a regular file or a full disk is one
+    clear error at start instead of a traceback when the first result is written (possibly hours later).
+    Permission bits alone are not checked (``os.access`` lies for root and on some network file systems): the
+    probe really writes. Returns the directory; raises OutputDirError.
+    """
+    path = Path(directory).expanduser()
+    probe = path / f".larscale-write-test-{socket.gethostname()}-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"larscale\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        raise OutputDirError(f"{path}: cannot write there: {err.strerror or err}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return path
+
+
+def check_writable_file(path: str | os.PathLike) -> Path:
+    """The output file ``path`` can be written: its directory is writable (see check_writable_dir) and the path
+    is not a directory. Returns the path; raises OutputDirError."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise OutputDirError(f"{target}: is a directory, not a file")
+    check_writable_dir(target.parent)
+    return target
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

@@ -597,6 +597,28 @@ def log(rank: int, message: str) -> None:
         print(f"larscale train: {message}", flush=True)
 
 
+def check_output_dir(out: str) -> None:
+    """--out must be writable before anything starts (a read-only mount or a path under a file is one clear
+    error now, not a traceback at the first log line or checkpoint)."""
+    from scaling.runlog import OutputDirError, check_writable_dir
+
+    try:
+        check_writable_dir(out)
+        for sub in ("steps", "checkpoints"):  # exist already in a resumed run: may be read-only on their own
+            if (Path(out) / sub).is_dir():
+                check_writable_dir(Path(out) / sub)
+    except OutputDirError as err:
+        raise usage_error(f"--out {err}") from None
+
+
+def checkpoints_planned(every: int, start_step: int, total_steps: int) -> int:
+    """Checkpoints a run writes from ``start_step``: one per multiple of ``every`` before the end, and the last."""
+    if start_step >= total_steps:
+        return 1
+    periodic = ((total_steps - 1) // every - start_step // every) if every else 0
+    return periodic + 1
+
+
 def set_horovod_env(config: TrainConfig) -> None:
     """Horovod reads these at hvd.init(): the Timeline file (rank 0 writes it)."""
     if config.timeline:
@@ -605,6 +627,12 @@ def set_horovod_env(config: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------- PyTorch
+
+
+def torch_checkpoint_bytes(model: Any) -> int:
+    """Lower bound of a checkpoint's size: the model's state plus one momentum buffer per parameter."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return state + sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def tiny_torch_model(num_classes: int) -> Any:
@@ -816,11 +844,19 @@ def run_torch(config: TrainConfig) -> int:
         found = ckpt.latest(config.out, load=lambda f: torch.load(f, map_location="cpu", weights_only=False))
         if found is not None:
             resumed_from, state = str(found[0]), found[1]
+    # Rank 0 writes the checkpoints: it checks now that they fit, and every rank stops together if not.
+    refuse = None
+    if rank == 0:
+        refuse = ckpt.space_problem(config.out, torch_checkpoint_bytes(model), config.keep,
+                                    checkpoints_planned(config.checkpoint_every, state["step"] if state else 0,
+                                                        plan.total_steps))
     with watchdog.waiting("resume broadcast", startup_timeout):
         header = hvd.broadcast_object({"step": state["step"] if state else 0, "path": resumed_from,
                                        "rng": state.get("rng_per_rank") if state else None,
-                                       "ranks": state["ranks"] if state else None}, root_rank=0,
-                                      name="larscale.resume")
+                                       "ranks": state["ranks"] if state else None, "refuse": refuse},
+                                      root_rank=0, name="larscale.resume")
+    if header["refuse"]:
+        raise usage_error(f"--out {header['refuse']}")
     if config.resume and header["path"] is None:
         log(rank, f"--resume: no complete checkpoint in {config.out}/checkpoints; starting from step 0")
     start_step = header["step"]
@@ -1013,6 +1049,7 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``larscale train``: validate, then run the chosen framework. Returns the exit status."""
     config = config_from_args(args)
     check_config(config)
+    check_output_dir(config.out)
     if config.framework == "tensorflow":
         from scaling.train_tf import run_tensorflow
 

@@ -78,6 +78,7 @@ def _read_steps(path: Path, point_id: str, problems: list[Problem]) -> list[dict
 def _row_from_run(point_id: str, run_dir: Path, problems: list[Problem]) -> dict[str, Any]:
     row: dict[str, Any] = {}
     summary_path = run_dir / "summary.json"
+    summary = None
     if summary_path.exists():
         try:
             summary = dict(validate_summary(json.loads(summary_path.read_text())))
@@ -107,10 +108,21 @@ def _row_from_run(point_id: str, run_dir: Path, problems: list[Problem]) -> dict
     by_step: dict[int, float] = {}
     logged = 0
     for path in step_files:
-        for rec in _read_steps(path, point_id, problems):
+        records = _read_steps(path, point_id, problems)
+        for rec in records:
             logged += 1
             # The slowest rank sets the pace of a synchronous step.
             by_step[rec["step"]] = max(by_step.get(rec["step"], 0.0), float(rec["step_s"]))
+        # A complete run logs each step once per rank (a resume drops the redone steps first): fewer records
+        # is a log cut at a line boundary, which no line check can see.
+        if summary is not None and summary.get("status") == "complete" and \
+                len({r["step"] for r in records}) != summary.get("steps_done"):
+            problems.append(Problem(point_id, "malformed", f"{len({r['step'] for r in records})} valid step "
+                                    f"record(s), the summary says {summary.get('steps_done')} step(s) done "
+                                    "(truncated or damaged log)", str(path)))
+    if summary is not None and summary.get("status") == "complete" and len(step_files) != summary.get("ranks"):
+        problems.append(Problem(point_id, "malformed", f"{len(step_files)} step log(s) for "
+                                f"{summary.get('ranks')} rank(s)", str(run_dir / "steps")))
     row["step_files"] = len(step_files)
     row["step_records"] = logged
     row["median_step_s"] = statistics.median(by_step.values()) if by_step else None
@@ -134,8 +146,9 @@ def collect(output_dir: str | Path, write: bool = True, refresh_states: bool = T
             row.update(_row_from_run(point_id, run_dir, problems))
         if rec.state == "complete":
             if row.get("images_per_s") is None and not any(p.point_id == point_id for p in problems):
-                problems.append(Problem(point_id, "malformed", "complete but the summary has no throughput",
-                                        str(run_dir / "summary.json")))
+                why = ("complete but the summary has no throughput" if (run_dir / "summary.json").exists()
+                       else "complete but summary.json is missing (empty or deleted run directory)")
+                problems.append(Problem(point_id, "malformed", why, str(run_dir / "summary.json")))
         elif rec.state in ("failed", "missing", "interrupted", "refused"):
             problems.append(Problem(point_id, rec.state, rec.reason or rec.state))
         elif not run_dir.exists() or rec.state in ("planned", "submitted", "pending", "running"):

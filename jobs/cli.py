@@ -112,6 +112,12 @@ def run_submit(args: argparse.Namespace) -> int:
     from larscale import UsageError
 
     the_plan = _plan(args)
+    from scaling.runlog import OutputDirError, check_writable_dir
+
+    try:  # scripts, manifest and every run live there: refuse an unwritable directory before submitting
+        check_writable_dir(the_plan.output_dir)
+    except OutputDirError as err:
+        raise UsageError(f"--output {err}") from None
     print(describe(the_plan))
     points = [p.strip() for p in args.points.split(",") if p.strip()] if args.points else None
     try:

@@ -154,3 +154,6 @@ def test_walltime_signal_checkpoint_and_resubmission(slurm_cluster: SlurmCluster
     assert min(steps_logged[-(steps - done_before):]) >= done_before - 1
     result = collect(longer.output_dir)
     assert result.table.loc[0, "state"] == "complete" and result.table.loc[0, "images_per_s"] > 0
+    # One complete point: one row, no problem, every step once per rank (the redone steps replaced, not doubled).
+    assert len(result.table) == 1 and result.problems == [], [str(p) for p in result.problems]
+    assert result.table.loc[0, "steps_done"] == steps and result.table.loc[0, "step_records"] == 2 * steps

@@ -36,10 +36,11 @@ Measured throughput at a non-native image size (a 64-pixel ResNet-50 run) is sto
 ``"<model>@<size>"`` so that a prediction at the native size never reads it (:func:`workload_key`,
 :func:`analysis.compute.measured_key`; a prediction with ``image_size`` reads its own size's entry).
 
-Not fitted: ``network.overlap_fraction`` (the share of communication that can hide behind the backward
-pass). 1-rank runs communicate nothing and bench-comm computes nothing, so these inputs cannot identify it;
-it is a property of the machine (are there cores or DMA engines left for communication?) and is carried over
-from the base profile, as the ``calibration.from_base_profile`` block records.
+Not fitted: the overlap fractions (``network.intra_node.overlap_fraction``, ``inter_node.overlap_fraction``,
+``network.reduce_overlap_fraction``: which share of each cost term can hide behind the backward pass).
+1-rank runs communicate nothing and bench-comm computes nothing, so these inputs cannot identify them; they
+are properties of the machine (are there cores, DMA engines or NICs left to communicate while the cores
+compute?) and are carried over from the base profile, as the ``calibration.from_base_profile`` block records.
 """
 
 from __future__ import annotations
@@ -550,7 +551,7 @@ def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | 
         block["compute"] = compute.summary()
     # Not identifiable from the inputs: 1-rank runs have no communication and bench-comm has no compute, so
     # how much of the allreduce hides behind the backward pass is the base profile's physical statement.
-    block["from_base_profile"] = {"network.overlap_fraction": base.network.overlap_fraction}
+    block["from_base_profile"] = overlap_fractions(base)
     data["calibration"] = _plain(block)
     data["sources"] = [*data.get("sources", []), "larscale calibrate (see calibration)"]
     parse_machine(_plain(data), source=data["name"])        # the result must load as a profile
@@ -605,7 +606,16 @@ def format_report(comm: CommFit | None, compute: ComputeFit | None) -> str:
     return "\n".join(lines)
 
 
+def overlap_fractions(profile) -> dict[str, float]:
+    """The profile's overlap fractions by field path: what calibration keeps from the base profile."""
+    net = profile.network
+    return {"network.intra_node.overlap_fraction": net.intra_node.overlap_fraction,
+            "network.inter_node.overlap_fraction": net.inter_node.overlap_fraction,
+            "network.reduce_overlap_fraction": net.reduce_overlap_fraction}
+
+
 def format_base_properties(base) -> str:
     """What the calibrated profile takes from the base profile unfitted (printed after the report)."""
-    return (f"kept from {base.name}: network.overlap_fraction {base.network.overlap_fraction:g} (share of "
-            "communication that can hide behind the backward pass; the inputs cannot identify it)")
+    kept = ", ".join(f"{k.removeprefix('network.')} {v:g}" for k, v in overlap_fractions(base).items())
+    return (f"kept from {base.name} (the inputs cannot identify them; shares of communication that can hide "
+            f"behind the backward pass): {kept}")

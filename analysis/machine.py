@@ -91,6 +91,11 @@ class Link:
     bandwidth_gbps: float = check(positive)
     latency_us: float = check(non_negative)
     topology: str = "flat"
+    # Share of this link's transfer time (its α and β terms) that can run beside the backward pass, 0..1.
+    # 1.0 (default): a network link, where the NIC and the wire take the time and the cores only hand over
+    # buffers (also a GPU link: NVLink/PCIe copies by DMA engines). 0.0: shared memory on a node whose cores
+    # all compute — there the cores themselves copy every byte, so transfer time is compute-core time.
+    overlap_fraction: float = check(_unit_interval_rule, default=1.0)
 
     @property
     def beta_s_per_byte(self) -> float:
@@ -114,12 +119,11 @@ class Network:
     fusion_buffer_mb: float = check(positive, default=64.0)
     cycle_time_ms: float = check(non_negative, default=1.0)
     algorithm: Literal["ring", "recursive_doubling", "rabenseifner", "binomial_tree", "hierarchical"] = "ring"
-    # Share of the allreduce time that can run beside the backward pass (0..1). 1.0 (default): communication
-    # needs no compute core — a GPU with NCCL/DMA, or a CPU node where the MPI library has cores of its own
-    # (Intel MLSL / Caffe on KNL and SKX reserve cores for communication). 0.0: every second of it occupies
-    # the cores that compute — CPU ranks on all cores, where shared-memory copies, the reduction, Horovod's
-    # buffer copies and MPI's polling progress all run on them. See analysis/overlap.py for the model.
-    overlap_fraction: float = check(_unit_interval_rule, default=1.0)
+    # Share of the reduction (the γ term: adding the received vectors) that can run beside the backward pass,
+    # 0..1. 1.0 (default): the reduction has hardware of its own — GPU SMs that NCCL takes beside the kernels,
+    # or CPU cores reserved for communication (Intel MLSL / Caffe on KNL and SKX). 0.0: CPU ranks that compute
+    # on every core, where the adds run on those cores. See analysis/overlap.py for the model.
+    reduce_overlap_fraction: float = check(_unit_interval_rule, default=1.0)
 
     @property
     def gamma_s_per_byte(self) -> float:

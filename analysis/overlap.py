@@ -16,17 +16,20 @@ The step's communication is *exposed* for ``max(0, finish_of_last_bucket − T_b
 it. With one rank there is nothing to communicate and nothing is exposed. The total communication time is
 ``buckets·A + B·Σn`` (B is linear), of which ``total − exposed`` is hidden behind the backward pass.
 
-Overlap needs a free resource. With ``overlap_fraction`` f < 1, a share ``1 − f`` of every collective's time
-needs the cores that compute (CPU ranks on every core: shared-memory copies, the reduction, Horovod's buffer
-copies and MPI's polling progress run there), so it cannot hide behind the backward pass: the step is longer
-by that CPU time wherever the schedule puts it. Only the rest, ``f·(A + B·n)`` per bucket, runs beside the
-backward pass. So the schedule above runs with costs ``f·A`` and ``f·B``, and
+Overlap needs a free resource. Part of a collective's time may need the very cores that compute — CPU ranks
+on every core: shared-memory transfers (the cores copy the bytes), the reduction's adds, MPI's progress — and
+that part cannot hide behind the backward pass: the step is longer by it wherever the schedule puts it. The
+profile says which share of each cost term can overlap (``overlap_fraction`` of each link, for its α and β,
+and ``reduce_overlap_fraction`` for γ; :meth:`analysis.params.PerfParams.serial_link`). As the cost is
+linear in α, β, γ, a bucket's cost splits into a compute-core part ``A_s + B_s·n`` and an overlappable
+part ``(A − A_s) + (B − B_s)·n``. The schedule above runs with the overlappable parts, and
 
-    exposed = (1 − f)·total + max(0, finish_f − T_b)          total = buckets·A + B·Σn (full costs)
+    exposed = serial + max(0, finish − T_b)            serial = buckets·A_s + B_s·Σn
 
-f = 1 is the pure schedule (GPUs with NCCL, CPU nodes with cores reserved for communication); f = 0 gives
-``exposed = total + (the last bucket's cycle wait)``: compute and communication strictly in sequence. Buckets
-form by that same schedule (with f < 1 collectives end sooner in it, so gradients fuse less: a few more α).
+With every share 1 (the default: GPUs with NCCL, CPU nodes with cores reserved for communication) this is
+the pure schedule; with every share 0, ``exposed = total + (the last bucket's cycle wait)``: compute and
+communication strictly in sequence. Buckets form by that same schedule (with a serial part, collectives end
+sooner in it, so gradients fuse less: a few more α).
 
 Vectorised: one pass over the events, each a handful of numpy operations on all configurations at once
 (processed in cache-sized chunks).
@@ -43,26 +46,28 @@ CHUNK = 8192
 
 @dataclass(frozen=True)
 class OverlapResult:
-    finish_s: np.ndarray          # end of the last allreduce (plus the non-overlappable share), from the
-                                  # start of the backward pass
+    finish_s: np.ndarray          # end of the last allreduce (plus the compute-core share), from the start
+                                  # of the backward pass
     comm_total_s: np.ndarray      # sum of all allreduce times
     comm_exposed_s: np.ndarray    # communication the step waits for after the backward pass
     buckets: np.ndarray           # number of fused allreduces
 
 
 def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, latency_s, s_per_byte,
-             fusion_bytes: float, cycle_s: float, overlap_fraction: float = 1.0) -> OverlapResult:
+             fusion_bytes: float, cycle_s: float, serial_latency_s=0.0, serial_s_per_byte=0.0) -> OverlapResult:
     """Run the bucket schedule for every configuration (arrays broadcast to one shape; see module doc).
 
-    ``cycle_s`` and ``overlap_fraction`` are one number for all configurations (configurations without
-    communication, A = B = 0, get no cycle wait: nothing is exposed for them).
+    ``latency_s``, ``s_per_byte``: a collective's full cost ``A + B·n``; ``serial_latency_s``,
+    ``serial_s_per_byte``: the part of it that occupies the compute cores (``A_s ≤ A``, ``B_s ≤ B``).
+    ``cycle_s`` is one number for all configurations (configurations without communication, A = B = 0,
+    get no cycle wait: nothing is exposed for them).
     """
-    if not 0 <= overlap_fraction <= 1:
-        raise ValueError(f"overlap_fraction must be in [0, 1], got {overlap_fraction!r}")
-    backward_s, latency_s, s_per_byte = (
-        np.asarray(a, dtype=float) for a in np.broadcast_arrays(backward_s, latency_s, s_per_byte))
-    shape = backward_s.shape
-    flat = [np.ascontiguousarray(a).reshape(-1) for a in (backward_s, latency_s, s_per_byte)]
+    arrays = [np.asarray(a, dtype=float) for a in np.broadcast_arrays(
+        backward_s, latency_s, s_per_byte, serial_latency_s, serial_s_per_byte)]
+    shape = arrays[0].shape
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
+    if np.any(flat[3] < 0) or np.any(flat[4] < 0) or np.any(flat[3] > flat[1]) or np.any(flat[4] > flat[2]):
+        raise ValueError("the compute-core share of a collective must lie between 0 and its full cost")
     size = flat[0].size
     finish = np.empty(size)
     buckets = np.empty(size)
@@ -73,16 +78,15 @@ def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, la
     may_overflow = [c > fusion_bytes for c in cumulative[1:]]
     for start in range(0, size, CHUNK):
         part = slice(start, min(start + CHUNK, size))
-        # The overlappable share of each bucket's cost goes through the schedule.
+        # The overlappable part of each bucket's cost goes through the schedule.
         finish[part], buckets[part] = _simulate_chunk(fractions, sizes, cumulative, may_overflow, flat[0][part],
-                                                      overlap_fraction * flat[1][part],
-                                                      overlap_fraction * flat[2][part], float(fusion_bytes),
-                                                      0.5 * float(cycle_s))
+                                                      flat[1][part] - flat[3][part], flat[2][part] - flat[4][part],
+                                                      float(fusion_bytes), 0.5 * float(cycle_s))
     total_bytes = float(np.sum(event_bytes))
     comm_total = buckets * flat[1] + flat[2] * total_bytes
     no_comm = comm_total <= 0
-    # The share that occupies the compute cores lengthens the step whatever the schedule.
-    serial = np.where(no_comm, 0.0, (1.0 - overlap_fraction) * comm_total)
+    # The part that occupies the compute cores lengthens the step whatever the schedule.
+    serial = np.where(no_comm, 0.0, buckets * flat[3] + flat[4] * total_bytes)
     finish = np.where(no_comm, flat[0], finish)
     buckets = np.where(no_comm, 0.0, buckets)
     exposed = np.maximum(finish - flat[0], 0.0) + serial

@@ -37,7 +37,11 @@ class PerfParams:
     step_overhead_s: float = 0.0
     data_images_per_s_per_node: float = math.inf
     data_overlapped: bool = True
-    overlap_fraction: float = 1.0      # share of each allreduce that can run beside the backward pass
+    # Shares of the intra-node link's, the inter-node link's and the reduction's time that can run beside
+    # the backward pass (the rest occupies the compute cores; analysis/overlap.py).
+    overlap_intra: float = 1.0
+    overlap_inter: float = 1.0
+    overlap_reduce: float = 1.0
     measured_images_per_s: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
     max_nodes: int | None = None
     default_ranks_per_node: int = 1
@@ -53,8 +57,9 @@ class PerfParams:
         for name in ("cycle_s", "half_efficiency_batch", "step_overhead_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.overlap_fraction <= 1:
-            raise ValueError(f"PerfParams.overlap_fraction must be in [0, 1], got {self.overlap_fraction!r}")
+        for name in ("overlap_intra", "overlap_inter", "overlap_reduce"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"PerfParams.{name} must be in [0, 1], got {getattr(self, name)!r}")
 
     @classmethod
     def from_machine(cls, machine: MachineProfile, precision: str = "fp32") -> PerfParams:
@@ -84,7 +89,9 @@ class PerfParams:
             step_overhead_s=compute.step_overhead_s,
             data_images_per_s_per_node=compute.data_images_per_s or math.inf,
             data_overlapped=compute.data_overlapped,
-            overlap_fraction=net.overlap_fraction,
+            overlap_intra=net.intra_node.overlap_fraction,
+            overlap_inter=net.inter_node.overlap_fraction,
+            overlap_reduce=net.reduce_overlap_fraction,
             measured_images_per_s={k: dict(v) for k, v in compute.measured_images_per_s.items()},
             max_nodes=machine.limits.max_nodes,
             default_ranks_per_node=machine.default_ranks_per_node,
@@ -96,6 +103,19 @@ class PerfParams:
         if self.half_efficiency_flops is None:
             return self.half_efficiency_batch
         return self.half_efficiency_flops * devices_per_rank / flops_per_image
+
+    def serial_link(self) -> LinkCost:
+        """The parameters' shares that occupy the compute cores: α, β of each link and γ times ``1 − overlap``.
+
+        Collective times are linear in (α_i, α_e, β_i, β_e, γ), so a collective's compute-core seconds are its
+        cost formula evaluated with these (:func:`analysis.comm.allreduce_affine`).
+        """
+        link = self.link
+        return LinkCost(alpha_intra_s=link.alpha_intra_s * (1.0 - self.overlap_intra),
+                        beta_intra_s_per_byte=link.beta_intra_s_per_byte * (1.0 - self.overlap_intra),
+                        alpha_inter_s=link.alpha_inter_s * (1.0 - self.overlap_inter),
+                        beta_inter_s_per_byte=link.beta_inter_s_per_byte * (1.0 - self.overlap_inter),
+                        gamma_s_per_byte=link.gamma_s_per_byte * (1.0 - self.overlap_reduce))
 
     def replace(self, **changes) -> PerfParams:
         """A copy with some fields changed (``link`` fields may be given by name: ``alpha_inter_s=...``)."""

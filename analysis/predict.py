@@ -4,8 +4,8 @@ For ``nodes`` nodes with ``ranks_per_node`` ranks each (p ranks), global batch `
 
     compute_s       = forward + backward + step overhead        (analysis.compute)
     comm_exposed_s  = allreduce time not hidden behind the backward pass (analysis.overlap, analysis.comm):
-                      the schedule's wait after the backward pass, plus the share 1 − overlap_fraction of all
-                      communication that needs the compute cores and so cannot hide
+                      the schedule's wait after the backward pass, plus the part of all communication that
+                      needs the compute cores and so cannot hide (the profile's overlap fractions)
     data_s          = b·ranks_per_node / (node's decode rate)   (0 when the profile gives no rate)
     iteration_s     = max(compute_s + comm_exposed_s, data_s)   if data loading is prefetched, else the sum
     epoch_s         = iteration_s · N / B                       (N images per epoch, ImageNet-1k by default)
@@ -147,8 +147,11 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     # The allreduce cost depends on the placement only: evaluate it before broadcasting (a grid of nodes x
     # batches then costs one evaluation per node count, not per point).
     latency, per_byte = allreduce_affine(params.algorithm, nodes_a, rpn_a, params.link)
-    nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte = np.broadcast_arrays(
-        nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte)
+    serial_latency, serial_per_byte = allreduce_affine(params.algorithm, nodes_a, rpn_a, params.serial_link())
+    # The compute-core part of each cost (never above the cost itself, rounding included).
+    serial_latency, serial_per_byte = np.minimum(serial_latency, latency), np.minimum(serial_per_byte, per_byte)
+    nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency, serial_per_byte = np.broadcast_arrays(
+        nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency, serial_per_byte)
     if check:
         validate(params, nodes_a, rpn_a, batch_a, epochs_a)
     ranks = nodes_a * rpn_a
@@ -156,7 +159,7 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     times = compute_times(workload, params, b, rpn_a, image_size=image_size)
     compute_s = times.total_s
     overlap = simulate(workload.event_ready_fraction, workload.event_bytes, times.backward_s, latency, per_byte,
-                       params.fusion_bytes, params.cycle_s, params.overlap_fraction)
+                       params.fusion_bytes, params.cycle_s, serial_latency, serial_per_byte)
     data_s = b * rpn_a / params.data_images_per_s_per_node
     busy = compute_s + overlap.comm_exposed_s
     single_data_s = b / params.data_images_per_s_per_node

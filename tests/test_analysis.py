@@ -134,31 +134,36 @@ def test_cycle_time_delays_idle_launches_by_half_a_cycle() -> None:
 
 
 @pytest.mark.parametrize("per_byte, fraction, expected", [
-    # (finish, exposed, buckets, total). Fast network, half overlappable: the schedule runs buckets of
-    # 0.05 + 0.05 s (launched 0.2, 0.5, 1.0; the last ends at 1.1); total 3·0.1 + 300·0.001 = 0.6, of which
-    # 0.3 occupies the compute cores: exposed 0.1 + 0.3, finish 1.1 + 0.3.
+    # (finish, exposed, buckets, total); a share 1 − fraction of A = 0.1 and B occupies the compute cores.
+    # Fast network, half of it serial: the schedule runs buckets of 0.05 + 0.05 s (launched 0.2, 0.5, 1.0; the
+    # last ends at 1.1); total 3·0.1 + 300·0.001 = 0.6, serial 0.3: exposed 0.1 + 0.3, finish 1.1 + 0.3.
     (0.001, 0.5, (1.4, 0.4, 3, 0.6)),
-    # Nothing overlappable: zero-cost schedule ends with the backward pass; exposed = total.
+    # All serial: the zero-cost schedule ends with the backward pass; exposed = total.
     (0.001, 0.0, (1.6, 0.6, 3, 0.6)),
-    # Busy network, half overlappable: buckets of 0.05 + 0.5 s at 0.2..0.75, 0.75..1.3 (event 3, ready at 1.0,
-    # missed that launch) and 1.3..1.85; total 3·0.1 + 300·0.01 = 3.3, half of it serial: exposed 0.85 + 1.65.
+    # Busy network, half serial: buckets of 0.05 + 0.5 s at 0.2..0.75, 0.75..1.3 (event 3, ready at 1.0,
+    # missed that launch) and 1.3..1.85; total 3·0.1 + 300·0.01 = 3.3, serial 1.65: exposed 0.85 + 1.65.
     (0.01, 0.5, (3.5, 2.5, 3, 3.3)),
-    # Fully overlappable is the plain schedule (test_busy_network_fuses_what_is_ready).
+    # Nothing serial is the plain schedule (test_busy_network_fuses_what_is_ready).
     (0.01, 1.0, (3.4, 2.4, 2, 3.2)),
 ])
-def test_non_overlappable_share_of_communication_adds_to_the_step(per_byte, fraction, expected) -> None:
-    r = simulate(FRACTIONS, BYTES, 1.0, 0.1, per_byte, 1000.0, 0.0, overlap_fraction=fraction)
+def test_compute_core_share_of_communication_adds_to_the_step(per_byte, fraction, expected) -> None:
+    r = simulate(FRACTIONS, BYTES, 1.0, 0.1, per_byte, 1000.0, 0.0,
+                 serial_latency_s=0.1 * (1 - fraction), serial_s_per_byte=per_byte * (1 - fraction))
     got = float(r.finish_s), float(r.comm_exposed_s), int(r.buckets), float(r.comm_total_s)
     assert got == pytest.approx(expected)
 
 
-def test_overlap_fraction_outside_unit_interval_is_named() -> None:
-    with pytest.raises(ValueError, match="overlap_fraction"):
-        simulate(FRACTIONS, BYTES, 1.0, 0.1, 0.001, 1000.0, 0.0, overlap_fraction=1.5)
-    machine = load_machine("local").to_dict()
-    machine["network"]["overlap_fraction"] = -0.1
-    with pytest.raises(ValueError, match="network.overlap_fraction"):
-        parse_machine(machine)
+def test_bad_overlap_shares_are_named() -> None:
+    with pytest.raises(ValueError, match="compute-core share"):
+        simulate(FRACTIONS, BYTES, 1.0, 0.1, 0.001, 1000.0, 0.0, serial_latency_s=0.2)
+    for path in (("network", "reduce_overlap_fraction"), ("network", "intra_node", "overlap_fraction")):
+        machine = load_machine("local").to_dict()
+        section = machine
+        for key in path[:-1]:
+            section = section[key]
+        section[path[-1]] = 1.5
+        with pytest.raises(ValueError, match=".".join(path)):
+            parse_machine(machine)
 
 
 def test_vectorised_schedule_equals_one_at_a_time() -> None:
@@ -274,13 +279,15 @@ def test_fitted_parameters_flow_through_predict_from() -> None:
 
 
 def test_no_overlap_puts_all_communication_in_sequence_with_compute() -> None:
-    # overlap_fraction 0: every allreduce second is a compute-core second. The last gradient (the first layer's)
+    # Every share 0: every allreduce second is a compute-core second. The last gradient (the first layer's)
     # is ready as the backward pass ends, so the step waits for all communication plus half a Horovod cycle.
     machine = load_machine("stampede2-skx").to_dict()
-    machine["network"]["overlap_fraction"] = 0.0
+    network = machine["network"]
+    network["reduce_overlap_fraction"] = network["intra_node"]["overlap_fraction"] = 0.0
+    network["inter_node"]["overlap_fraction"] = 0.0
     serial = predict_point("alexnet", parse_machine(machine), 64, 2048, 1)
     overlapped = predict_point("alexnet", "stampede2-skx", 64, 2048, 1)
-    half_cycle = 0.5 * machine["network"]["cycle_time_ms"] * 1e-3
+    half_cycle = 0.5 * network["cycle_time_ms"] * 1e-3
     assert serial["comm_exposed_s"] == pytest.approx(serial["comm_total_s"] + half_cycle)
     assert serial["iteration_s"] == pytest.approx(serial["compute_s"] + serial["comm_total_s"] + half_cycle)
     assert serial["compute_s"] == overlapped["compute_s"]
@@ -290,13 +297,31 @@ def test_no_overlap_puts_all_communication_in_sequence_with_compute() -> None:
     assert overlapped["comm_exposed_s"] < overlapped["comm_total_s"]          # the default overlaps
 
 
+def test_each_cost_term_overlaps_by_its_own_share() -> None:
+    # 2 nodes x 1 rank, ring, n bytes: 2α_e + n·β_e + n/2·γ (comm.py). Only the inter-node link is serial here:
+    # the compute-core part is 2α_e + n·β_e, the reduction hides. By hand with PerfParams.serial_link.
+    params = PerfParams.from_machine(load_machine("local")).replace(
+        alpha_inter_s=1e-3, beta_inter_s_per_byte=1e-9, gamma_s_per_byte=1e-10, overlap_intra=0.0,
+        overlap_inter=0.0, overlap_reduce=1.0, max_nodes=2, default_ranks_per_node=1)
+    serial = params.serial_link()
+    assert (serial.alpha_inter_s, serial.beta_inter_s_per_byte, serial.gamma_s_per_byte) == (1e-3, 1e-9, 0.0)
+    w = load_workload("alexnet")
+    r = predict_from(w, params, 2, 8, 1).record(0)
+    n = w.gradient_bytes
+    assert r["comm_total_s"] == pytest.approx(r["buckets"] * 2e-3 + n * 1e-9 + n / 2 * 1e-10)
+    # Exposed: the serial part, plus whatever of the reduction (n/2·γ ≈ 12 ms) the schedule cannot hide.
+    assert r["buckets"] * 2e-3 + n * 1e-9 <= r["comm_exposed_s"] <= r["buckets"] * 2e-3 + n * 1e-9 + n / 2 * 1e-10
+    hidden = predict_from(w, params.replace(overlap_inter=1.0), 2, 8, 1).record(0)
+    assert hidden["comm_exposed_s"] < r["comm_exposed_s"] - 0.2                 # 244 ms of β hide
+
+
 def test_bundled_profiles_keep_full_overlap_except_local() -> None:
     # The published headlines were reproduced with communication overlapping compute; only this CPU-only
     # machine, whose ranks use every core, says otherwise (analysis/machines/local.yaml explains why).
     for name in bundled_machines():
-        expected = 0.0 if name == "local" else 1.0
-        assert load_machine(name).network.overlap_fraction == expected, name
-        assert PerfParams.from_machine(load_machine(name)).overlap_fraction == expected, name
+        params = PerfParams.from_machine(load_machine(name))
+        got = (params.overlap_intra, params.overlap_inter, params.overlap_reduce)
+        assert got == ((0.0, 1.0, 0.0) if name == "local" else (1.0, 1.0, 1.0)), name
 
 
 def test_local_launches_set_the_allocator() -> None:
@@ -310,15 +335,19 @@ def test_local_launches_set_the_allocator() -> None:
     assert local_env({"MALLOC_MMAP_THRESHOLD_": "65536"})["MALLOC_MMAP_THRESHOLD_"] == "65536"   # caller wins
 
 
-def test_calibrated_profile_keeps_the_base_overlap_fraction() -> None:
+def test_calibrated_profile_keeps_the_base_overlap_fractions() -> None:
     from analysis.calibrate import calibrated_profile
 
     for fraction in (0.0, 0.25):
         machine = load_machine("local").to_dict()
-        machine["network"]["overlap_fraction"] = fraction
+        machine["network"]["reduce_overlap_fraction"] = fraction
+        machine["network"]["inter_node"]["overlap_fraction"] = fraction / 2
         data = calibrated_profile(parse_machine(machine))
-        assert parse_machine(data).network.overlap_fraction == fraction
-        assert data["calibration"]["from_base_profile"] == {"network.overlap_fraction": fraction}
+        network = parse_machine(data).network
+        assert (network.reduce_overlap_fraction, network.inter_node.overlap_fraction) == (fraction, fraction / 2)
+        assert data["calibration"]["from_base_profile"] == {"network.intra_node.overlap_fraction": 0.0,
+                                                            "network.inter_node.overlap_fraction": fraction / 2,
+                                                            "network.reduce_overlap_fraction": fraction}
 
 
 def test_measured_throughput_is_read_for_the_workloads_own_image_size() -> None:

@@ -11,12 +11,12 @@ scheduler forgot the job and the run left no exit status). ``refused`` points ne
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from scaling.runlog import write_json_atomic
 
 SCHEMA = "larscale.sweep/1"
 MANIFEST = "manifest.json"
@@ -80,21 +80,6 @@ class Manifest:
         self.updated_at = now()
         write_json_atomic(self.path, self.to_dict())
         return self.path
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_manifest(output_dir: str | Path) -> Manifest:

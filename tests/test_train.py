@@ -205,42 +205,6 @@ def test_digits_two_ranks_learns(tmp_path: Path) -> None:
     assert summary["controller"] == "gloo"
 
 
-@pytest.mark.parametrize("controller", ["mpi", "gloo"])
-def test_dead_rank_does_not_hang_the_others(tmp_path: Path, controller: str) -> None:
-    """SIGKILL one rank mid-run: the launcher and the surviving rank end non-zero within 60 s."""
-    out = tmp_path / "dead"
-    proc = start_ranks(2, [*TINY, "--batch-per-rank", "4", "--steps", "100000", "--optimizer", "sgd",
-                           "--out", str(out)], controller=controller)
-    try:
-        wait_for_steps(out, 0, 5, proc)
-        pids = rank_pids(proc)
-        assert len(pids) == 2, pids
-        os.kill(max(pids), signal.SIGKILL)
-        killed_at = time.monotonic()
-        proc.communicate(timeout=60)
-        assert time.monotonic() - killed_at < 60
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
-
-    def alive() -> list[int]:
-        living = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    living.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        return living
-
-    # The launcher may return while the survivor is still being torn down (it got SIGTERM, then SIGKILL):
-    # the bound is on the survivor itself, 60 s from the kill.
-    while alive() and time.monotonic() - killed_at < 60:
-        time.sleep(0.2)
-    assert not alive(), f"rank process(es) {alive()} still running 60 s after a rank was killed"
-
-
 @pytest.mark.slow
 def test_hung_rank_trips_the_watchdog(tmp_path: Path) -> None:
     """SIGSTOP one rank (alive but silent; no launcher notices): the other exits 70 after --stall-timeout."""

@@ -625,6 +625,40 @@ def set_horovod_env(config: TrainConfig) -> None:
         Path(config.timeline).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
         os.environ["HOROVOD_TIMELINE"] = str(Path(config.timeline).expanduser().resolve())
 
+@dataclass
+class RankStart:
+    """What every rank has once Horovod, the backend, the watchdog and the stop flag are up."""
+
+    info: RankInfo
+    backend: Any
+    watchdog: Watchdog
+    hosts: list[str]            # per rank
+    local_sizes: list[int]      # per rank: ranks on its node
+    stop: StopFlag
+    started_at: str
+    startup_timeout: float
+
+
+def start_rank(config: TrainConfig, hvd: Any, setup_backend: Callable[[RankInfo], Any]) -> RankStart:
+    """The start-up both frameworks share; ``hvd`` is horovod.torch or horovod.tensorflow."""
+    from scaling.backend import BackendError
+
+    set_horovod_env(config)
+    hvd.init()
+    info = RankInfo(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), controller_name(hvd))
+    started_at = utc_now()
+    try:
+        backend = setup_backend(info)
+    except BackendError as err:
+        raise usage_error(str(err)) from None
+    watchdog = Watchdog(info.rank).start()
+    # Hosts and ranks per node, gathered up front so even a failure summary describes the job; after the
+    # backend set-up because TensorFlow fixes its thread pools at its first op.
+    topology = hvd.allgather_object((info.host, info.local_size), name="larscale.topology")
+    return RankStart(info, backend, watchdog, [t[0] for t in topology], [t[1] for t in topology],
+                     StopFlag().install(), started_at, max(300.0, 5 * config.stall_timeout))
+
+
 
 # ---------------------------------------------------------------- PyTorch
 
@@ -806,23 +840,12 @@ def run_torch(config: TrainConfig) -> int:
         except BackendError as err:
             raise usage_error(str(err)) from None
     spec, image_size, num_classes = dataset_facts(config)
-    set_horovod_env(config)
-    hvd.init()
-    rank, ranks = hvd.rank(), hvd.size()
-    info = RankInfo(rank, ranks, hvd.local_rank(), hvd.local_size(), controller_name(hvd))
-    started_at = utc_now()
-    try:
-        backend = setup_torch(config.device, config.precision, config.threads, info.local_rank, info.local_size,
-                              config.memory_format, config.deterministic, config.seed)
-    except BackendError as err:
-        raise usage_error(str(err)) from None
-    watchdog = Watchdog(rank).start()
-    # Hosts and ranks per node, gathered up front so even a failure summary describes the job; after the
-    # backend set-up because TensorFlow fixes its thread pools at its first op.
-    topology = hvd.allgather_object((info.host, info.local_size), name="larscale.topology")
-    all_hosts, all_local_sizes = [t[0] for t in topology], [t[1] for t in topology]
-    stop = StopFlag().install()
-    startup_timeout = max(300.0, 5 * config.stall_timeout)
+    start = start_rank(config, hvd, lambda info: setup_torch(
+        config.device, config.precision, config.threads, info.local_rank, info.local_size, config.memory_format,
+        config.deterministic, config.seed))
+    info, backend, watchdog, stop, started_at = start.info, start.backend, start.watchdog, start.stop, start.started_at
+    rank, ranks = info.rank, info.ranks
+    all_hosts, all_local_sizes, startup_timeout = start.hosts, start.local_sizes, start.startup_timeout
 
     # Model and optimizer: identical initial weights on every rank (same seed, and broadcast below anyway).
     torch.manual_seed(config.seed)

@@ -32,22 +32,17 @@ from scaling.train import (  # noqa: E402
     EXIT_FAILED,
     EXIT_RESUMABLE,
     Progress,
-    RankInfo,
     StepTimes,
-    StopFlag,
     StopRequested,
     TrainConfig,
-    Watchdog,
     base_versions,
     build_summary,
-    controller_name,
     dataset_facts,
     log,
     make_plan,
-    set_horovod_env,
+    start_rank,
     train_set_size,
     usage_error,
-    utc_now,
     write_summary,
 )
 
@@ -185,23 +180,12 @@ def run_tensorflow(config: TrainConfig) -> int:
         except BackendError as err:
             raise usage_error(str(err)) from None
     spec, image_size, num_classes = dataset_facts(config)
-    set_horovod_env(config)
-    hvd.init()
-    rank, ranks = hvd.rank(), hvd.size()
-    info = RankInfo(rank, ranks, hvd.local_rank(), hvd.local_size(), controller_name(hvd))
-    started_at = utc_now()
-    try:
-        backend = setup_tensorflow(config.device, config.precision, config.threads, info.local_rank,
-                                   info.local_size, config.deterministic, config.seed)
-    except BackendError as err:
-        raise usage_error(str(err)) from None
-    watchdog = Watchdog(rank).start()
-    # Hosts and ranks per node, gathered up front so even a failure summary describes the job; after the
-    # backend set-up because TensorFlow fixes its thread pools at its first op.
-    topology = hvd.allgather_object((info.host, info.local_size), name="larscale.topology")
-    all_hosts, all_local_sizes = [t[0] for t in topology], [t[1] for t in topology]
-    stop = StopFlag().install()
-    startup_timeout = max(300.0, 5 * config.stall_timeout)
+    start = start_rank(config, hvd, lambda info: setup_tensorflow(
+        config.device, config.precision, config.threads, info.local_rank, info.local_size, config.deterministic,
+        config.seed))
+    info, backend, watchdog, stop, started_at = start.info, start.backend, start.watchdog, start.stop, start.started_at
+    rank, ranks = info.rank, info.ranks
+    all_hosts, all_local_sizes, startup_timeout = start.hosts, start.local_sizes, start.startup_timeout
 
     plan = make_plan(config, ranks, train_set_size(spec, config.seed), image_size, num_classes)
     with tf.device(backend.device_name):

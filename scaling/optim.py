@@ -48,6 +48,13 @@ processed in chunks of ``chunk_bytes`` (default 4 MiB on CPU) that stay in cache
 v + temporary, w − v), each foreach op sweeping the whole model. The trust ratios are computed on the device with
 ``torch.where`` from ``torch._foreach_norm`` results and passed to the foreach ops as lists of 0-dim tensors:
 ``step()`` never calls ``.item()``, ``.tolist()`` or ``bool()`` on a tensor (no host synchronisation).
+
+Once the passes are few, what is left is the fixed cost of the tiny ops on the scalars (on a CPU each costs
+~10 µs right after a chunk has streamed through the caches). So the first step builds a plan per parameter group,
+reused while the set of parameters with gradients stays the same: the chunks, and per device and dtype persistent
+buffers for c, α, the ratios and the three per-tensor factors, whose 0-dim views the foreach ops take. The
+factors that do not depend on this step's norms (m·c, 1 − m·α, γ/(m·c)) are computed for all tensors at once
+before the first chunk, c and α after the last one; a chunk adds only its norms and six tiny ops.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -124,12 +132,14 @@ class LARS(Optimizer):
                                         or chunk_bytes < 0):
             raise ValueError(f"LARS chunk_bytes must be None or an int >= 0, got {chunk_bytes!r}")
         self._chunk_bytes = chunk_bytes
+        self._plans: dict[int, tuple[dict[str, Any], tuple[Any, ...], list[_Chunk]]] = {}
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         clip=clip, exclude_1d=exclude_1d, lars=None)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self._plans.clear()
         group = self.param_groups[-1]
         _check_number("lr", group["lr"], 0.0, tensor_ok=True)
         _check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
@@ -141,6 +151,7 @@ class LARS(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_chunk_bytes", None)
+        self._plans = {}  # (re)loaded states: the next step rebuilds its plans from them
         for group in self.param_groups:
             group.setdefault("lars", None)
             group.setdefault("clip", False)
@@ -199,92 +210,188 @@ class LARS(Optimizer):
                 chunks.append(current)
         return chunks
 
-    def _state_of(self, p: Tensor) -> dict[str, Any]:
-        state = self.state[p]
-        sdtype = _scalar_dtype(p.dtype)
-        if _ACCUMULATOR not in state:
-            state[_ACCUMULATOR] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state[_SCALE] = torch.ones((), dtype=sdtype, device=p.device)
-            state[_WEIGHT_SHARE] = torch.zeros((), dtype=sdtype, device=p.device)
-            state[_SINCE_RESCALE] = 0
-        elif state[_SCALE].dtype != sdtype:
-            # Optimizer.load_state_dict casts floating state to the parameter's dtype; keep the scalars precise.
-            state[_SCALE] = state[_SCALE].to(sdtype)
-            state[_WEIGHT_SHARE] = state[_WEIGHT_SHARE].to(sdtype)
-        return state
+    def _new_plan(self, group: dict[str, Any], with_grad: list[Tensor]) -> list[_Segment]:
+        """Segments (one per device and dtype) of ``with_grad``, with their chunks, states and scalar buffers.
+
+        Built on the first step and again whenever the set of parameters with gradients, the exclusion rule or η
+        changes, or a state is loaded; every later step reuses it, so a step does no per-tensor Python work
+        beyond reading ``.grad``.
+        """
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for p in with_grad:
+            by_kind[(p.device, p.dtype)].append(p)
+        return [self._new_segment(group, same) for same in by_kind.values()]
+
+    def _new_segment(self, group: dict[str, Any], params: list[Tensor]) -> _Segment:
+        lars_params = [p for p in params if self.uses_trust_ratio(group, p)]
+        plain_params = [p for p in params if not self.uses_trust_ratio(group, p)]
+        params = lars_params + plain_params  # the trust-ratio tensors first: one index range each
+        dtype, device, total = params[0].dtype, params[0].device, len(params)
+        sdtype = _scalar_dtype(dtype)
+        scalars = torch.empty((2, total), dtype=sdtype, device=device)
+        states = []
+        for j, p in enumerate(params):
+            state = self.state[p]
+            if _ACCUMULATOR not in state:
+                state[_ACCUMULATOR] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                scalars[0, j], scalars[1, j] = 1.0, 0.0
+                state[_SINCE_RESCALE] = 0
+            else:  # a loaded or earlier state (Optimizer.load_state_dict casts it to the parameter's dtype)
+                scalars[0, j].copy_(state[_SCALE])
+                scalars[1, j].copy_(state[_WEIGHT_SHARE])
+            state[_SCALE], state[_WEIGHT_SHARE] = scalars[0, j], scalars[1, j]  # views: updated in place
+            states.append(state)
+        factors = torch.zeros((3, total), dtype=sdtype, device=device)
+        cast = None if dtype == sdtype else torch.zeros((3, total), dtype=dtype, device=device)
+        ratio = torch.zeros(total, dtype=sdtype, device=device)
+        eta = torch.ones(total, dtype=sdtype, device=device)
+        eta[:len(lars_params)] = group["trust_coefficient"]
+        factor_views = [list(row.unbind()) for row in (factors if cast is None else cast)]
+        chunks = []
+        lo = 0
+        for trust_ratio, subset in ((True, lars_params), (False, plain_params)):
+            for members in self._chunks(subset):
+                hi = lo + len(members)
+                norms = torch.zeros(2 * len(members), dtype=sdtype, device=device) if trust_ratio else ratio[:0]
+                chunks.append(_Chunk(
+                    params=members, accumulators=[st[_ACCUMULATOR] for st in states[lo:hi]],
+                    trust_ratio=trust_ratio, norms=norms, w_norm=norms[:len(members)], g_norm=norms[len(members):],
+                    ratio=ratio[lo:hi], grad_row=factors[0, lo:hi], keep_row=factors[1, lo:hi],
+                    factors=factors[:, lo:hi], cast=None if cast is None else cast[:, lo:hi],
+                    grad_factor=factor_views[0][lo:hi], keep_factor=factor_views[1][lo:hi],
+                    accumulator_factor=factor_views[2][lo:hi]))
+                lo = hi
+        return _Segment(chunks=chunks, states=states, accumulators=[st[_ACCUMULATOR] for st in states],
+                        scalars=scalars, work=torch.zeros((2, total), dtype=sdtype, device=device),
+                        factors=factors, ratio=ratio, eta=eta,
+                        since_rescale=max(st[_SINCE_RESCALE] for st in states))
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        lars_params: list[Tensor] = []
-        plain_params: list[Tensor] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        for p in with_grad:
             if p.grad.is_sparse:
                 raise RuntimeError("LARS does not support sparse gradients")
-            (lars_params if self.uses_trust_ratio(group, p) else plain_params).append(p)
-        for chunk in self._chunks(lars_params):
-            self._update(group, chunk, trust_ratio=True)
-        for chunk in self._chunks(plain_params):
-            self._update(group, chunk, trust_ratio=False)
+        key = (group["lars"], group["exclude_1d"], group["trust_coefficient"], *map(id, with_grad))
+        cached = self._plans.get(id(group))
+        if cached is None or cached[0] is not group or cached[1] != key:
+            cached = (group, key, self._new_plan(group, with_grad))
+            self._plans[id(group)] = cached
+        for segment in cached[2]:
+            if group["momentum"] == 0:
+                self._update_without_momentum(group, segment)
+            else:
+                self._update(group, segment)
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], trust_ratio: bool) -> None:
-        """Update one chunk (same device and dtype). All arithmetic on norms and scalars stays on the device.
+    @staticmethod
+    def _trust_ratio(group: dict[str, Any], chunk: _Chunk, grads: list[Tensor], inv_eta: Tensor) -> Tensor:
+        """local_lr/η of every tensor of the chunk, written into ``chunk.ratio`` (on the device, no sync)."""
+        torch.stack(torch._foreach_norm(chunk.params + grads, 2, dtype=chunk.norms.dtype), out=chunk.norms)
+        w_norm, g_norm = chunk.w_norm, chunk.g_norm
+        # ‖w‖/(‖g‖ + β‖w‖) where both norms are nonzero, else 1/η (a zero-initialised bias still moves)
+        torch.where(torch.logical_and(w_norm, g_norm), w_norm / torch.add(g_norm, w_norm, alpha=group["weight_decay"]),
+                    inv_eta, out=chunk.ratio)
+        if group["clip"]:
+            chunk.ratio.clamp_(max=inv_eta)  # local_lr ≤ 1
+        return chunk.ratio
 
-        The scalar work is a few dozen tiny ops per chunk whatever its size, so it is written with as few ops as
-        the math allows.
+    def _update(self, group: dict[str, Any], segment: _Segment) -> None:
+        """One momentum step of one segment: the module docstring's update, chunk by chunk.
+
+        The scalar math is written into the segment's persistent buffers, and the foreach ops read the
+        per-tensor factors through views made once: per chunk, six tiny ops besides the norms and the three
+        tensor-sized foreach ops, so that the step stays memory-bound.
         """
-        grads = [p.grad for p in params]
-        dtype, device, n = params[0].dtype, params[0].device, len(params)
-        sdtype = _scalar_dtype(dtype)
-        lr, momentum = group["lr"], group["momentum"]
-        if trust_ratio:
-            weight_decay, eta = group["weight_decay"], group["trust_coefficient"]
-            norms = torch.stack(torch._foreach_norm(params + grads, 2, dtype=sdtype))
-            w_norm, g_norm = norms[:n], norms[n:]
-            # local_lr/η = ‖w‖/(‖g‖ + β‖w‖) where both norms are > 0, else 1/η; then s = γ_t·η·(local_lr/η).
-            # γ_t enters only through a product (a float, or a CPU-scalar or device tensor: no copy, no sync).
-            ratio = torch.where(torch.minimum(w_norm, g_norm) > 0,
-                                w_norm / torch.add(g_norm, w_norm, alpha=weight_decay), 1.0 / eta)
-            if group["clip"]:
-                ratio = ratio.clamp(max=1.0 / eta)  # local_lr ≤ 1
-            rate = ratio * (eta * lr)
-        else:
-            weight_decay = 0.0
-            rate = torch.full((n,), lr, dtype=sdtype, device=device) if not isinstance(lr, Tensor) else \
-                torch.ones(n, dtype=sdtype, device=device) * lr
+        lr, momentum, eta = group["lr"], group["momentum"], group["trust_coefficient"]
+        scalars, work, factors = segment.scalars, segment.work, segment.factors
+        if segment.since_rescale >= rescale_interval(momentum):  # a ← c·a, c ← 1
+            scale = scalars[0].to(segment.accumulators[0].dtype)
+            torch._foreach_mul_(segment.accumulators, list(scale.unbind()))
+            scalars[0].fill_(1.0)
+            segment.since_rescale = 0
+        # Whole segment first: work = (m·c, m·α); factors = (η·γ/(m·c), 1 − m·α, −m·c), with η = 1 for the
+        # tensors without trust ratio. Each trust-ratio chunk then multiplies in its ratio r = local_lr/η:
+        # s = γ·η·r, a's gradient factor s/(m·c), w's factor 1 − k = 1 − m·α − β·s.
+        torch.mul(scalars, momentum, out=work)
+        torch.neg(work[0], out=factors[2])
+        torch.sub(work[1], 1, out=factors[1]).neg_()
+        torch.div(segment.eta, work[0], out=factors[0]).mul_(lr)
+        inv_eta = torch.full((), 1.0 / eta, dtype=scalars.dtype, device=scalars.device)
+        decay_per_ratio = -group["weight_decay"] * eta * lr  # ∂(1 − k)/∂r; a float or a tensor
+        for chunk in segment.chunks:
+            grads = [p.grad for p in chunk.params]
+            if chunk.trust_ratio:
+                ratio = self._trust_ratio(group, chunk, grads, inv_eta)
+                chunk.grad_row.mul_(ratio)
+                _add_scaled_(chunk.keep_row, ratio, decay_per_ratio)
+            if chunk.cast is not None:
+                chunk.cast.copy_(chunk.factors)  # parameters in a lower precision than the scalars
+            torch._foreach_addcmul_(chunk.accumulators, grads, chunk.grad_factor)      # a ← a + s/(m·c)·g
+            torch._foreach_mul_(chunk.params, chunk.keep_factor)                       # w ← (1 − k)·w
+            torch._foreach_addcmul_(chunk.params, chunk.accumulators, chunk.accumulator_factor)  # w ← w − m·c·a
+        # k = m·α + β·s (r = 0 for the tensors without trust ratio); c ← m·c/(1 − k), α ← k/(1 − k)
+        _add_scaled_(work[1], segment.ratio, -decay_per_ratio)
+        torch.div(work, factors[1], out=scalars)
+        segment.since_rescale += 1
+        for st in segment.states:
+            st[_SINCE_RESCALE] = segment.since_rescale
 
-        if momentum == 0:
-            # v = s·(g + β·w): no state needed, w ← (1 − s·β)·w − s·g.
-            if weight_decay != 0:
-                torch._foreach_mul_(params, _per_tensor(1 - weight_decay * rate, dtype))
-            torch._foreach_addcmul_(params, grads, _per_tensor(-rate, dtype))
-            return
+    def _update_without_momentum(self, group: dict[str, Any], segment: _Segment) -> None:
+        """momentum = 0: v = s·(g + β·w), no state needed: w ← (1 − s·β)·w − s·g."""
+        lr, eta, weight_decay = group["lr"], group["trust_coefficient"], group["weight_decay"]
+        inv_eta = torch.full((), 1.0 / eta, dtype=segment.scalars.dtype, device=segment.scalars.device)
+        for chunk in segment.chunks:
+            grads = [p.grad for p in chunk.params]
+            dtype = chunk.params[0].dtype
+            if chunk.trust_ratio:
+                neg_rate = self._trust_ratio(group, chunk, grads, inv_eta) * (-eta * lr)
+                if weight_decay != 0:
+                    torch._foreach_mul_(chunk.params, _per_tensor(torch.add(1, neg_rate, alpha=weight_decay), dtype))
+            else:
+                neg_rate = torch.ones_like(chunk.ratio) * -lr
+            torch._foreach_addcmul_(chunk.params, grads, _per_tensor(neg_rate, dtype))
 
-        states = [self._state_of(p) for p in params]
-        interval = rescale_interval(momentum)
-        due = [st for st in states if st[_SINCE_RESCALE] >= interval]
-        if due:  # a ← c·a, c ← 1 (Python-side counters: no tensor is inspected)
-            torch._foreach_mul_([st[_ACCUMULATOR] for st in due], [st[_SCALE].to(dtype) for st in due])
-            for st in due:
-                st[_SCALE].fill_(1.0)
-                st[_SINCE_RESCALE] = 0
-        accumulators = [st[_ACCUMULATOR] for st in states]
-        scales = [st[_SCALE] for st in states]
-        shares = [st[_WEIGHT_SHARE] for st in states]
-        decayed_scale = torch.stack(scales) * momentum                              # m·c
-        k = torch.add(torch.stack(shares) * momentum, rate, alpha=weight_decay)     # m·α + s·β
-        keep = 1 - k
-        # rows: a's gradient factor s/(m·c), w's factor 1 − k, a's factor in w −m·c; new c, new α
-        factors = torch.stack([rate / decayed_scale, keep, -decayed_scale, decayed_scale / keep, k / keep])
-        flat = list(factors.view(-1).unbind())  # one unbind for all five rows
-        update = flat[:3 * n] if dtype == sdtype else list(factors[:3].to(dtype).view(-1).unbind())
-        torch._foreach_addcmul_(accumulators, grads, update[:n])
-        torch._foreach_mul_(params, update[n:2 * n])
-        torch._foreach_addcmul_(params, accumulators, update[2 * n:3 * n])
-        torch._foreach_copy_(scales, flat[3 * n:4 * n])
-        torch._foreach_copy_(shares, flat[4 * n:])
-        for st in states:
-            st[_SINCE_RESCALE] += 1
+
+@dataclass
+class _Chunk:
+    """A run of tensors updated together while in cache, with views into its segment's buffers."""
+
+    params: list[Tensor]
+    accumulators: list[Tensor]
+    trust_ratio: bool
+    norms: Tensor              # (2n,): ‖w‖ of every tensor, then ‖g‖ (empty without trust ratio)
+    w_norm: Tensor
+    g_norm: Tensor
+    ratio: Tensor              # the segment's ratio[lo:hi]
+    grad_row: Tensor           # the segment's factors[0, lo:hi] and factors[1, lo:hi]
+    keep_row: Tensor
+    factors: Tensor            # factors[:, lo:hi]
+    cast: Tensor | None        # a copy of ``factors`` in the parameters' dtype when it differs
+    grad_factor: list[Tensor]  # 0-dim views of the factor rows (or of ``cast``), made once
+    keep_factor: list[Tensor]
+    accumulator_factor: list[Tensor]
+
+
+@dataclass
+class _Segment:
+    """The tensors of one parameter group with one device and dtype: trust-ratio chunks first, then the rest."""
+
+    chunks: list[_Chunk]
+    states: list[dict[str, Any]]
+    accumulators: list[Tensor]
+    scalars: Tensor            # (2, N): c and α of every tensor; the states' scalars are views of it
+    work: Tensor               # (2, N): m·c, then m·α turned into k
+    factors: Tensor            # (3, N): s/(m·c), 1 − k, −m·c
+    ratio: Tensor              # (N,): local_lr/η, 0 for the tensors without trust ratio
+    eta: Tensor                # (N,): η, 1 for the tensors without trust ratio
+    since_rescale: int
+
+
+def _add_scaled_(target: Tensor, source: Tensor, coefficient: float | Tensor) -> None:
+    """target += coefficient·source, for a float coefficient or a 0-dim tensor one (no host read)."""
+    if isinstance(coefficient, Tensor):
+        target.addcmul_(source, coefficient)
+    else:
+        target.add_(source, alpha=coefficient)
 
 
 def _per_tensor(values: Tensor, dtype: torch.dtype) -> list[Tensor]:

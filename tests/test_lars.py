@@ -85,6 +85,35 @@ def test_matches_reference_20_steps_fp64(chunk_bytes):
         assert float((p.detach() - w0).abs().max()) > 1e-3
 
 
+def test_changing_parameter_set_tensor_lr_and_eta_match_reference():
+    """The step plan is cached: it must follow parameters that lose or regain a gradient, a 0-dim tensor LR and
+    a changed trust coefficient. A tensor without a gradient is skipped: its weights and velocity stay as they are."""
+    start = initial_weights()
+    params = [torch.nn.Parameter(w.clone()) for w in start]
+    opt = LARS(params, lr=0.1, momentum=0.9, weight_decay=5e-3, trust_coefficient=0.02, chunk_bytes=300)
+    weights = [w.clone() for w in start]
+    velocities = [torch.zeros_like(w) for w in start]
+    mask = [w.ndim > 1 for w in start]
+    eta = 0.02
+    for t, grads in enumerate(gradient_stream(24)):
+        lr = 0.05 + 0.01 * t
+        if t == 14:  # the set of tensors with gradients is the same as at step 13
+            eta = 0.05
+        skipped = {t % len(SHAPES)} if t % 3 == 0 else set()
+        opt.param_groups[0]["lr"] = torch.tensor(lr, dtype=torch.float64) if t % 2 else lr
+        opt.param_groups[0]["trust_coefficient"] = eta
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            p.grad = None if i in skipped else g.clone()
+        opt.step()
+        kept = [i for i in range(len(SHAPES)) if i not in skipped]
+        sub_w, sub_v = [weights[i] for i in kept], [velocities[i] for i in kept]
+        reference_lars(sub_w, [grads[i] for i in kept], sub_v, lr, 0.9, 5e-3, eta, [mask[i] for i in kept])
+        for j, i in enumerate(kept):
+            weights[i], velocities[i] = sub_w[j], sub_v[j]
+    assert max_diff(params, weights) < 1e-12
+    assert max_diff([opt.velocity(p) for p in params], velocities) < 1e-12
+
+
 def test_clip_mode_matches_reference_and_caps_the_ratio():
     # A large trust coefficient makes raw ratios exceed 1, so clipping changes the result.
     opt, params, weights, _, _ = run_both(20, warmup_then_poly, eta=5.0, clip=True)

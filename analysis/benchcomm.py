@@ -36,7 +36,7 @@ import io
 import math
 import os
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,10 @@ import numpy as np
 
 MIB = 1 << 20
 OPERATIONS = ("allreduce", "pingpong", "reduce_local")
+# Measured by `larscale bench-hvd` (scaling.hvdcomm: it needs torch and Horovod), written in the same CSV format:
+# one Horovod allreduce (op=Average) of a float32 tensor, the path a training step's gradients take.
+HOROVOD_OPERATIONS = ("horovod_allreduce",)
+CSV_OPERATIONS = OPERATIONS + HOROVOD_OPERATIONS
 CSV_COLUMNS = (
     "operation", "ranks", "nodes", "ranks_per_node", "bytes", "elements", "dtype",
     "iterations_per_rep", "repetitions", "mean_s", "median_s", "std_s", "ci95_low_s", "ci95_high_s",
@@ -80,9 +84,9 @@ class BenchConfig:
             raise ValueError(f"need at least 2 repetitions for a confidence interval, got {self.repetitions}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        unknown = [op for op in self.operations if op not in OPERATIONS]
+        unknown = [op for op in self.operations if op not in CSV_OPERATIONS]
         if unknown or not self.operations:
-            raise ValueError(f"unknown operation(s) {unknown}; choose from {', '.join(OPERATIONS)}")
+            raise ValueError(f"unknown operation(s) {unknown}; choose from {', '.join(CSV_OPERATIONS)}")
 
 
 def message_sizes(min_bytes: int, max_bytes: int, factor: int = 2) -> list[int]:
@@ -151,7 +155,7 @@ def bandwidths(operation: str, nbytes: int, seconds: float, ranks: int) -> tuple
     if seconds <= 0:
         return math.inf, math.inf
     algbw = nbytes / seconds / 1e9
-    if operation == "allreduce":
+    if operation in ("allreduce", "horovod_allreduce"):
         return algbw, algbw * 2 * (ranks - 1) / ranks
     return algbw, algbw   # pingpong: one-way link bandwidth; reduce_local: bytes reduced per second
 
@@ -260,13 +264,26 @@ def _reduce_local_call(elements: int):
     return call
 
 
-def run_benchmark(comm, config: BenchConfig) -> list[dict[str, Any]]:
-    """Measure on every rank of ``comm``; rank 0 returns the rows (:data:`CSV_COLUMNS`), others ``[]``."""
+CallFactory = Callable[[int], Callable[[], None]]
+
+
+def run_benchmark(comm, config: BenchConfig, factories: Mapping[str, CallFactory] | None = None,
+                  library: str | None = None) -> list[dict[str, Any]]:
+    """Measure on every rank of ``comm``; rank 0 returns the rows (:data:`CSV_COLUMNS`), others ``[]``.
+
+    ``factories`` supplies operations beyond the built-in MPI ones: ``factory(elements)`` returns the call to
+    time (after checking one call's result). ``library`` overrides the ``mpi_library`` column.
+    """
     from mpi4py import MPI
 
+    factories = dict(factories or {})
+    missing = [op for op in config.operations if op not in OPERATIONS and op not in factories]
+    if missing:
+        raise ValueError(f"operation(s) {', '.join(missing)} are measured by `larscale bench-hvd` (they need "
+                         "torch and Horovod), not by bench-comm")
     rank, size = comm.Get_rank(), comm.Get_size()
     nodes, ranks_per_node = _topology(comm)
-    library = MPI.Get_library_version().splitlines()[0].strip()
+    library = library or MPI.Get_library_version().splitlines()[0].strip()
     timer = _Timer(comm, config)
     rows: list[dict[str, Any]] = []
     for operation in config.operations:
@@ -274,7 +291,9 @@ def run_benchmark(comm, config: BenchConfig) -> list[dict[str, Any]]:
             continue
         for nbytes in message_sizes(config.min_bytes, config.max_bytes, config.factor):
             elements = nbytes // 4
-            if operation == "allreduce":
+            if operation in factories:
+                call = factories[operation](elements)
+            elif operation == "allreduce":
                 call = _allreduce_call(comm, elements)
             elif operation == "pingpong":
                 call = _pingpong_call(comm, elements)
@@ -343,7 +362,7 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
                         row[key] = float(value)
                 except (TypeError, ValueError):
                     raise ValueError(f"{source}:{line}: column {key!r} has a bad value {value!r}") from None
-            if row["operation"] not in OPERATIONS:
+            if row["operation"] not in CSV_OPERATIONS:
                 raise ValueError(f"{source}:{line}: unknown operation {row['operation']!r}")
             rows.append(row)
     if not rows:

@@ -19,6 +19,12 @@ numpy call overhead). Without such rows γ is fixed at the given value (the base
 ``network.reduce_gbytes_per_s``, documented default 10 GB/s) and the report says so. Then β comes out of the
 effective cost, so the fitted (α, β, γ) reproduce the measured allreduce whatever the split.
 
+**Which allreduce.** ``larscale bench-hvd`` (scaling.hvdcomm) writes ``horovod_allreduce`` rows: the same
+harness timing ``hvd.allreduce_`` (op=Average), the path a training step's gradients take (enqueue, the background
+thread's cycle, negotiation, the collective, the scaling). When a CSV has them they are fitted instead of the MPI
+``allreduce`` rows (:func:`default_operations`), by their mean (:func:`row_time`) less the expected cycle wait
+(:func:`horovod_cycle_wait_s`); the MPI rows are then reported, not fitted.
+
 ``pingpong`` rows (one-way time ``α + n·β`` of one link) are fitted separately and reported as a diagnostic,
 not used in the joint fit by default: the library's allreduce need not run at the point-to-point link rate
 (over Open MPI's TCP BTL with one connection per peer pair, a 2-rank allreduce moved data at about half the
@@ -64,6 +70,26 @@ PARAMETERS = ("alpha_intra_s", "alpha_inter_s", "beta_intra_s_per_byte", "beta_i
               "gamma_s_per_byte", "reduce_local_overhead_s")
 LINK_COLUMNS = {"intra": (0, 2), "inter": (1, 3)}
 DEFAULT_GAMMA_S_PER_BYTE = 1.0 / 10e9     # analysis.machine.Network.reduce_gbytes_per_s default (10 GB/s)
+# Operations whose time is an allreduce's: MPI's (bench-comm) and Horovod's own path (bench-hvd).
+ALLREDUCE_OPERATIONS = ("allreduce", "horovod_allreduce")
+
+
+def default_operations(rows: Iterable[dict[str, Any]]) -> tuple[str, ...]:
+    """What to fit when the caller does not say: Horovod's allreduce when measured (the path training takes),
+    else MPI's; with the reduce_local rows that pin γ."""
+    present = {r["operation"] for r in rows}
+    return ("horovod_allreduce" if "horovod_allreduce" in present else "allreduce", "reduce_local")
+
+
+def horovod_cycle_wait_s(cycle_time_ms: float) -> float:
+    """Expected wait for Horovod's next cycle included in one back-to-back ``horovod_allreduce`` call.
+
+    The background thread runs a cycle (negotiation, then the ready collectives), then sleeps for the rest of
+    ``HOROVOD_CYCLE_TIME``; a call issued when the previous one completed finds the thread at a random point
+    of that: half a cycle on average. The fit subtracts it so that α is the collective's own latency: the
+    prediction's schedule (analysis.overlap) adds its own cycle waits.
+    """
+    return 0.5 * cycle_time_ms / 1e3
 
 
 class CalibrationError(ValueError):
@@ -81,7 +107,7 @@ def design_row(row: dict[str, Any], algorithm: str) -> np.ndarray:
     """Coefficients of :data:`PARAMETERS` in one bench-comm row's time."""
     n = float(row["bytes"])
     out = np.zeros(len(PARAMETERS))
-    if row["operation"] == "allreduce":
+    if row["operation"] in ALLREDUCE_OPERATIONS:
         terms = allreduce_terms(algorithm, n, int(row["nodes"]), int(row.get("ranks_per_node") or 1))
         out[:5] = terms.matrix().reshape(-1)
     elif row["operation"] == "pingpong":
@@ -188,27 +214,35 @@ def _identifiable(matrix: np.ndarray, times: np.ndarray, columns: Sequence[int])
 
 def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_per_byte: float | None = None,
              default_gamma_s_per_byte: float = DEFAULT_GAMMA_S_PER_BYTE,
-             operations: Sequence[str] = ("allreduce", "reduce_local"),
-             min_bytes: float = 0, max_bytes: float = math.inf) -> CommFit:
+             operations: Sequence[str] | None = None, min_bytes: float = 0, max_bytes: float = math.inf,
+             horovod_wait_s: float = 0.0) -> CommFit:
     """Fit α (per link), β (per link) and γ to bench-comm rows (see the module docstring).
 
-    ``gamma_s_per_byte`` fixes γ (else it is fitted when ``reduce_local`` rows are present, else fixed at
-    ``default_gamma_s_per_byte``). Rows outside [min_bytes, max_bytes] are reported but not fitted.
+    ``operations`` default: :func:`default_operations`. ``gamma_s_per_byte`` fixes γ (else it is fitted when
+    ``reduce_local`` rows are present, else fixed at ``default_gamma_s_per_byte``). Rows outside
+    [min_bytes, max_bytes] are reported but not fitted. ``horovod_wait_s`` is subtracted from every
+    ``horovod_allreduce`` time before the fit (:func:`horovod_cycle_wait_s`).
     """
     check_algorithm(algorithm)
-    unknown = [op for op in operations if op not in ("allreduce", "pingpong", "reduce_local")]
-    if unknown:
-        raise CalibrationError(f"unknown operation(s) to fit: {', '.join(unknown)}")
-    all_rows = [r for r in rows if float(r["median_s"]) > 0]
+    all_rows = [r for r in rows if row_time(r) > 0]
     if not all_rows:
         raise CalibrationError("no bench-comm rows with a positive time")
+    if operations is None:
+        operations = default_operations(all_rows)
+    unknown = [op for op in operations if op not in (*ALLREDUCE_OPERATIONS, "pingpong", "reduce_local")]
+    if unknown:
+        raise CalibrationError(f"unknown operation(s) to fit: {', '.join(unknown)}")
+    if not 0 <= horovod_wait_s < math.inf:
+        raise CalibrationError(f"horovod_wait_s must be >= 0, got {horovod_wait_s!r}")
     use = [(r["operation"] in operations and min_bytes <= r["bytes"] <= max_bytes
-            and not (r["operation"] == "allreduce" and int(r["ranks"]) < 2)) for r in all_rows]
+            and not (r["operation"] in ALLREDUCE_OPERATIONS and int(r["ranks"]) < 2)) for r in all_rows]
     fit_rows = [r for r, u in zip(all_rows, use, strict=True) if u]
-    if not any(r["operation"] == "allreduce" for r in fit_rows):
-        raise CalibrationError("no multi-rank allreduce rows to fit (run bench-comm with at least 2 ranks)")
+    if not any(r["operation"] in ALLREDUCE_OPERATIONS for r in fit_rows):
+        raise CalibrationError("no multi-rank allreduce rows to fit (run bench-comm or bench-hvd with at least "
+                               f"2 ranks; fitting {', '.join(operations)})")
     matrix = np.array([design_row(r, algorithm) for r in fit_rows])
-    times = np.array([float(r["median_s"]) for r in fit_rows])
+    times = np.array([row_time(r) for r in fit_rows])
+    offsets = np.array([_offset(r, horovod_wait_s) for r in fit_rows])
     notes: list[str] = []
     active = [j for j in range(len(PARAMETERS)) if np.any(matrix[:, j] != 0)]
     gamma_column = PARAMETERS.index("gamma_s_per_byte")
@@ -228,12 +262,13 @@ def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_pe
     else:
         gamma_source = "reduce_local" if any(r["operation"] == "reduce_local" for r in fit_rows) else "allreduce"
     free = [j for j in active if j not in fixed]
-    target = times - sum((matrix[:, j] * v for j, v in fixed.items()), np.zeros_like(times))
+    target = times - offsets - sum((matrix[:, j] * v for j, v in fixed.items()), np.zeros_like(times))
     if not _identifiable(matrix, times, free):
         raise CalibrationError("the rows cannot determine the parameters: give at least two message sizes per "
                                "link (and reduce_local rows or a fixed gamma)")
     if np.any(target <= 0):
-        raise CalibrationError("the fixed gamma alone exceeds some measured allreduce times: it is too large")
+        raise CalibrationError("the fixed gamma (and the Horovod cycle wait) alone exceed some measured allreduce "
+                               "times: too large")
     solution = np.zeros(len(PARAMETERS))
     for j, v in fixed.items():
         solution[j] = v
@@ -249,10 +284,11 @@ def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_pe
             links[name] = LinkFit(None, None)
     residuals = []
     for row, used in zip(all_rows, use, strict=True):
-        model = float(design_row(row, algorithm) @ solution) if row["operation"] != "pingpong" else math.nan
+        model = (float(design_row(row, algorithm) @ solution) + _offset(row, horovod_wait_s)
+                 if row["operation"] != "pingpong" else math.nan)
         residuals.append({"operation": row["operation"], "ranks": int(row["ranks"]), "nodes": int(row["nodes"]),
-                          "bytes": int(row["bytes"]), "measured_s": float(row["median_s"]), "model_s": model,
-                          "relative": (model / float(row["median_s"]) - 1.0) if not math.isnan(model) else math.nan,
+                          "bytes": int(row["bytes"]), "measured_s": row_time(row), "model_s": model,
+                          "relative": (model / row_time(row) - 1.0) if not math.isnan(model) else math.nan,
                           "fitted": bool(used)})
     pingpong = fit_pingpong(all_rows, min_bytes, max_bytes)
     for residual in residuals:
@@ -265,6 +301,23 @@ def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_pe
                    gamma_s_per_byte=float(solution[gamma_column]), gamma_source=gamma_source,
                    reduce_local_overhead_s=float(solution[-1]), operations=tuple(operations),
                    residuals=residuals, pingpong=pingpong, notes=notes)
+
+
+def row_time(row: dict[str, Any]) -> float:
+    """The time a row contributes to the fit: the median over repetitions, except for Horovod's allreduce.
+
+    Horovod's path is what a training step pays, and a step's time-to-train is the *sum* of its calls: over
+    TCP here its calls were bimodal (a 64 MiB call took either about the link time or 1.5 times it), where a
+    median picks one mode and predicts the sum wrong. The mean over repetitions is what sums up.
+    """
+    if row["operation"] == "horovod_allreduce" and row.get("mean_s") not in (None, ""):
+        return float(row["mean_s"])
+    return float(row["median_s"])
+
+
+def _offset(row: dict[str, Any], horovod_wait_s: float) -> float:
+    """Time in a row that no model parameter explains: the cycle wait of a Horovod call."""
+    return horovod_wait_s if row["operation"] == "horovod_allreduce" else 0.0
 
 
 def _fit_relative_to(matrix: np.ndarray, target: np.ndarray, measured: np.ndarray) -> np.ndarray:

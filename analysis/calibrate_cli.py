@@ -21,24 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "mean/median/95%% CI, nccl-tests bus bandwidth. Run it under a launcher (mpirun -np N python -m "
         "larscale bench-comm ...) or give --ranks N to have it start N local ranks itself.",
     )
-    bench.add_argument("-np", "--ranks", type=int, default=None,
-                       help="start this many local ranks with mpirun when not already under a launcher")
-    bench.add_argument("--min-bytes", default="4", help="smallest message (default 4; suffixes K, M, G)")
-    bench.add_argument("--max-bytes", default="64M", help="largest message (default 64M)")
-    bench.add_argument("--factor", type=int, default=2, help="size growth factor (default 2)")
-    bench.add_argument("--warmup", type=int, default=5, help="untimed calls per size (default 5)")
-    bench.add_argument("--repetitions", type=int, default=20, help="timed repetitions per size (default 20)")
-    bench.add_argument("--min-rep-ms", type=float, default=1.0,
-                       help="batch small messages so a timed repetition lasts at least this (default 1 ms)")
-    bench.add_argument("--max-seconds-per-size", type=float, default=10.0,
-                       help="time budget per size; fewer repetitions (>= 3) when a size is slow (default 10)")
-    bench.add_argument("--operations", default="allreduce,pingpong,reduce_local",
-                       help="comma-separated subset of allreduce,pingpong,reduce_local")
-    bench.add_argument("--label", default="", help="free text copied into every CSV row (e.g. the network)")
-    bench.add_argument("--out", default=None, help="CSV file to write (rank 0); default: print only")
-    bench.add_argument("--launcher-args", default="",
-                       help="extra mpirun arguments when --ranks starts the ranks, e.g. '--mca btl tcp,self'")
-    bench.add_argument("--timeout", type=float, default=1800.0, help="seconds before started ranks are killed")
+    add_bench_arguments(bench, operations="allreduce,pingpong,reduce_local")
     bench.set_defaults(handler=run_bench_comm)
 
     cal = subparsers.add_parser(
@@ -71,6 +54,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal.set_defaults(handler=run_calibrate)
 
 
+def add_bench_arguments(bench: argparse.ArgumentParser, operations: str) -> None:
+    """The options of `larscale bench-comm`, shared by `larscale bench-hvd` (scaling.cli)."""
+    bench.add_argument("-np", "--ranks", type=int, default=None,
+                       help="start this many local ranks with mpirun when not already under a launcher")
+    bench.add_argument("--min-bytes", default="4", help="smallest message (default 4; suffixes K, M, G)")
+    bench.add_argument("--max-bytes", default="64M", help="largest message (default 64M)")
+    bench.add_argument("--factor", type=int, default=2, help="size growth factor (default 2)")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed calls per size (default 5)")
+    bench.add_argument("--repetitions", type=int, default=20, help="timed repetitions per size (default 20)")
+    bench.add_argument("--min-rep-ms", type=float, default=1.0,
+                       help="batch small messages so a timed repetition lasts at least this (default 1 ms)")
+    bench.add_argument("--max-seconds-per-size", type=float, default=10.0,
+                       help="time budget per size; fewer repetitions (>= 3) when a size is slow (default 10)")
+    bench.add_argument("--operations", default=operations,
+                       help=f"comma-separated operations (default {operations}); bench-comm runs allreduce, "
+                       "pingpong, reduce_local; bench-hvd adds horovod_allreduce")
+    bench.add_argument("--label", default="", help="free text copied into every CSV row (e.g. the network)")
+    bench.add_argument("--out", default=None, help="CSV file to write (rank 0); default: print only")
+    bench.add_argument("--launcher-args", default="",
+                       help="extra mpirun arguments when --ranks starts the ranks, e.g. '--mca btl tcp,self'")
+    bench.add_argument("--timeout", type=float, default=1800.0, help="seconds before started ranks are killed")
+
+
 def _bench_config(args: argparse.Namespace):
     from analysis.benchcomm import BenchConfig, parse_bytes
     from larscale import UsageError
@@ -95,6 +101,12 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 
 
 def run_bench_comm(args: argparse.Namespace) -> int:
+    return run_bench(args)
+
+
+def run_bench(args: argparse.Namespace, subcommand: str = "bench-comm", factories_of=None) -> int:
+    """bench-comm's handler; `larscale bench-hvd` passes its name and ``factories_of(comm)`` (extra operations,
+    and the library name for the CSV), called on every rank once MPI is up."""
     from analysis.benchcomm import format_table, launched_by_mpi, run_benchmark, write_csv
     from larscale import UsageError
 
@@ -111,20 +123,24 @@ def run_bench_comm(args: argparse.Namespace) -> int:
     if args.ranks is not None and args.ranks > 1 and not launched_by_mpi():
         from scaling.launch import local_env, rank_command
 
-        program = [sys.executable, "-m", "larscale", "bench-comm", *_forwarded(args)]
+        program = [sys.executable, "-m", "larscale", subcommand, *_forwarded(args)]
         argv = rank_command(args.ranks, program, extra_launcher_args=shlex.split(args.launcher_args))
         print(f"launching: {shlex.join(argv)}", flush=True)
         try:
             return subprocess.run(argv, env=local_env(threads_per_rank=1), timeout=args.timeout).returncode
         except subprocess.TimeoutExpired:
-            print(f"bench-comm did not finish within {args.timeout:.0f} s", file=sys.stderr)
+            print(f"{subcommand} did not finish within {args.timeout:.0f} s", file=sys.stderr)
             return 1
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     if args.ranks is not None and args.ranks != comm.Get_size():
         raise UsageError(f"--ranks {args.ranks} but the launcher started {comm.Get_size()} rank(s)")
-    rows = run_benchmark(comm, config)
+    factories, library = factories_of(comm) if factories_of is not None else ({}, None)
+    try:
+        rows = run_benchmark(comm, config, factories, library)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if comm.Get_rank() == 0:
         print(format_table(rows), flush=True)
         if args.out:
@@ -136,10 +152,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from analysis.benchcomm import parse_bytes, read_csv
     from analysis.calibrate import (
         calibrated_profile,
+        default_operations,
         fit_comm,
         fit_compute,
         format_base_properties,
         format_report,
+        horovod_cycle_wait_s,
         profile_yaml,
         read_runs,
     )
@@ -159,11 +177,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
         comm = compute = None
         if args.bench:
             rows = [row for path in args.bench for row in read_csv(path)]
-            operations = ("allreduce", "reduce_local") + (("pingpong",) if args.with_pingpong else ())
+            operations = default_operations(rows) + (("pingpong",) if args.with_pingpong else ())
             gamma = None if args.gamma_gbytes_per_s is None else 1.0 / (args.gamma_gbytes_per_s * 1e9)
             comm = fit_comm(rows, algorithm=args.algorithm or base.network.algorithm, gamma_s_per_byte=gamma,
                             default_gamma_s_per_byte=base.network.gamma_s_per_byte, operations=operations,
-                            min_bytes=parse_bytes(args.fit_min_bytes), max_bytes=parse_bytes(args.fit_max_bytes))
+                            min_bytes=parse_bytes(args.fit_min_bytes), max_bytes=parse_bytes(args.fit_max_bytes),
+                            horovod_wait_s=horovod_cycle_wait_s(base.network.cycle_time_ms))
         if args.runs:
             runs, skipped = read_runs(args.runs, args.warmup_steps)
             if skipped:

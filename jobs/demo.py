@@ -3,13 +3,13 @@
 1. plan a weak- and a strong-scaling sweep (1 and 2 ranks; ResNet-50 and AlexNet at a small per-rank batch,
    synthetic data, a few dozen steps) on the bundled ``local`` profile and print its cost;
 2. run them as real Horovod jobs through the ``local`` scheduler (or Slurm), showing points done/running/failed;
-3. run ``bench-comm``, calibrate the local profile from it and from the 1-rank runs, and put the calibrated
+3. run ``bench-hvd`` (Horovod's own allreduce), calibrate the local profile from it and from the 1-rank runs, and put the calibrated
    model's prediction beside every measured point;
 4. reproduce the seed papers' headline times from the bundled Stampede2 profiles;
 5. answer a planning question on Stampede2 KNL (ResNet-50 to 74.9 % top-1 within a node-hour budget);
 6. write a report directory (``index.md`` with every table and plot, the CSV/Parquet data behind them).
 
-Nothing is precomputed. Re-running reuses finished points and the bench-comm CSV (the sweep manifests know
+Nothing is precomputed. Re-running reuses finished points and the bench-hvd CSV (the sweep manifests know
 the points) unless ``--fresh``, which moves the previous output aside rather than deleting it.
 """
 
@@ -160,13 +160,14 @@ def run_sweeps(cfg: DemoConfig) -> tuple[list[Any], Any]:
 
 
 def bench_comm(cfg: DemoConfig) -> Path:
-    csv_path = cfg.out / "bench-comm.csv"
+    """Horovod's own allreduce (the path the training points' gradients take) and the local add that pins γ."""
+    csv_path = cfg.out / "bench-hvd.csv"
     if csv_path.exists():
         _say(f"  reusing {csv_path} (--fresh to measure again)")
         return csv_path
-    argv = [sys.executable, "-m", "larscale", "bench-comm", "--ranks", "2", "--max-bytes", cfg.bench_max_bytes,
+    argv = [sys.executable, "-m", "larscale", "bench-hvd", "--ranks", "2", "--max-bytes", cfg.bench_max_bytes,
             "--factor", "4", "--warmup", "2", "--repetitions", "6", "--max-seconds-per-size", "3",
-            "--operations", "allreduce,reduce_local", "--label", "local shared memory",
+            "--operations", "horovod_allreduce,reduce_local", "--label", "local shared memory",
             "--launcher-args", "--mca mpi_yield_when_idle 1", "--out", str(csv_path)]
     _say("  " + " ".join(argv[1:]))
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
@@ -284,14 +285,14 @@ def run_demo(cfg: DemoConfig) -> int:
                 "Where each measured iteration goes: forward+backward, time blocked on the allreduce, optimizer "
                 "step, data.")
 
-    _step(3, "bench-comm, calibrate the local profile, predict every point")
+    _step(3, "bench-hvd, calibrate the local profile, predict every point")
     bench_csv = bench_comm(cfg)
     profile_path = calibrate_local(cfg, bench_csv, compute_calibration_runs(cfg))
     comparison = pd.DataFrame(compare_runs([Path(d) for d in complete["run_dir"]], load_machine(profile_path)))
     comparison = comparison.drop_duplicates(["model", "ranks", "global_batch"])
     report.data("predicted_vs_measured", comparison)
     report.section("3. Predicted vs measured (calibrated local profile)")
-    report.text(f"Calibrated from `{bench_csv.name}` (bench-comm, 2 ranks) and, per model, two 1-rank runs side "
+    report.text(f"Calibrated from `{bench_csv.name}` (bench-hvd: Horovod's allreduce, 2 ranks) and, per model, two 1-rank runs side "
                 f"by side (the per-core rate on a loaded node, `calibration/`); profile: `{profile_path.name}`. "
                 "Error = predicted / measured − 1. The 1-rank points ran alone, with the second core idle and "
                 "so faster than a loaded core: their error shows that effect, not communication.")
@@ -333,7 +334,7 @@ def run_demo(cfg: DemoConfig) -> int:
     report.section("How this was made")
     report.text(markdown_table(pd.DataFrame([{"step": "sweep specs", "where": "sweeps/*/manifest.json"},
                                              {"step": "run logs", "where": "sweeps/*/runs/*/"},
-                                             {"step": "bench-comm", "where": bench_csv.name},
+                                             {"step": "bench-hvd", "where": bench_csv.name},
                                              {"step": "calibrated profile", "where": profile_path.name}])))
     index = report.write()
     if cfg.figures is not None:

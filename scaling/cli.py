@@ -23,6 +23,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     smoke.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are killed")
     smoke.set_defaults(handler=run_smoke)
 
+    from analysis.calibrate_cli import add_bench_arguments  # stdlib-only at import
+
+    bench = subparsers.add_parser(
+        "bench-hvd",
+        help="time Horovod's own allreduce (the training path) over message sizes, CSV for `larscale calibrate`",
+        description="bench-comm's harness (warm-up, barrier-synchronised repetitions, max over ranks, median/95%% "
+        "CI, CSV) on hvd.allreduce_(op=Average) of float32 tensors, with Horovod initialised as in training "
+        "(set HOROVOD_FUSION_THRESHOLD and HOROVOD_CYCLE_TIME as the training runs do); by default also the "
+        "MPI reduce_local and pingpong rows. Run under a launcher or give --ranks N.",
+    )
+    add_bench_arguments(bench, operations="horovod_allreduce,reduce_local,pingpong")
+    bench.set_defaults(handler=run_bench_hvd)
+
     from scaling.train import add_arguments  # stdlib-only module: torch/TF/Horovod load in the handler
 
     train = subparsers.add_parser(
@@ -34,6 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_arguments(train)
     train.set_defaults(handler=run_train)
+
+
+def run_bench_hvd(args: argparse.Namespace) -> int:
+    from scaling.hvdcomm import run_bench_hvd as run
+
+    return run(args)
 
 
 def run_smoke(args: argparse.Namespace) -> int:

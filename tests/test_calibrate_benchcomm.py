@@ -145,3 +145,33 @@ def test_bad_options_are_one_line_usage_errors(tmp_path: Path) -> None:
     argv = rank_command(2, [sys.executable, "-m", "larscale", "bench-comm", "--ranks", "3", *QUICK])
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=local_env(), timeout=120)
     assert proc.returncode != 0 and "--ranks 3 but the launcher started 2" in proc.stderr
+
+
+def test_bench_hvd_times_horovods_allreduce_with_the_mpi_rows(tmp_path: Path) -> None:
+    """`larscale bench-hvd`: real Horovod (MPI controller) on 2 ranks, bench-comm's harness and CSV format."""
+    out = tmp_path / "hvd.csv"
+    env = local_env()
+    env.update(HOROVOD_CYCLE_TIME="1", HOROVOD_FUSION_THRESHOLD=str(64 << 20))
+    proc = subprocess.run([sys.executable, "-m", "larscale", "bench-hvd", "--ranks", "2", *QUICK, "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_csv(out)
+    assert {r["operation"] for r in rows} == {"horovod_allreduce", "reduce_local", "pingpong"}
+    sizes = message_sizes(4, 64 << 10, 4)
+    hvd_rows = [r for r in rows if r["operation"] == "horovod_allreduce"]
+    assert [r["bytes"] for r in hvd_rows] == sizes
+    for r in hvd_rows:
+        assert r["ranks"] == 2 and r["nodes"] == 1 and r["repetitions"] >= 3
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["busbw_gbytes_per_s"] == pytest.approx(r["algbw_gbytes_per_s"], rel=1e-6)   # 2(p-1)/p = 1
+        assert r["mpi_library"].startswith("Horovod 0.28.1 (mpi controller")
+        assert "HOROVOD_CYCLE_TIME=1" in r["mpi_library"]
+    # A call waits for the background thread's next cycle: even 4 bytes take a good part of the 1 ms cycle.
+    assert hvd_rows[0]["mean_s"] > 1e-4
+
+
+def test_bench_comm_sends_horovod_operations_to_bench_hvd() -> None:
+    proc = subprocess.run([sys.executable, "-m", "larscale", "bench-comm", *QUICK, "--operations",
+                           "horovod_allreduce"], capture_output=True, text=True, cwd=REPO, env=local_env(), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "horovod_allreduce" in proc.stderr and "bench-hvd" in proc.stderr and "Traceback" not in proc.stderr

@@ -12,8 +12,10 @@ from analysis.calibrate import (
     CalibrationError,
     RunMeasurement,
     calibrated_profile,
+    default_operations,
     fit_comm,
     fit_compute,
+    horovod_cycle_wait_s,
     profile_yaml,
     workload_key,
 )
@@ -253,3 +255,30 @@ def test_compute_calibration_from_real_run_logs(tmp_path) -> None:
     assert 0 < profile.compute.sustained_fraction <= 1
     assert [r["batch_per_rank"] for r in profile.calibration["compute"]["runs"]] == [2, 4]
     assert "resnet50" not in profile.compute.measured_images_per_s     # 32 px numbers never stand for 224 px
+
+
+def test_horovod_rows_are_preferred_fitted_by_their_mean_less_the_cycle_wait() -> None:
+    """bench-hvd rows: Horovod's path is what training pays. Their time is the mean (calls sum up to the
+    time-to-train) and includes half a cycle's wait, which the fit removes so that α is the collective's."""
+    rng = np.random.default_rng(5)
+    wait = horovod_cycle_wait_s(1.0)
+    assert wait == pytest.approx(0.5e-3)
+    rows = synthetic_rows(rng, ranks=(2,))
+    slow = 1.5   # Horovod's path: the plain MPI rows are 1.5x faster per byte; they must not be fitted
+    for r in [r for r in rows if r["operation"] == "allreduce"]:
+        exact = float(single_link_time("ring", r["bytes"], 2, ALPHA, slow * BETA, GAMMA)) + wait
+        # a bimodal path: the median sits in the fast mode, the mean is what the calls add up to
+        rows.append({**r, "operation": "horovod_allreduce", "median_s": 0.8 * exact, "mean_s": noisy(exact, rng)})
+    assert default_operations(rows) == ("horovod_allreduce", "reduce_local")
+    fit = fit_comm(rows, horovod_wait_s=wait)
+    assert fit.operations == ("horovod_allreduce", "reduce_local")
+    assert fit.gamma_s_per_byte == pytest.approx(GAMMA, rel=0.05)
+    assert fit.inter.beta_s_per_byte == pytest.approx(slow * BETA, rel=0.05)
+    assert fit.inter.alpha_s == pytest.approx(ALPHA, rel=0.2)
+    assert fit.rms_relative("horovod_allreduce") < NOISE
+    # Without the cycle wait subtracted, the constant lands in alpha (20 times too large).
+    assert fit_comm(rows).inter.alpha_s > 10 * ALPHA
+    # Plain MPI rows alone are still fitted as before.
+    plain = [r for r in rows if r["operation"] != "horovod_allreduce"]
+    assert default_operations(plain) == ("allreduce", "reduce_local")
+    assert fit_comm(plain).inter.beta_s_per_byte == pytest.approx(BETA, rel=0.05)

@@ -1,0 +1,74 @@
+"""`larscale bench-hvd`: time Horovod's own allreduce, the path a training step's gradients take.
+
+``larscale bench-comm`` times ``MPI_Allreduce`` through mpi4py. A training step does not call that: each
+gradient goes through ``hvd.allreduce_async_`` to Horovod's background thread, which negotiates readiness with
+the other ranks (the controller), fuses what is ready into its fusion buffer, calls the collective and scales
+the result (op=Average). Over shared memory the two cost about the same; over TCP through a rate-limited veth
+Horovod's path was up to 1.7× slower than the plain allreduce on this machine (its background thread and the
+controller share the cores and the sockets). A model calibrated on the plain allreduce then predicts a
+communication-bound step too fast.
+
+This command runs the same harness as bench-comm (:mod:`analysis.benchcomm`: warm-up, barrier-synchronised
+repetitions, max over ranks, median and 95 % CI, one CSV row per size) on the operation
+``horovod_allreduce``: one synchronous ``hvd.allreduce_(tensor, op=hvd.Average)`` of a float32 tensor of n
+bytes, under whatever ``HOROVOD_FUSION_THRESHOLD`` / ``HOROVOD_CYCLE_TIME`` the environment sets (set them as
+the training runs do). By default it also runs the MPI operations ``reduce_local`` (which pins γ in
+``larscale calibrate``) and ``pingpong`` in the same processes, with Horovod initialised, as during training.
+
+The cycle wait is part of what a back-to-back call measures: a call issued right after the previous one
+completed waits for the background thread's next cycle (up to ``HOROVOD_CYCLE_TIME``). ``larscale calibrate``
+subtracts the expected wait of back-to-back calls (see :func:`analysis.calibrate.horovod_cycle_wait_s`) so that
+α is the collective's own latency; the prediction adds the cycle wait of its own schedule
+(:mod:`analysis.overlap`).
+
+    mpirun -np 2 python -m larscale bench-hvd --out hvd.csv
+    larscale bench-hvd --ranks 2 --out hvd.csv          # starts the ranks itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None]]], str]:
+    """Initialise Horovod (PyTorch, on ``comm``'s ranks) and return the ``horovod_allreduce`` call factory.
+
+    Also returns the text for the CSV's library column: Horovod's version, controller and the fusion and
+    cycle settings in effect, so that a CSV says what it measured.
+    """
+    import horovod
+    import horovod.torch as hvd
+    import torch
+
+    hvd.init(comm=comm)
+    if hvd.size() != comm.Get_size():
+        raise RuntimeError(f"Horovod sees {hvd.size()} ranks, MPI {comm.Get_size()}")
+    torch.set_num_threads(1)
+    controller = "mpi" if hvd.mpi_enabled() else "gloo"
+    settings = ", ".join(f"{name}={os.environ[name]}" for name in ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME")
+                         if name in os.environ) or "Horovod defaults"
+    library = f"Horovod {horovod.__version__} ({controller} controller; {settings})"
+
+    def horovod_allreduce(elements: int) -> Callable[[], None]:
+        tensor = torch.full((elements,), float(hvd.rank() + 1), dtype=torch.float32)
+        hvd.allreduce_(tensor, op=hvd.Average, name="larscale.bench_hvd")
+        expected = (hvd.size() + 1) / 2      # the mean of 1..p: exact in float32 for any p we run
+        first, last = float(tensor[0]), float(tensor[-1])
+        if first != expected or last != expected:
+            raise RuntimeError(f"Horovod allreduce of {elements} float32 gave {first}, {last}; expected {expected}")
+
+        def call() -> None:
+            hvd.allreduce_(tensor, op=hvd.Average, name="larscale.bench_hvd")
+
+        return call
+
+    return {"horovod_allreduce": horovod_allreduce}, library
+
+
+def run_bench_hvd(args: argparse.Namespace) -> Any:
+    from analysis.calibrate_cli import run_bench
+
+    return run_bench(args, subcommand="bench-hvd", factories_of=horovod_factories)

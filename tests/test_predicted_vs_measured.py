@@ -6,10 +6,11 @@ For AlexNet (227 px) and ResNet-50 (64 px, to keep it fast) at 4 images per rank
    side, one per core, because a data-parallel run keeps every core busy and a core's throughput depends on
    what its neighbour does (shared caches and memory bandwidth, clocks, and on a VM possibly an SMT sibling):
    the per-device rate is measured with all devices of the node loaded, as one would on a cluster node;
-2. communication: ``larscale bench-comm`` between 2 ranks over the same transport as the training run;
+2. communication: ``larscale bench-hvd`` between 2 ranks over the same transport as the training run: Horovod's
+   own allreduce, the path the gradients take (with the fusion and cycle settings of the training runs);
 3. ``larscale calibrate`` writes a profile; ``analysis.predict`` predicts the 2-rank iteration time;
-4. real 2-rank Horovod runs (MPI controller) measure it: the median over measured steps (warm-up excluded)
-   of the slowest rank's step time.
+4. real 2-rank Horovod runs (MPI controller) measure it: the mean over measured steps (warm-up excluded)
+   of the slowest rank's step time (the time-to-train is the sum of the steps; the median is printed too).
 
 Two networks: Open MPI shared memory on one node, and two network namespaces joined by a veth pair with a
 ``tbf`` rate limit of 1 Gbit/s each way, Open MPI forced onto TCP (``--mca btl tcp,self``), where
@@ -34,21 +35,25 @@ from scaling.launch import local_env, rank_command
 from tests.conftest import REPO
 from tests.netns import NetnsPair, netns_available
 
-# Issue #7 is open on this: shared memory met the 15 % bar on a quiet machine (+0.6 %, -4.5 %) but not
-# reliably (-5.8 %, -22.4 % in another run), and the rate-limited veth misses it (-30 %, -46 %) because
-# bench-comm times a plain MPI allreduce while training pays Horovod's slower, erratic TCP path. The tests run
-# in full and print the table; they are expected to fail until bench-comm times Horovod's own allreduce.
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(strict=False, reason="issue #7 open: predicted-vs-measured "
-                                                  "within 15 % not yet reliable (bench-comm vs Horovod's path)")]
+pytestmark = pytest.mark.slow
+
+# Issue #7 is open on the veth case. Over Open MPI's TCP BTL through the tbf-limited veth, the time of one
+# multi-MB allreduce is multimodal on this machine — about 1.0x, 1.4x or 2x the link time, in plain MPI and in
+# Horovod alike, with no drop and no retransmission in the tbf and TCP counters — and changes from run to run:
+# AlexNet's 244 MB gradient allreduce took 2.2-4.0 s with nothing else running (link time 1.95 s), and 2-rank
+# AlexNet runs' mean step 3.0-3.9 s. A benchmark of minutes and a run of a dozen steps land in different modes,
+# so the 15 % bar holds in some runs, not reliably. The test runs in full and prints the table.
+VETH_XFAIL = pytest.mark.xfail(strict=False, reason="issue #7 open: TCP over the tbf veth is multimodal (1.0-2x "
+                               "the link time per allreduce, run to run); 15 % not reliable")
 
 CASES = (("alexnet", 227, 4), ("resnet50", 64, 4))    # model, image size, images per rank
-STEPS, WARMUP = 10, 3
+STEPS, WARMUP = 14, 3
 TOLERANCE = 0.15
 RATE_MBIT = 1000
 # Two ranks and Horovod's background threads share 2 cores: a rank waiting in MPI yields instead of spinning.
 SHM_MCA = ("--mca", "mpi_yield_when_idle", "1")
-BENCH = ("--max-bytes", "64M", "--factor", "4", "--warmup", "2", "--repetitions", "6", "--min-rep-ms", "1",
-         "--max-seconds-per-size", "3", "--operations", "allreduce,reduce_local")
+BENCH = ("--max-bytes", "64M", "--factor", "4", "--warmup", "2", "--repetitions", "10", "--min-rep-ms", "1",
+         "--max-seconds-per-size", "8", "--operations", "horovod_allreduce,reduce_local")
 
 
 def quiet_malloc_env() -> dict[str, str]:
@@ -120,21 +125,21 @@ def compare(profile_path: Path, nodes: int, ranks_per_node: int, two_rank_dirs: 
         rows.append({"network": network, "model": workload_key(model, size), "batch": batch,
                      "predicted_s": predicted["iteration_s"], "compute_s": predicted["compute_s"],
                      "comm_total_s": predicted["comm_total_s"], "comm_exposed_s": predicted["comm_exposed_s"],
-                     "measured_s": measured.step_s, "measured_mean_s": measured.step_s_mean,
+                     "measured_s": measured.step_s_mean, "measured_median_s": measured.step_s,
                      "measured_allreduce_s": measured.allreduce_s,
-                     "error": predicted["iteration_s"] / measured.step_s - 1.0})
+                     "error": predicted["iteration_s"] / measured.step_s_mean - 1.0})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'network':<22}{'model':<14}{'b/rank':>7}{'predicted s':>12}{'compute':>9}{'comm':>8}"
-              f"{'exposed':>9}{'measured s':>12}{'(mean)':>9}{'allreduce':>10}{'error':>8}")
+              f"{'exposed':>9}{'measured s':>12}{'(median)':>9}{'allreduce':>10}{'error':>8}")
     print("\npredicted vs measured iteration time, 2 ranks (Horovod, MPI controller)")
     print(header)
     for r in rows:
         print(f"{r['network']:<22}{r['model']:<14}{r['batch']:>7}{r['predicted_s']:>12.3f}{r['compute_s']:>9.3f}"
               f"{r['comm_total_s']:>8.3f}{r['comm_exposed_s']:>9.3f}{r['measured_s']:>12.3f}"
-              f"{r['measured_mean_s']:>9.3f}{r['measured_allreduce_s']:>10.3f}{r['error']:>+8.1%}")
+              f"{r['measured_median_s']:>9.3f}{r['measured_allreduce_s']:>10.3f}{r['error']:>+8.1%}")
 
 
 def check(rows: list[dict]) -> None:
@@ -146,8 +151,8 @@ def check(rows: list[dict]) -> None:
 
 def test_shared_memory(one_rank_runs: list[Path], tmp_path: Path) -> None:
     bench = tmp_path / "shm.csv"
-    run([sys.executable, "-m", "larscale", "bench-comm", "--ranks", "2", "--launcher-args", " ".join(SHM_MCA),
-         *BENCH, "--label", "shared-memory", "--out", str(bench)], quiet_malloc_env(), "bench-comm (shared memory)")
+    run([sys.executable, "-m", "larscale", "bench-hvd", "--ranks", "2", "--launcher-args", " ".join(SHM_MCA),
+         *BENCH, "--label", "shared-memory", "--out", str(bench)], horovod_env(), "bench-hvd (shared memory)")
     profile = calibrate("local", bench, one_rank_runs, tmp_path / "local-shm.yaml")
     two = {}
     for model, size, batch in CASES:
@@ -170,6 +175,7 @@ def veth_base_profile(path: Path) -> Path:
     return path
 
 
+@VETH_XFAIL
 @pytest.mark.netns
 def test_rate_limited_veth(one_rank_runs: list[Path], tmp_path: Path) -> None:
     reason = netns_available()
@@ -179,9 +185,9 @@ def test_rate_limited_veth(one_rank_runs: list[Path], tmp_path: Path) -> None:
     try:
         pair.up()
         bench = tmp_path / "veth.csv"
-        run(pair.mpirun([sys.executable, "-m", "larscale", "bench-comm", *BENCH, "--operations",
-                         "allreduce,pingpong,reduce_local", "--label", f"veth-tbf-{RATE_MBIT}mbit",
-                         "--out", str(bench)]), quiet_malloc_env(), "bench-comm (veth)")
+        run(pair.mpirun([sys.executable, "-m", "larscale", "bench-hvd", *BENCH, "--operations",
+                         "horovod_allreduce,pingpong,reduce_local", "--label", f"veth-tbf-{RATE_MBIT}mbit",
+                         "--out", str(bench)]), horovod_env(), "bench-hvd (veth)")
         profile = calibrate(veth_base_profile(tmp_path / "local-veth.yaml"), bench, one_rank_runs,
                             tmp_path / "veth-cal.yaml")
         two = {}

@@ -3,8 +3,8 @@
 1. plan a weak- and a strong-scaling sweep (1 and 2 ranks; ResNet-50 and AlexNet at a small per-rank batch,
    synthetic data, a few dozen steps) on the bundled ``local`` profile and print its cost;
 2. run them as real Horovod jobs through the ``local`` scheduler (or Slurm), showing points done/running/failed;
-3. run ``bench-hvd`` (Horovod's own allreduce), calibrate the local profile from it and from the 1-rank runs, and put the calibrated
-   model's prediction beside every measured point;
+3. run ``bench-hvd`` (Horovod's own allreduce), calibrate the local profile from it and from the 1-rank runs,
+   and put the calibrated model's prediction beside every measured point;
 4. reproduce the seed papers' headline times from the bundled Stampede2 profiles;
 5. answer a planning question on Stampede2 KNL (ResNet-50 to 74.9 % top-1 within a node-hour budget);
 6. write a report directory (``index.md`` with every table and plot, the CSV/Parquet data behind them).
@@ -292,8 +292,9 @@ def run_demo(cfg: DemoConfig) -> int:
     comparison = comparison.drop_duplicates(["model", "ranks", "global_batch"])
     report.data("predicted_vs_measured", comparison)
     report.section("3. Predicted vs measured (calibrated local profile)")
-    report.text(f"Calibrated from `{bench_csv.name}` (bench-hvd: Horovod's allreduce, 2 ranks) and, per model, two 1-rank runs side "
-                f"by side (the per-core rate on a loaded node, `calibration/`); profile: `{profile_path.name}`. "
+    report.text(f"Calibrated from `{bench_csv.name}` (bench-hvd: Horovod's allreduce, 2 ranks) and, per model, "
+                f"two 1-rank runs side by side (the per-core rate on a loaded node, `calibration/`); "
+                f"profile: `{profile_path.name}`. "
                 "Error = predicted / measured − 1. The 1-rank points ran alone, with the second core idle and "
                 "so faster than a loaded core: their error shows that effect, not communication.")
     report.table(comparison[["model", "ranks", "global_batch", "predicted_s", "predicted_compute_s",

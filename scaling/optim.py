@@ -132,7 +132,7 @@ class LARS(Optimizer):
                                         or chunk_bytes < 0):
             raise ValueError(f"LARS chunk_bytes must be None or an int >= 0, got {chunk_bytes!r}")
         self._chunk_bytes = chunk_bytes
-        self._plans: dict[int, tuple[dict[str, Any], tuple[Any, ...], list[_Chunk]]] = {}
+        self._plans: dict[int, tuple[dict[str, Any], tuple[Any, ...], list[_Segment]]] = {}
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         clip=clip, exclude_1d=exclude_1d, lars=None)
         super().__init__(params, defaults)
@@ -185,37 +185,32 @@ class LARS(Optimizer):
     # -- internals -------------------------------------------------------------------------------------------
 
     def _chunks(self, params: list[Tensor]) -> list[list[Tensor]]:
-        """``params`` split by (device, dtype), then into runs of at most ``chunk_bytes`` (one tensor at least)."""
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-        for p in params:
-            by_kind[(p.device, p.dtype)].append(p)
+        """``params`` (one device and dtype) in runs of at most ``chunk_bytes`` (one tensor at least)."""
+        budget = self._chunk_bytes
+        if budget is None:
+            budget = DEFAULT_CPU_CHUNK_BYTES if params and params[0].device.type == "cpu" else 0
+        if budget == 0:
+            return [params] if params else []
         chunks: list[list[Tensor]] = []
-        for (device, _), same in by_kind.items():
-            budget = self._chunk_bytes
-            if budget is None:
-                budget = DEFAULT_CPU_CHUNK_BYTES if device.type == "cpu" else 0
-            if budget == 0:
-                chunks.append(same)
-                continue
-            current: list[Tensor] = []
-            size = 0
-            for p in same:
-                nbytes = p.numel() * p.element_size()
-                if current and size + nbytes > budget:
-                    chunks.append(current)
-                    current, size = [], 0
-                current.append(p)
-                size += nbytes
-            if current:
+        current: list[Tensor] = []
+        size = 0
+        for p in params:
+            nbytes = p.numel() * p.element_size()
+            if current and size + nbytes > budget:
                 chunks.append(current)
+                current, size = [], 0
+            current.append(p)
+            size += nbytes
+        if current:
+            chunks.append(current)
         return chunks
 
     def _new_plan(self, group: dict[str, Any], with_grad: list[Tensor]) -> list[_Segment]:
         """Segments (one per device and dtype) of ``with_grad``, with their chunks, states and scalar buffers.
 
-        Built on the first step and again whenever the set of parameters with gradients, the exclusion rule or η
-        changes, or a state is loaded; every later step reuses it, so a step does no per-tensor Python work
-        beyond reading ``.grad``.
+        Built on the first step and again whenever the set of parameters with gradients, the exclusion rule, η or
+        whether there is momentum changes, or a state is loaded; every later step reuses it, so a step does no
+        per-tensor Python work beyond reading ``.grad``.
         """
         by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
         for p in with_grad:
@@ -230,7 +225,8 @@ class LARS(Optimizer):
         sdtype = _scalar_dtype(dtype)
         scalars = torch.empty((2, total), dtype=sdtype, device=device)
         states = []
-        for j, p in enumerate(params):
+        # Without momentum the update needs no state (v = s·(g + β·w)): no accumulator is allocated.
+        for j, p in enumerate(params if group["momentum"] != 0 else ()):
             state = self.state[p]
             if _ACCUMULATOR not in state:
                 state[_ACCUMULATOR] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -264,14 +260,15 @@ class LARS(Optimizer):
         return _Segment(chunks=chunks, states=states, accumulators=[st[_ACCUMULATOR] for st in states],
                         scalars=scalars, work=torch.zeros((2, total), dtype=sdtype, device=device),
                         factors=factors, ratio=ratio, eta=eta,
-                        since_rescale=max(st[_SINCE_RESCALE] for st in states))
+                        since_rescale=max((st[_SINCE_RESCALE] for st in states), default=0))
 
     def _step_group(self, group: dict[str, Any]) -> None:
         with_grad = [p for p in group["params"] if p.grad is not None]
         for p in with_grad:
             if p.grad.is_sparse:
                 raise RuntimeError("LARS does not support sparse gradients")
-        key = (group["lars"], group["exclude_1d"], group["trust_coefficient"], *map(id, with_grad))
+        key = (group["lars"], group["exclude_1d"], group["trust_coefficient"], group["momentum"] == 0,
+               *map(id, with_grad))
         cached = self._plans.get(id(group))
         if cached is None or cached[0] is not group or cached[1] != key:
             cached = (group, key, self._new_plan(group, with_grad))

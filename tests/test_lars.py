@@ -123,8 +123,9 @@ def test_clip_mode_matches_reference_and_caps_the_ratio():
 
 
 def test_no_momentum_matches_reference():
-    _, params, weights, _, _ = run_both(20, warmup_then_poly, momentum=0.0)
+    opt, params, weights, _, _ = run_both(20, warmup_then_poly, momentum=0.0)
     assert max_diff(params, weights) < 1e-12
+    assert not any(opt.state.values())   # no velocity to keep: no model-sized accumulator either
 
 
 def test_long_run_with_accumulator_rescaling_matches_reference():

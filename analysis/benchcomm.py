@@ -49,6 +49,8 @@ OPERATIONS = ("allreduce", "pingpong", "reduce_local")
 # one Horovod allreduce (op=Average) of a float32 tensor, the path a training step's gradients take.
 HOROVOD_OPERATIONS = ("horovod_allreduce",)
 CSV_OPERATIONS = OPERATIONS + HOROVOD_OPERATIONS
+# Operations whose time is an allreduce's: MPI's (bench-comm) and Horovod's own path (bench-hvd).
+ALLREDUCE_OPERATIONS = ("allreduce", "horovod_allreduce")
 CSV_COLUMNS = (
     "operation", "ranks", "nodes", "ranks_per_node", "bytes", "elements", "dtype",
     "iterations_per_rep", "repetitions", "mean_s", "median_s", "std_s", "ci95_low_s", "ci95_high_s",
@@ -155,7 +157,7 @@ def bandwidths(operation: str, nbytes: int, seconds: float, ranks: int) -> tuple
     if seconds <= 0:
         return math.inf, math.inf
     algbw = nbytes / seconds / 1e9
-    if operation in ("allreduce", "horovod_allreduce"):
+    if operation in ALLREDUCE_OPERATIONS:
         return algbw, algbw * 2 * (ranks - 1) / ranks
     return algbw, algbw   # pingpong: one-way link bandwidth; reduce_local: bytes reduced per second
 

@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.benchcomm import ALLREDUCE_OPERATIONS, CSV_OPERATIONS
 from analysis.comm import allreduce_terms, check_algorithm
 
 # Columns of the joint design matrix: the five model parameters and the numpy-call overhead of reduce_local.
@@ -70,8 +71,6 @@ PARAMETERS = ("alpha_intra_s", "alpha_inter_s", "beta_intra_s_per_byte", "beta_i
               "gamma_s_per_byte", "reduce_local_overhead_s")
 LINK_COLUMNS = {"intra": (0, 2), "inter": (1, 3)}
 DEFAULT_GAMMA_S_PER_BYTE = 1.0 / 10e9     # analysis.machine.Network.reduce_gbytes_per_s default (10 GB/s)
-# Operations whose time is an allreduce's: MPI's (bench-comm) and Horovod's own path (bench-hvd).
-ALLREDUCE_OPERATIONS = ("allreduce", "horovod_allreduce")
 
 
 def default_operations(rows: Iterable[dict[str, Any]]) -> tuple[str, ...]:
@@ -229,7 +228,7 @@ def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_pe
         raise CalibrationError("no bench-comm rows with a positive time")
     if operations is None:
         operations = default_operations(all_rows)
-    unknown = [op for op in operations if op not in (*ALLREDUCE_OPERATIONS, "pingpong", "reduce_local")]
+    unknown = [op for op in operations if op not in CSV_OPERATIONS]
     if unknown:
         raise CalibrationError(f"unknown operation(s) to fit: {', '.join(unknown)}")
     if not 0 <= horovod_wait_s < math.inf:

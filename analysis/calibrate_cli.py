@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "larscale bench-comm ...) or give --ranks N to have it start N local ranks itself.",
     )
     add_bench_arguments(bench, operations="allreduce,pingpong,reduce_local")
-    bench.set_defaults(handler=run_bench_comm)
+    bench.set_defaults(handler=run_bench)
 
     cal = subparsers.add_parser(
         "calibrate",
@@ -98,10 +98,6 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
             "--min-rep-ms", str(args.min_rep_ms), "--max-seconds-per-size", str(args.max_seconds_per_size),
             "--operations", args.operations, "--label", args.label]
     return argv + (["--out", args.out] if args.out else [])
-
-
-def run_bench_comm(args: argparse.Namespace) -> int:
-    return run_bench(args)
 
 
 def run_bench(args: argparse.Namespace, subcommand: str = "bench-comm", factories_of=None) -> int:

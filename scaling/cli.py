@@ -50,9 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_bench_hvd(args: argparse.Namespace) -> int:
-    from scaling.hvdcomm import run_bench_hvd as run
+    from analysis.calibrate_cli import run_bench
+    from scaling.hvdcomm import horovod_factories
 
-    return run(args)
+    return run_bench(args, subcommand="bench-hvd", factories_of=horovod_factories)
 
 
 def run_smoke(args: argparse.Namespace) -> int:

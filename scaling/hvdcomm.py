@@ -27,10 +27,8 @@ subtracts the expected wait of back-to-back calls (see :func:`analysis.calibrate
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable
-from typing import Any
 
 
 def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None]]], str]:
@@ -66,9 +64,3 @@ def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None
         return call
 
     return {"horovod_allreduce": horovod_allreduce}, library
-
-
-def run_bench_hvd(args: argparse.Namespace) -> Any:
-    from analysis.calibrate_cli import run_bench
-
-    return run_bench(args, subcommand="bench-hvd", factories_of=horovod_factories)

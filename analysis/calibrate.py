@@ -27,7 +27,7 @@ thread's cycle, negotiation, the collective, the scaling). When a CSV has them t
 
 ``pingpong`` rows (one-way time ``α + n·β`` of one link) are fitted separately and reported as a diagnostic,
 not used in the joint fit by default: the library's allreduce need not run at the point-to-point link rate
-(over Open MPI's TCP BTL with one connection per peer pair, a 2-rank allreduce moved data at about half the
+(over Open MPI's TCP BTL with its default RDMA put protocol, a 2-rank allreduce moved data at about half the
 ping-pong rate, see tests/netns.py), and the model must reproduce the allreduce, the operation it predicts.
 
 Compute (from training run directories, ``scaling/`` schema: ``summary.json`` + ``steps/rank-*.jsonl``).
@@ -37,6 +37,10 @@ slowest-rank non-communication time ``step_s − allreduce_s``. That gives ``mea
 ``t = F·(b + h)/(d·P·s)`` (F FLOPs per image at the run's image size, d devices the rank drives, P peak):
 ``t·d·P/F = b/s + h/s`` is a line in b, so a least-squares line gives the sustained fraction s and the
 half-efficiency batch h shared by all models.
+
+Runs of one workload that ran side by side on the same host (one 1-rank run per device, so that each is
+measured with its neighbours busy) are combined step by step, the slowest per step, before the fit: a
+synchronous step waits for its slowest rank (:func:`pace_side_by_side`; ``--runs-apart`` keeps them apart).
 
 Measured throughput at a non-native image size (a 64-pixel ResNet-50 run) is stored under the key
 ``"<model>@<size>"`` so that a prediction at the native size never reads it (:func:`workload_key`,
@@ -52,6 +56,7 @@ compute?) and are carried over from the base profile, as the ``calibration.from_
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -376,6 +381,12 @@ class RunMeasurement:
     compute_s: float
     optimizer_s: float
     data_s: float
+    # Where and when it ran, and its measured steps (the slowest rank's times, :data:`STEP_TIMES`): what
+    # :func:`pace_side_by_side` needs. Empty for a measurement built by hand.
+    hosts: tuple[str, ...] = ()
+    started_at: str | None = None
+    finished_at: str | None = None
+    steps: tuple[dict[str, float], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def images_per_s(self) -> float:
@@ -383,9 +394,78 @@ class RunMeasurement:
         return self.batch_per_rank / self.busy_s
 
 
-def _median_of_slowest(per_rank: list[list[dict[str, Any]]], key) -> list[float]:
+# Per measured step, each the slowest rank's: busy_s is step_s − allreduce_s (the step without communication).
+STEP_TIMES = ("step_s", "busy_s", "allreduce_s", "compute_s", "optimizer_s", "data_s")
+
+
+def _slowest_per_step(per_rank: list[list[dict[str, Any]]]) -> tuple[dict[str, float], ...]:
+    """Step by step (paired by position), each time's maximum over the ranks."""
     steps = min(len(r) for r in per_rank)
-    return [max(key(r[k]) for r in per_rank) for k in range(steps)]
+    return tuple({name: max(_step_time(r[k], name) for r in per_rank) for name in STEP_TIMES} for k in range(steps))
+
+
+def _step_time(record: dict[str, Any], name: str) -> float:
+    return record["step_s"] - record["allreduce_s"] if name == "busy_s" else record[name]
+
+
+def _with_steps(run: RunMeasurement, steps: tuple[dict[str, float], ...], **changes: Any) -> RunMeasurement:
+    """``run`` with its step statistics recomputed from ``steps`` (medians; the step's mean too)."""
+    def median(name: str) -> float:
+        return statistics.median(s[name] for s in steps)
+
+    return dataclasses.replace(
+        run, steps=steps, steps_measured=len(steps), step_s=median("step_s"),
+        step_s_mean=statistics.fmean(s["step_s"] for s in steps), busy_s=median("busy_s"),
+        allreduce_s=median("allreduce_s"), compute_s=median("compute_s"), optimizer_s=median("optimizer_s"),
+        data_s=median("data_s"), **changes)
+
+
+def pace_side_by_side(runs: Sequence[RunMeasurement]) -> tuple[list[RunMeasurement], list[str]]:
+    """Runs of one workload that ran side by side on the same host(s) become one measurement, paced by the slowest.
+
+    Calibration runs one 1-rank run per device at once so that each device is measured with its neighbours
+    busy, as in a multi-rank run. But a synchronous data-parallel step ends when its slowest rank ends, and the
+    devices of a node need not be equal: here the two cores' side-by-side ResNet-50 runs took 0.25-0.27 s and
+    0.35-0.40 s a step, and the 2-rank run followed the slower one. The mean of the two rates predicts a rank
+    nobody waits for. So runs with the same model, image size, per-rank batch, ranks and threads, the same
+    hosts, and overlapping start-finish times are combined step by step (paired by position, the first
+    measured steps together; the shorter run sets the count): each step time is the maximum over the runs.
+    Runs without hosts, times or steps are left as they are. Returns the runs and one note per combination.
+    """
+    def key(run: RunMeasurement) -> tuple:
+        return (run.model, run.image_size, run.batch_per_rank, run.ranks, run.threads_per_rank, run.hosts)
+
+    def span(run: RunMeasurement) -> tuple[_dt.datetime, _dt.datetime]:
+        return _dt.datetime.fromisoformat(run.started_at), _dt.datetime.fromisoformat(run.finished_at)
+
+    eligible = [r for r in runs if r.hosts and r.started_at and r.finished_at and r.steps]
+    groups: list[list[RunMeasurement]] = []
+    for run in sorted(eligible, key=lambda r: (repr(key(r)), span(r)[0])):
+        last = groups[-1] if groups else None
+        if last and key(last[0]) == key(run) and span(run)[0] < max(span(r)[1] for r in last):
+            last.append(run)
+        else:
+            groups.append([run])
+    combined = {id(group[0]): group for group in groups if len(group) > 1}
+    grouped = {id(r) for group in combined.values() for r in group}
+    out: list[RunMeasurement] = []
+    notes: list[str] = []
+    for run in runs:
+        if id(run) in combined:
+            group = combined[id(run)]
+            count = min(len(r.steps) for r in group)
+            steps = tuple({name: max(r.steps[k][name] for r in group) for name in STEP_TIMES} for k in range(count))
+            paths = " + ".join(r.path for r in group)
+            out.append(_with_steps(run, steps, path=paths, started_at=min(r.started_at for r in group),
+                                   finished_at=max(r.finished_at for r in group)))
+            rates = ", ".join(f"{r.images_per_s:.3g}" for r in group)
+            notes.append(f"{len(group)} runs of {workload_key(run.model, run.image_size)} at b={run.batch_per_rank} "
+                         f"ran side by side on {','.join(run.hosts)} ({paths}): combined step by step, the slowest "
+                         f"per step (a synchronous step waits for its slowest rank): {out[-1].images_per_s:.3g} "
+                         f"images/s, the runs alone {rates}")
+        elif id(run) not in grouped:
+            out.append(run)
+    return out, notes
 
 
 @dataclass(frozen=True)
@@ -459,18 +539,15 @@ def read_run(run_dir: str | Path, warmup_steps: int | None = None,
     per_rank = [[r for r in records if r["step"] >= first_step + skip] for records in per_rank]
     if min(len(r) for r in per_rank) < 1:
         raise CalibrationError(f"{root}: no steps left after excluding {skip} warm-up step(s)")
-    step = _median_of_slowest(per_rank, lambda r: r["step_s"])
-    busy = _median_of_slowest(per_rank, lambda r: r["step_s"] - r["allreduce_s"])
     config = summary.get("config") or {}
-    return RunMeasurement(
+    blank = RunMeasurement(
         path=str(root), model=str(summary["model"]), image_size=config.get("image_size"),
         ranks=int(summary["ranks"]), batch_per_rank=int(summary["batch_per_rank"]),
-        threads_per_rank=summary.get("threads_per_rank"), steps_measured=len(step),
-        step_s=statistics.median(step), step_s_mean=statistics.fmean(step), busy_s=statistics.median(busy),
-        allreduce_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["allreduce_s"])),
-        compute_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["compute_s"])),
-        optimizer_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["optimizer_s"])),
-        data_s=statistics.median(_median_of_slowest(per_rank, lambda r: r["data_s"])))
+        threads_per_rank=summary.get("threads_per_rank"), steps_measured=0, step_s=math.nan, step_s_mean=math.nan,
+        busy_s=math.nan, allreduce_s=math.nan, compute_s=math.nan, optimizer_s=math.nan, data_s=math.nan,
+        hosts=tuple(sorted(str(h) for h in summary.get("hosts") or ())), started_at=summary.get("started_at"),
+        finished_at=summary.get("finished_at"))
+    return _with_steps(blank, _slowest_per_step(per_rank))
 
 
 def read_runs(run_dirs: Sequence[str | Path], warmup_steps: int | None = None
@@ -508,11 +585,12 @@ class ComputeFit:
 
 
 def fit_compute(runs: Sequence[RunMeasurement], peak_flops_per_device: float, cores_per_device: float = 1.0,
-                default_half_efficiency_batch: float = 4.0) -> ComputeFit:
+                default_half_efficiency_batch: float = 4.0, notes: Sequence[str] = ()) -> ComputeFit:
     """Measured images/s per (model, batch) and the FLOP model's s and h fitted to all runs at once.
 
     ``cores_per_device`` turns a run's threads into the devices it drove (CPU profiles count cores or
-    sockets as devices); a run without a thread count drives one device.
+    sockets as devices); a run without a thread count drives one device. ``notes`` (e.g. from
+    :func:`pace_side_by_side`) head the fit's notes.
     """
     from analysis.workload import load_workload
 
@@ -528,7 +606,7 @@ def fit_compute(runs: Sequence[RunMeasurement], peak_flops_per_device: float, co
         # y = t·d·P/F = b/s + h/s : a line in b.
         y = run.busy_s * devices * peak_flops_per_device / workload.flops_per_image
         points.append((run, key, workload.flops_per_image, devices, y))
-    notes = []
+    notes = list(notes)
     b = np.array([float(p[0].batch_per_rank) for p in points])
     y = np.array([p[4] for p in points])
     if len(set(b.tolist())) >= 2:

@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--fit-max-bytes", default="1G", help="largest message size fitted (default 1G)")
     cal.add_argument("--with-pingpong", action="store_true",
                      help="also fit the ping-pong rows jointly (default: reported as a diagnostic only)")
+    cal.add_argument("--runs-apart", action="store_true",
+                     help="fit every run on its own (default: runs of one workload that ran side by side on the same "
+                     "host are combined step by step, the slowest per step, as a synchronous step waits for it)")
     cal.add_argument("--warmup-steps", type=int, default=None,
                      help="steps to drop at the start of each run (default: the run's warmup_steps_excluded)")
     cal.add_argument("--strict", action="store_true",
@@ -154,6 +157,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         format_base_properties,
         format_report,
         horovod_cycle_wait_s,
+        pace_side_by_side,
         profile_yaml,
         read_runs,
     )
@@ -194,10 +198,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
                 return 1
             if not runs:
                 raise UsageError(f"none of the {len(args.runs)} run(s) given with --runs is usable (see above)")
+            paced: list[str] = []
+            if not args.runs_apart:
+                runs, paced = pace_side_by_side(runs)
             devices = base.node.devices
             cores_per_device = base.node.cores / devices.count if devices.kind == "cpu" else 1.0
             compute = fit_compute(runs, devices.peak_tflops["fp32"] * 1e12, cores_per_device=cores_per_device,
-                                  default_half_efficiency_batch=base.compute.half_efficiency_batch)
+                                  default_half_efficiency_batch=base.compute.half_efficiency_batch, notes=paced)
         data = calibrated_profile(base, comm, compute, name=args.name,
                                   inputs={"bench": list(args.bench), "runs": list(args.runs),
                                           "skipped": [str(p) for p in skipped]})

@@ -293,7 +293,8 @@ def run_demo(cfg: DemoConfig) -> int:
     report.data("predicted_vs_measured", comparison)
     report.section("3. Predicted vs measured (calibrated local profile)")
     report.text(f"Calibrated from `{bench_csv.name}` (bench-hvd: Horovod's allreduce, 2 ranks) and, per model, "
-                f"two 1-rank runs side by side (the per-core rate on a loaded node, `calibration/`); "
+                f"two 1-rank runs side by side (the per-core rate on a loaded node, combined step by step, "
+                f"the slower per step, as a synchronous step waits for its slowest rank: `calibration/`); "
                 f"profile: `{profile_path.name}`. "
                 "Error = predicted / measured − 1. The 1-rank points ran alone, with the second core idle and "
                 "so faster than a loaded core: their error shows that effect, not communication.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from analysis.calibrate import (
     fit_comm,
     fit_compute,
     horovod_cycle_wait_s,
+    pace_side_by_side,
     profile_yaml,
     workload_key,
 )
@@ -149,6 +151,42 @@ def _runs(rng, sustained: float, half: float, peak: float) -> list[RunMeasuremen
                                        step_s=busy, step_s_mean=busy, busy_s=busy, allreduce_s=0.0,
                                        compute_s=0.8 * busy, optimizer_s=0.2 * busy, data_s=0.0))
     return runs
+
+
+def _timed_run(path: str, busy: list[float], start: str, finish: str, batch: int = 4,
+               hosts: tuple[str, ...] = ("node1",)) -> RunMeasurement:
+    steps = tuple({"step_s": b, "busy_s": b, "allreduce_s": 0.0, "compute_s": 0.8 * b, "optimizer_s": 0.2 * b,
+                   "data_s": 0.0} for b in busy)
+    return RunMeasurement(path=path, model="resnet50", image_size=64, ranks=1, batch_per_rank=batch,
+                          threads_per_rank=1, steps_measured=len(busy), step_s=float(np.median(busy)),
+                          step_s_mean=float(np.mean(busy)), busy_s=float(np.median(busy)), allreduce_s=0.0,
+                          compute_s=0.0, optimizer_s=0.0, data_s=0.0, hosts=hosts,
+                          started_at=f"2026-11-21T10:{start}+00:00", finished_at=f"2026-11-21T10:{finish}+00:00",
+                          steps=steps)
+
+
+def test_runs_side_by_side_are_paced_by_the_slowest_per_step() -> None:
+    fast = _timed_run("fast", [0.25, 0.26, 0.27, 0.25], "00:00", "00:05")
+    slow = _timed_run("slow", [0.36, 0.24, 0.40, 0.38, 0.37], "00:01", "00:06")
+    later = _timed_run("later", [0.30, 0.30, 0.30], "05:00", "05:03")              # same workload, alone
+    other_batch = _timed_run("b8", [0.5, 0.5, 0.5], "00:00", "00:05", batch=8)      # ran beside, other workload
+    other_host = _timed_run("elsewhere", [0.9, 0.9, 0.9], "00:00", "00:05", hosts=("node2",))
+    runs, notes = pace_side_by_side([fast, slow, later, other_batch, other_host])
+    assert [r.path for r in runs] == ["fast + slow", "later", "b8", "elsewhere"]
+    combined = runs[0]
+    # Step k of the pair is the slower of the two step k's; the shorter run sets the count.
+    assert [s["busy_s"] for s in combined.steps] == [0.36, 0.26, 0.40, 0.38]
+    assert combined.busy_s == pytest.approx(0.37) and combined.steps_measured == 4
+    assert combined.step_s_mean == pytest.approx(np.mean([0.36, 0.26, 0.40, 0.38]))
+    assert combined.compute_s == pytest.approx(0.8 * 0.37)
+    assert (combined.started_at, combined.finished_at) == (fast.started_at, slow.finished_at)
+    assert runs[1:] == [later, other_batch, other_host]
+    assert len(notes) == 1 and "fast + slow" in notes[0] and "slowest" in notes[0]
+    # The fit reports the combination; runs built without hosts or times are never combined.
+    fit = fit_compute(runs, peak_flops_per_device=0.1e12, notes=notes)
+    assert fit.notes[0] == notes[0]
+    bare = [dataclasses.replace(r, hosts=()) for r in (fast, slow)]
+    assert pace_side_by_side(bare) == (bare, [])
 
 
 def test_compute_fit_recovers_sustained_fraction_and_half_batch() -> None:

@@ -3,10 +3,10 @@
 ``larscale bench-comm`` times ``MPI_Allreduce`` through mpi4py. A training step does not call that: each
 gradient goes through ``hvd.allreduce_async_`` to Horovod's background thread, which negotiates readiness with
 the other ranks (the controller), fuses what is ready into its fusion buffer, calls the collective and scales
-the result (op=Average). Over shared memory the two cost about the same; over TCP through a rate-limited veth
-Horovod's path was up to 1.7× slower than the plain allreduce on this machine (its background thread and the
-controller share the cores and the sockets). A model calibrated on the plain allreduce then predicts a
-communication-bound step too fast.
+the result (op=Average). The two can differ: over TCP through a rate-limited veth Horovod's path was up to 1.7×
+slower than the plain allreduce on this machine, because its background threads enter each collective a little
+apart and Open MPI's TCP put protocol then serialised the two directions (tests/netns.py; gone with ``put``
+off). Whatever the cause, a model calibrated on a path the gradients do not take predicts the wrong step.
 
 This command runs the same harness as bench-comm (:mod:`analysis.benchcomm`: warm-up, barrier-synchronised
 repetitions, max over ranks, median and 95 % CI, one CSV row per size) on the operation

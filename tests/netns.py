@@ -28,10 +28,31 @@ machine (2-core VM, kernel 6.18 with HZ=250, Open MPI 4.1.4, mpi4py ping-pong an
    the 2-rank Allreduce took 280–290 ms whatever the algorithm (``coll_tuned_allreduce_algorithm`` 2, 3, 4, 6)
    and 233 ms with 4 MiB socket buffers (``btl_tcp_sndbuf/rcvbuf``). With ``--mca btl_tcp_links 2`` (two TCP
    connections per peer pair) it takes 158–168 ms, ~90 % of the link rate (64 MiB: 600 ms vs 537 ms ideal).
+   **Then a control message stuck behind a 32 MiB fragment.** Even with two links, a 64 MiB allreduce took
+   580, 840 or 1140 ms call to call (link time 537 ms; steps of one 32 MiB phase, 268 ms) once Horovod was
+   initialised in the process, and Horovod's own allreduce the same. The TCP BTL advertises RDMA ``put``, so
+   above ``btl_tcp_min_rdma_pipeline_size`` ob1 moves a large message with the RDMA pipeline protocol, and
+   ``btl_tcp_rdma_pipeline_frag_size`` is 2 GiB by default: the rest of the message is *one* put fragment,
+   and a TCP endpoint sends its fragments in order. When the ranks enter the exchange a little apart
+   (Horovod's background threads do), a rank's reply to its peer's request is queued behind its own 32 MiB
+   put, and the peer's half starts only when that put has crossed the link: the two directions run one after
+   the other. Two fixes were measured (64 MiB Horovod allreduces, 32 calls each): 256 KiB put fragments
+   (``btl_tcp_rdma_pipeline_frag_size 262144``) gave 567-586 ms in 30 calls (the others ~660 ms), but in
+   training the allreduces running beside the backward pass then moved at half the link rate (a receiver
+   must ask for every fragment, and its progress thread shares a busy core) and 64 MiB buckets still lost a
+   whole phase in 3 steps of 4 (800 ms); without ``put`` (``btl_tcp_flags send,inplace,need-ack,need-csum``:
+   ob1's send pipeline, which the sender drives) the microbenchmark gave 570-594 ms and the training buckets
+   took 6-27 % more than the link time (AlexNet's 67 MB fc7 in 583-620 ms, 750 ms twice in 8 steps; 151 MB
+   fc6 in 1.28-1.43 s). The flags are used, with *one* link: without put, two links per peer pair hung a plain
+   256 KiB ``MPI_Allreduce`` every time (Open MPI 4.1.4), and one link then runs both directions at once: a
+   64 MiB mpi4py allreduce in 578-583 ms, Horovod's in 568-592 ms (one 668 in 32); in training (8 steps)
+   fc8's 16 MB in 147-235 ms beside the backward pass (link 131 ms), fc7 in 569-708 ms (537), fc6 in
+   1.27-1.46 s (1.21). The half-duplex allreduce above was this same stall, which two links had made rarer.
 3. **tbf shape.** burst 128 KiB (as in the recipe): a 32 KiB bucket slowed the allreduce by a third
    (16 MiB 213 ms vs 158 ms); queue ``latency`` 10 or 100 ms made no difference once (2) was fixed; 20 ms is
    used (a bounded queue). Messages below the burst pass at veth speed, so the measured cost is not affine
-   around the burst size: calibration fits the large sizes well and the small ones roughly.
+   around the burst size: tests/test_predicted_vs_measured.py fits from twice the burst up, the range
+   gradient buckets live in.
 4. **Start-up flakes** seen while measuring, avoided here: the daemon in the second namespace crashed once in
    ``hwloc_shmem_topology_write`` (the rtc/hwloc component shares the topology through shared memory mapped
    at a fixed address) → ``--mca rtc ^hwloc``; a start failed with ``mkdir .../ompi.<host>.0/jf.N: File
@@ -57,8 +78,8 @@ from pathlib import Path
 import pytest
 
 # Open MPI options for ranks on the emulated hosts, each one explained in the module docstring.
-TUNED_MCA = ("--bind-to", "none", "--mca", "mpi_yield_when_idle", "1", "--mca", "btl_tcp_links", "2",
-             "--mca", "rtc", "^hwloc")
+TUNED_MCA = ("--bind-to", "none", "--mca", "mpi_yield_when_idle", "1",
+             "--mca", "btl_tcp_flags", "send,inplace,need-ack,need-csum", "--mca", "rtc", "^hwloc")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:

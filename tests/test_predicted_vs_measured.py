@@ -5,7 +5,9 @@ For AlexNet (227 px) and ResNet-50 (64 px, to keep it fast) at 4 images per rank
 1. compute: 1-rank training runs (``python -m scaling.train``, no communication). Two of them run side by
    side, one per core, because a data-parallel run keeps every core busy and a core's throughput depends on
    what its neighbour does (shared caches and memory bandwidth, clocks, and on a VM possibly an SMT sibling):
-   the per-device rate is measured with all devices of the node loaded, as one would on a cluster node;
+   the per-device rate is measured with all devices of the node loaded, as one would on a cluster node.
+   ``larscale calibrate`` combines the two step by step, the slower per step: a synchronous step waits for its
+   slowest rank, and this VM's two cores differ (0.25-0.27 s against 0.35-0.40 s a ResNet-50 step in one run);
 2. communication: ``larscale bench-hvd`` between 2 ranks over the same transport as the training run: Horovod's
    own allreduce, the path the gradients take (with the fusion and cycle settings of the training runs);
 3. ``larscale calibrate`` writes a profile; ``analysis.predict`` predicts the 2-rank iteration time;
@@ -35,28 +37,34 @@ from scaling.launch import local_env, rank_command
 from tests.conftest import REPO
 from tests.netns import NetnsPair, netns_available
 
-# Shared memory met the bar in three runs in a row on a quiet machine (-3.8/+9.5 %, -2.5/-7.1 %, -3.1/+9.5 %) but
-# not in the fresh-clone CI run that followed (ResNet-50 -23.4 %: its 2-rank step measured 0.41 s against 0.30-0.34 s
-# in the other runs, with the same calibration inputs): not reliable yet either, so it is expected to fail too.
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(strict=False, reason="issue #7 open: predicted-vs-measured within "
-                                                  "15 % not reliable yet (see the comments above the cases)")]
+# The veth case failed the bar in earlier sessions by -32 to -38 %: Open MPI's TCP put protocol serialised the two
+# directions of Horovod's large allreduces (1.0-2.0x the link time, call to call: tests/netns.py, point 2). With
+# put off and the fit made above the tbf burst it is a plain test: -2.8 to -14.3 % in eight runs (two TCP links
+# per peer pair), -2.9 to -12.7 % in two runs with the final options (one link, tests/netns.py).
+pytestmark = pytest.mark.slow
 
-# Issue #7 is open on the veth case. Through the tbf-limited veth (1 Gbit/s, link time of a 64 MiB 2-rank
-# allreduce 537 ms), a plain mpi4py 64 MiB allreduce takes 565-590 ms every time — but 580, 840 or 1140 ms
-# (whole steps of ~270 ms: one 32 MiB phase not running both ways at once) as soon as Horovod is initialised in
-# the process, its background thread idle, with HOROVOD_CYCLE_TIME 1 or 50 ms, response cache on or off, and
-# the same for Horovod's own allreduce, whether the main thread spins (Horovod's wait) or sleeps; no drop or
-# retransmission in the tbf and TCP counters. Which mode a call lands in changes call to call and run to run
-# (AlexNet's 244 MB gradient allreduce alone: 2.2-4.0 s; 2-rank AlexNet runs' mean step: 3.0-3.9 s), so a
-# benchmark and a dozen training steps land in different mixtures and the 15 % bar holds only in some runs.
-# The test runs in full and prints the table.
-VETH_XFAIL = pytest.mark.xfail(strict=False, reason="issue #7 open: TCP over the tbf veth is multimodal (1.0-2x "
-                               "the link time per allreduce, run to run); 15 % not reliable")   # explains the case
+# Issue #7 stays open on shared memory: the bar held in the six undisturbed runs of this session (worst case per
+# run -14.7, -13.3, -11.2, -4.3, +0.3, +6.9 %), but with a thin margin and a spread of ~7 %, and a CI run of the
+# previous session gave -23.4 %. Two measured causes: (1) the shared-memory bench-hvd is bimodal run to run (64 MiB
+# in 22-27 ms in some runs, 40-80 ms in others: each rank's waiting main thread and Horovod's thread share two
+# cores with the other rank's), and the calibrated β with it (fitted communication per AlexNet step 0.044 or
+# 0.092 s), while the 2-rank runs' communication cost barely changes; (2) inside training the copies and adds
+# compete with the backward pass for the same cores and caches: the 2-rank step's non-waiting time exceeded the
+# 1-rank runs' by 0.09-0.12 s in a run whose bench fit gave 0.044 s. Binding each rank to a core (tried) made
+# it worse (-16.8 % and +19.3 %). The test runs in full and prints the table.
+SHM_XFAIL = pytest.mark.xfail(strict=False, reason="issue #7 open: shared-memory prediction within 15 % not "
+                              "reliable (bimodal shared-memory bench, contention with the backward pass)")
 
 CASES = (("alexnet", 227, 4), ("resnet50", 64, 4))    # model, image size, images per rank
 STEPS, WARMUP = 14, 3
 TOLERANCE = 0.15
 RATE_MBIT = 1000
+# The tbf bucket (NetnsPair.burst_bytes, 128 KiB) lets a message that fits in it pass at veth speed, so below ~2 buckets
+# the cost over the link is not affine in the size. Fitted from 0-64 MiB the line bends to those points: in one
+# run β came out 7.8 ns/B (faster than the 1 Gbit/s limit allows) and the 16-64 MiB allreduces 10-11 % above the
+# line; from 256 KiB up the same rows fit within 4 % from 1 to 64 MiB (β 8.6 ns/B: payload after TCP/IP headers).
+# Gradient buckets of both models are 1-150 MB: the fit is made where they live.
+VETH_FIT_MIN_BYTES = 2 * NetnsPair.burst_bytes
 # Two ranks and Horovod's background threads share 2 cores: a rank waiting in MPI yields instead of spinning.
 SHM_MCA = ("--mca", "mpi_yield_when_idle", "1")
 BENCH = ("--max-bytes", "64M", "--factor", "4", "--warmup", "2", "--repetitions", "10", "--min-rep-ms", "1",
@@ -113,9 +121,9 @@ def one_rank_runs(tmp_path_factory) -> list[Path]:
     return dirs
 
 
-def calibrate(base: str | Path, bench_csv: Path, runs: list[Path], out: Path) -> Path:
+def calibrate(base: str | Path, bench_csv: Path, runs: list[Path], out: Path, fit_min_bytes: int = 4) -> Path:
     argv = [sys.executable, "-m", "larscale", "calibrate", "--machine", str(base), "--bench", str(bench_csv),
-            "--runs", *map(str, runs), "--out", str(out), "--name", out.stem]
+            "--runs", *map(str, runs), "--out", str(out), "--name", out.stem, "--fit-min-bytes", str(fit_min_bytes)]
     run(argv, local_env(), "larscale calibrate")
     return out
 
@@ -156,6 +164,7 @@ def check(rows: list[dict]) -> None:
         f"{r['network']} {r['model']} {r['error']:+.1%}" for r in bad)
 
 
+@SHM_XFAIL
 def test_shared_memory(one_rank_runs: list[Path], tmp_path: Path) -> None:
     bench = tmp_path / "shm.csv"
     run([sys.executable, "-m", "larscale", "bench-hvd", "--ranks", "2", "--launcher-args", " ".join(SHM_MCA),
@@ -182,7 +191,6 @@ def veth_base_profile(path: Path) -> Path:
     return path
 
 
-@VETH_XFAIL
 @pytest.mark.netns
 def test_rate_limited_veth(one_rank_runs: list[Path], tmp_path: Path) -> None:
     reason = netns_available()
@@ -196,7 +204,7 @@ def test_rate_limited_veth(one_rank_runs: list[Path], tmp_path: Path) -> None:
                          "horovod_allreduce,pingpong,reduce_local", "--label", f"veth-tbf-{RATE_MBIT}mbit",
                          "--out", str(bench)]), horovod_env(), "bench-hvd (veth)")
         profile = calibrate(veth_base_profile(tmp_path / "local-veth.yaml"), bench, one_rank_runs,
-                            tmp_path / "veth-cal.yaml")
+                            tmp_path / "veth-cal.yaml", fit_min_bytes=VETH_FIT_MIN_BYTES)
         two = {}
         for model, size, batch in CASES:
             out = tmp_path / f"two-{model}"

@@ -398,13 +398,17 @@ class RunMeasurement:
 STEP_TIMES = ("step_s", "busy_s", "allreduce_s", "compute_s", "optimizer_s", "data_s")
 
 
-def _slowest_per_step(per_rank: list[list[dict[str, Any]]]) -> tuple[dict[str, float], ...]:
-    """Step by step (paired by position), each time's maximum over the ranks."""
-    steps = min(len(r) for r in per_rank)
-    return tuple({name: max(_step_time(r[k], name) for r in per_rank) for name in STEP_TIMES} for k in range(steps))
+def _slowest_per_step(sources: Sequence[Sequence[dict[str, Any]]], time_of=lambda step, name: step[name]
+                      ) -> tuple[dict[str, float], ...]:
+    """Step by step (paired by position; the shortest source sets the count), each of :data:`STEP_TIMES` at its
+    maximum over the sources (the ranks of a run, or runs that ran side by side)."""
+    count = min(len(source) for source in sources)
+    return tuple({name: max(time_of(source[k], name) for source in sources) for name in STEP_TIMES}
+                 for k in range(count))
 
 
-def _step_time(record: dict[str, Any], name: str) -> float:
+def _step_log_time(record: dict[str, Any], name: str) -> float:
+    """One of :data:`STEP_TIMES` from a step-log record (which has no busy_s)."""
     return record["step_s"] - record["allreduce_s"] if name == "busy_s" else record[name]
 
 
@@ -453,8 +457,7 @@ def pace_side_by_side(runs: Sequence[RunMeasurement]) -> tuple[list[RunMeasureme
     for run in runs:
         if id(run) in combined:
             group = combined[id(run)]
-            count = min(len(r.steps) for r in group)
-            steps = tuple({name: max(r.steps[k][name] for r in group) for name in STEP_TIMES} for k in range(count))
+            steps = _slowest_per_step([r.steps for r in group])
             paths = " + ".join(r.path for r in group)
             out.append(_with_steps(run, steps, path=paths, started_at=min(r.started_at for r in group),
                                    finished_at=max(r.finished_at for r in group)))
@@ -547,7 +550,7 @@ def read_run(run_dir: str | Path, warmup_steps: int | None = None,
         busy_s=math.nan, allreduce_s=math.nan, compute_s=math.nan, optimizer_s=math.nan, data_s=math.nan,
         hosts=tuple(sorted(str(h) for h in summary.get("hosts") or ())), started_at=summary.get("started_at"),
         finished_at=summary.get("finished_at"))
-    return _with_steps(blank, _slowest_per_step(per_rank))
+    return _with_steps(blank, _slowest_per_step(per_rank, _step_log_time))
 
 
 def read_runs(run_dirs: Sequence[str | Path], warmup_steps: int | None = None

@@ -46,11 +46,12 @@ import numpy as np
 MIB = 1 << 20
 OPERATIONS = ("allreduce", "pingpong", "reduce_local")
 # Measured by `larscale bench-hvd` (scaling.hvdcomm: it needs torch and Horovod), written in the same CSV format:
-# one Horovod allreduce (op=Average) of a float32 tensor, the path a training step's gradients take.
-HOROVOD_OPERATIONS = ("horovod_allreduce",)
+# one Horovod allreduce (op=Average) of a float32 tensor, the path a training step's gradients take, and the same
+# bytes as a group of tensors that Horovod fuses (copied into its fusion buffer and back out).
+HOROVOD_OPERATIONS = ("horovod_allreduce", "horovod_allreduce_fused")
 CSV_OPERATIONS = OPERATIONS + HOROVOD_OPERATIONS
 # Operations whose time is an allreduce's: MPI's (bench-comm) and Horovod's own path (bench-hvd).
-ALLREDUCE_OPERATIONS = ("allreduce", "horovod_allreduce")
+ALLREDUCE_OPERATIONS = ("allreduce", *HOROVOD_OPERATIONS)
 CSV_COLUMNS = (
     "operation", "ranks", "nodes", "ranks_per_node", "bytes", "elements", "dtype",
     "iterations_per_rep", "repetitions", "mean_s", "median_s", "std_s", "ci95_low_s", "ci95_high_s",
@@ -274,7 +275,8 @@ def run_benchmark(comm, config: BenchConfig, factories: Mapping[str, CallFactory
     """Measure on every rank of ``comm``; rank 0 returns the rows (:data:`CSV_COLUMNS`), others ``[]``.
 
     ``factories`` supplies operations beyond the built-in MPI ones: ``factory(elements)`` returns the call to
-    time (after checking one call's result). ``library`` overrides the ``mpi_library`` column.
+    time (after checking one call's result), or None for a size the operation cannot run (no row).
+    ``library`` overrides the ``mpi_library`` column.
     """
     from mpi4py import MPI
 
@@ -295,6 +297,8 @@ def run_benchmark(comm, config: BenchConfig, factories: Mapping[str, CallFactory
             elements = nbytes // 4
             if operation in factories:
                 call = factories[operation](elements)
+                if call is None:
+                    continue
             elif operation == "allreduce":
                 call = _allreduce_call(comm, elements)
             elif operation == "pingpong":

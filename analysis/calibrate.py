@@ -25,6 +25,22 @@ thread's cycle, negotiation, the collective, the scaling). When a CSV has them t
 ``allreduce`` rows (:func:`default_operations`), by their mean (:func:`row_time`) less the expected cycle wait
 (:func:`horovod_cycle_wait_s`); the MPI rows are then reported, not fitted.
 
+**Horovod's cycle.** Horovod's background thread starts a cycle at most every ``HOROVOD_CYCLE_TIME``. A call
+shorter than a cycle is paced by it: over shared memory here every size from 4 B to 1 MiB took 1.06-1.07 ms
+with a 1 ms cycle, though 1 MiB moves for ~0.3 ms; just above a cycle a call may wait for the next one (4 MiB:
+2.1-3.6 ms in different runs for ~1.5 ms of transfer). Fitted, those rows put ~0.3 ms of cycle into α, charged
+to every bucket of a training step (54 buckets a ResNet-50 step: 32 ms, where Horovod pays the cycle once per
+launch, modelled in analysis/overlap.py). So Horovod rows under :data:`PACED_CYCLES` cycles are reported, not
+fitted. α is then fitted from the longer rows, weakly (over shared memory 0 to 0.76 ms in different runs),
+and bounded by the link's ping-pong latency (the one-way time of its smallest ping-pong message,
+:func:`pingpong_latency`; bench-hvd measures it by default): a collective's per-message latency cannot
+exceed a message's one-way time. Without ping-pong rows the report says α is weakly determined.
+
+**Fusion copies.** bench-hvd's ``horovod_allreduce_fused`` rows time the same bytes as a group of 16 tensors,
+which Horovod copies into its fusion buffer and back out: they are the allreduce's equation plus ``2n·δ``, and
+fitted jointly with the lone-tensor rows they give δ (``network.fusion_copy_gbytes_per_s``; the model charges it
+to every bucket of two or more gradients, analysis/overlap.py). Without such rows the base profile's δ is kept.
+
 ``pingpong`` rows (one-way time ``α + n·β`` of one link) are fitted separately and reported as a diagnostic,
 not used in the joint fit by default: the library's allreduce need not run at the point-to-point link rate
 (over Open MPI's TCP BTL with its default RDMA put protocol, a 2-rank allreduce moved data at about half the
@@ -68,12 +84,15 @@ from typing import Any
 
 import numpy as np
 
-from analysis.benchcomm import ALLREDUCE_OPERATIONS, CSV_OPERATIONS
+from analysis.benchcomm import ALLREDUCE_OPERATIONS, CSV_OPERATIONS, HOROVOD_OPERATIONS
 from analysis.comm import allreduce_terms, check_algorithm
 
-# Columns of the joint design matrix: the five model parameters and the numpy-call overhead of reduce_local.
+# Columns of the joint design matrix: the five α-β-γ parameters, the numpy-call overhead of reduce_local and δ,
+# the fusion-buffer copy (horovod_allreduce_fused rows only).
 PARAMETERS = ("alpha_intra_s", "alpha_inter_s", "beta_intra_s_per_byte", "beta_inter_s_per_byte",
-              "gamma_s_per_byte", "reduce_local_overhead_s")
+              "gamma_s_per_byte", "reduce_local_overhead_s", "copy_s_per_byte")
+OVERHEAD_COLUMN = PARAMETERS.index("reduce_local_overhead_s")
+COPY_COLUMN = PARAMETERS.index("copy_s_per_byte")
 LINK_COLUMNS = {"intra": (0, 2), "inter": (1, 3)}
 DEFAULT_GAMMA_S_PER_BYTE = 1.0 / 10e9     # analysis.machine.Network.reduce_gbytes_per_s default (10 GB/s)
 
@@ -82,7 +101,14 @@ def default_operations(rows: Iterable[dict[str, Any]]) -> tuple[str, ...]:
     """What to fit when the caller does not say: Horovod's allreduce when measured (the path training takes),
     else MPI's; with the reduce_local rows that pin γ."""
     present = {r["operation"] for r in rows}
-    return ("horovod_allreduce" if "horovod_allreduce" in present else "allreduce", "reduce_local")
+    if "horovod_allreduce" not in present:
+        return ("allreduce", "reduce_local")
+    fused = ("horovod_allreduce_fused",) if "horovod_allreduce_fused" in present else ()
+    return ("horovod_allreduce", *fused, "reduce_local")
+
+
+# Horovod rows shorter than this many cycles are shaped by the background thread's cycle (see fit_comm).
+PACED_CYCLES = 4
 
 
 def horovod_cycle_wait_s(cycle_time_ms: float) -> float:
@@ -114,6 +140,8 @@ def design_row(row: dict[str, Any], algorithm: str) -> np.ndarray:
     if row["operation"] in ALLREDUCE_OPERATIONS:
         terms = allreduce_terms(algorithm, n, int(row["nodes"]), int(row.get("ranks_per_node") or 1))
         out[:5] = terms.matrix().reshape(-1)
+        if row["operation"] == "horovod_allreduce_fused":
+            out[COPY_COLUMN] = 2.0 * n         # into the fusion buffer and back out
     elif row["operation"] == "pingpong":
         alpha, beta = LINK_COLUMNS[row_link(row)]
         out[alpha], out[beta] = 1.0, n
@@ -157,6 +185,7 @@ class CommFit:
     residuals: list[dict[str, Any]]    # every row, fitted or not: measured, model, relative error
     pingpong: dict[str, LinkFit] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    copy_s_per_byte: float | None = None   # δ, when horovod_allreduce_fused rows were fitted
 
     @property
     def reduce_gbytes_per_s(self) -> float:
@@ -183,7 +212,8 @@ class CommFit:
 
     def parameter_vector(self) -> np.ndarray:
         return np.array([self.intra.alpha_s or 0.0, self.inter.alpha_s or 0.0, self.intra.beta_s_per_byte or 0.0,
-                         self.inter.beta_s_per_byte or 0.0, self.gamma_s_per_byte, self.reduce_local_overhead_s])
+                         self.inter.beta_s_per_byte or 0.0, self.gamma_s_per_byte, self.reduce_local_overhead_s,
+                         self.copy_s_per_byte or 0.0])
 
     def summary(self) -> dict[str, Any]:
         """Plain numbers for the profile's ``calibration`` block and for printing."""
@@ -196,6 +226,8 @@ class CommFit:
         out["gamma_ns_per_byte"] = self.gamma_s_per_byte * 1e9
         out["reduce_gbytes_per_s"] = self.reduce_gbytes_per_s
         out["reduce_local_overhead_us"] = self.reduce_local_overhead_s * 1e6
+        if self.copy_s_per_byte is not None:
+            out["fusion_copy_ns_per_byte"] = self.copy_s_per_byte * 1e9
         for op in self.operations:
             out[f"rms_relative_residual_{op}"] = self.rms_relative(op)
             out[f"max_relative_residual_{op}"] = self.max_relative(op)
@@ -219,13 +251,15 @@ def _identifiable(matrix: np.ndarray, times: np.ndarray, columns: Sequence[int])
 def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_per_byte: float | None = None,
              default_gamma_s_per_byte: float = DEFAULT_GAMMA_S_PER_BYTE,
              operations: Sequence[str] | None = None, min_bytes: float = 0, max_bytes: float = math.inf,
-             horovod_wait_s: float = 0.0) -> CommFit:
+             horovod_wait_s: float = 0.0, horovod_cycle_s: float = 0.0) -> CommFit:
     """Fit α (per link), β (per link) and γ to bench-comm rows (see the module docstring).
 
     ``operations`` default: :func:`default_operations`. ``gamma_s_per_byte`` fixes γ (else it is fitted when
     ``reduce_local`` rows are present, else fixed at ``default_gamma_s_per_byte``). Rows outside
     [min_bytes, max_bytes] are reported but not fitted. ``horovod_wait_s`` is subtracted from every
-    ``horovod_allreduce`` time before the fit (:func:`horovod_cycle_wait_s`).
+    ``horovod_allreduce`` time before the fit (:func:`horovod_cycle_wait_s`). Horovod rows shorter than
+    :data:`PACED_CYCLES` cycles of ``horovod_cycle_s`` are not fitted, and α of a link is then the ping-pong
+    α when ping-pong rows measured it (module docstring, "Horovod's cycle").
     """
     check_algorithm(algorithm)
     all_rows = [r for r in rows if row_time(r) > 0]
@@ -238,19 +272,42 @@ def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_pe
         raise CalibrationError(f"unknown operation(s) to fit: {', '.join(unknown)}")
     if not 0 <= horovod_wait_s < math.inf:
         raise CalibrationError(f"horovod_wait_s must be >= 0, got {horovod_wait_s!r}")
-    use = [(r["operation"] in operations and min_bytes <= r["bytes"] <= max_bytes
-            and not (r["operation"] in ALLREDUCE_OPERATIONS and int(r["ranks"]) < 2)) for r in all_rows]
+    if not 0 <= horovod_cycle_s < math.inf:
+        raise CalibrationError(f"horovod_cycle_s must be >= 0, got {horovod_cycle_s!r}")
+    notes: list[str] = []
+    paced = [r["operation"] in HOROVOD_OPERATIONS and row_time(r) < PACED_CYCLES * horovod_cycle_s for r in all_rows]
+    use = [(r["operation"] in operations and min_bytes <= r["bytes"] <= max_bytes and not slow
+            and not (r["operation"] in ALLREDUCE_OPERATIONS and int(r["ranks"]) < 2))
+           for r, slow in zip(all_rows, paced, strict=True)]
     fit_rows = [r for r, u in zip(all_rows, use, strict=True) if u]
+    if any(p and r["operation"] in operations for r, p in zip(all_rows, paced, strict=True)):
+        notes.append(f"Horovod rows under {PACED_CYCLES} cycles ({PACED_CYCLES * horovod_cycle_s * 1e3:g} ms) not "
+                     "fitted: their time is the background thread's cycle, not the collective's")
+    pingpong = fit_pingpong(all_rows, min_bytes, max_bytes)
     if not any(r["operation"] in ALLREDUCE_OPERATIONS for r in fit_rows):
+        if any(paced):
+            raise CalibrationError(f"every Horovod allreduce row took under {PACED_CYCLES} Horovod cycles "
+                                   f"({PACED_CYCLES * horovod_cycle_s * 1e3:g} ms), which paces it: nothing to fit; "
+                                   "bench larger messages (--max-bytes)")
         raise CalibrationError("no multi-rank allreduce rows to fit (run bench-comm or bench-hvd with at least "
                                f"2 ranks; fitting {', '.join(operations)})")
     matrix = np.array([design_row(r, algorithm) for r in fit_rows])
     times = np.array([row_time(r) for r in fit_rows])
     offsets = np.array([_offset(r, horovod_wait_s) for r in fit_rows])
-    notes: list[str] = []
     active = [j for j in range(len(PARAMETERS)) if np.any(matrix[:, j] != 0)]
     gamma_column = PARAMETERS.index("gamma_s_per_byte")
     fixed: dict[int, float] = {}
+    # Without the short Horovod rows α is weakly determined: a collective's per-message latency cannot exceed a
+    # message's one-way time, so the ping-pong latency bounds it (applied after the fit, below).
+    alpha_caps: dict[int, tuple[str, int, float]] = {}
+    if horovod_cycle_s > 0 and any(r["operation"] in HOROVOD_OPERATIONS for r in fit_rows):
+        for name, (alpha_column, _) in LINK_COLUMNS.items():
+            latency = pingpong_latency(all_rows, name)
+            if alpha_column in active and latency is not None:
+                alpha_caps[alpha_column] = (name, *latency)
+            elif alpha_column in active:
+                notes.append(f"{name}-node alpha fitted from Horovod rows of {PACED_CYCLES} cycles or more only: "
+                             "weakly determined (add pingpong rows to bound it)")
     if gamma_s_per_byte is not None:
         fixed[gamma_column] = gamma_s_per_byte
         gamma_source = "fixed"
@@ -265,19 +322,14 @@ def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_pe
                      "fitted per-byte cost")
     else:
         gamma_source = "reduce_local" if any(r["operation"] == "reduce_local" for r in fit_rows) else "allreduce"
-    free = [j for j in active if j not in fixed]
-    target = times - offsets - sum((matrix[:, j] * v for j, v in fixed.items()), np.zeros_like(times))
-    if not _identifiable(matrix, times, free):
-        raise CalibrationError("the rows cannot determine the parameters: give at least two message sizes per "
-                               "link (and reduce_local rows or a fixed gamma)")
-    if np.any(target <= 0):
-        raise CalibrationError("the fixed gamma (and the Horovod cycle wait) alone exceed some measured allreduce "
-                               "times: too large")
-    solution = np.zeros(len(PARAMETERS))
-    for j, v in fixed.items():
-        solution[j] = v
-    # Relative errors of the *measured* times: weight by t, fit the remainder after the fixed terms.
-    solution[free] = _fit_relative_to(matrix[:, free], target, times)
+    solution = _solve(matrix, times, offsets, active, fixed)
+    over = {j: cap for j, cap in alpha_caps.items() if solution[j] > cap[2]}
+    if over:
+        for j, (name, nbytes, latency) in over.items():
+            fixed[j] = latency
+            notes.append(f"{name}-node alpha fitted {solution[j] * 1e6:.3g} us, above the ping-pong latency "
+                         f"({latency * 1e6:.3g} us one way for {nbytes} B): set to it, the rest refitted")
+        solution = _solve(matrix, times, offsets, active, fixed)
     links = {}
     for name, (a, b) in LINK_COLUMNS.items():
         if a in active or b in active:
@@ -294,7 +346,6 @@ def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_pe
                           "bytes": int(row["bytes"]), "measured_s": row_time(row), "model_s": model,
                           "relative": (model / row_time(row) - 1.0) if not math.isnan(model) else math.nan,
                           "fitted": bool(used)})
-    pingpong = fit_pingpong(all_rows, min_bytes, max_bytes)
     for residual in residuals:
         if residual["operation"] == "pingpong":
             link = pingpong.get("inter" if residual["nodes"] > 1 else "intra")
@@ -303,8 +354,28 @@ def fit_comm(rows: Iterable[dict[str, Any]], algorithm: str = "ring", gamma_s_pe
                 residual["relative"] = residual["model_s"] / residual["measured_s"] - 1.0
     return CommFit(algorithm=algorithm, intra=links["intra"], inter=links["inter"],
                    gamma_s_per_byte=float(solution[gamma_column]), gamma_source=gamma_source,
-                   reduce_local_overhead_s=float(solution[-1]), operations=tuple(operations),
+                   reduce_local_overhead_s=float(solution[OVERHEAD_COLUMN]), operations=tuple(operations),
+                   copy_s_per_byte=float(solution[COPY_COLUMN]) if COPY_COLUMN in active else None,
                    residuals=residuals, pingpong=pingpong, notes=notes)
+
+
+def _solve(matrix: np.ndarray, times: np.ndarray, offsets: np.ndarray, active: Sequence[int],
+           fixed: dict[int, float]) -> np.ndarray:
+    """The parameter vector: ``fixed`` columns as given, the other active ones by relative-error NNLS."""
+    free = [j for j in active if j not in fixed]
+    target = times - offsets - sum((matrix[:, j] * v for j, v in fixed.items()), np.zeros_like(times))
+    if not _identifiable(matrix, times, free):
+        raise CalibrationError("the rows cannot determine the parameters: give at least two message sizes per "
+                               "link (and reduce_local rows or a fixed gamma)")
+    if np.any(target <= 0):
+        raise CalibrationError("the fixed gamma (and the Horovod cycle wait) alone exceed some measured allreduce "
+                               "times: too large")
+    solution = np.zeros(len(PARAMETERS))
+    for j, v in fixed.items():
+        solution[j] = v
+    # Relative errors of the *measured* times: weight by t, fit the remainder after the fixed terms.
+    solution[free] = _fit_relative_to(matrix[:, free], target, times)
+    return solution
 
 
 def row_time(row: dict[str, Any]) -> float:
@@ -314,14 +385,14 @@ def row_time(row: dict[str, Any]) -> float:
     TCP here its calls were bimodal (a 64 MiB call took either about the link time or 1.5 times it), where a
     median picks one mode and predicts the sum wrong. The mean over repetitions is what sums up.
     """
-    if row["operation"] == "horovod_allreduce" and row.get("mean_s") not in (None, ""):
+    if row["operation"] in HOROVOD_OPERATIONS and row.get("mean_s") not in (None, ""):
         return float(row["mean_s"])
     return float(row["median_s"])
 
 
 def _offset(row: dict[str, Any], horovod_wait_s: float) -> float:
     """Time in a row that no model parameter explains: the cycle wait of a Horovod call."""
-    return horovod_wait_s if row["operation"] == "horovod_allreduce" else 0.0
+    return horovod_wait_s if row["operation"] in HOROVOD_OPERATIONS else 0.0
 
 
 def _fit_relative_to(matrix: np.ndarray, target: np.ndarray, measured: np.ndarray) -> np.ndarray:
@@ -333,6 +404,17 @@ def _fit_relative_to(matrix: np.ndarray, target: np.ndarray, measured: np.ndarra
     scale[scale == 0] = 1.0
     solution, _ = nnls(weighted / scale, target / measured, maxiter=50 * matrix.shape[1])
     return solution / scale
+
+
+def pingpong_latency(rows: Iterable[dict[str, Any]], link: str) -> tuple[int, float] | None:
+    """A link's latency the OSU way: the one-way time of its smallest ping-pong message (bytes, seconds; the
+    median over rows of that size). Not a fit: over the tbf-limited veth the 256 KiB-1 MiB ping-pongs ran at
+    13-16 ns/B against 8.5 beyond, and a line through them put 1.6 ms into α."""
+    mine = [r for r in rows if r["operation"] == "pingpong" and row_link(r) == link and float(r["median_s"]) > 0]
+    if not mine:
+        return None
+    smallest = min(int(r["bytes"]) for r in mine)
+    return smallest, statistics.median(float(r["median_s"]) for r in mine if int(r["bytes"]) == smallest)
 
 
 def fit_pingpong(rows: Iterable[dict[str, Any]], min_bytes: float = 0, max_bytes: float = math.inf
@@ -668,6 +750,10 @@ def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | 
                                        "or check the rows")
             network[key] = {**network[key], "latency_us": link.latency_us, "bandwidth_gbps": link.bandwidth_gbps}
         network["reduce_gbytes_per_s"] = comm.reduce_gbytes_per_s
+        if comm.copy_s_per_byte is not None:       # measured: replaces the base profile's (0: no copy cost)
+            network.pop("fusion_copy_gbytes_per_s", None)
+            if comm.copy_s_per_byte > 0:
+                network["fusion_copy_gbytes_per_s"] = 1.0 / (comm.copy_s_per_byte * 1e9)
         network["algorithm"] = comm.algorithm
         block["network"] = comm.summary()
         block["network_residuals"] = _plain(comm.residuals)
@@ -721,6 +807,9 @@ def format_report(comm: CommFit | None, compute: ComputeFit | None) -> str:
                 lines.append(f"  {name}: alpha {link.latency_us:.2f} us, beta {link.beta_s_per_byte * 1e9:.4g} ns/B"
                              f" ({bandwidth:.3g} Gb/s)" if bandwidth else f"  {name}: alpha {link.latency_us:.2f} us")
         lines.append(f"  gamma {comm.gamma_s_per_byte * 1e9:.4g} ns/B ({comm.reduce_gbytes_per_s:.3g} GB/s reduced)")
+        if comm.copy_s_per_byte is not None:
+            rate = f"{1 / (comm.copy_s_per_byte * 1e9):.3g} GB/s" if comm.copy_s_per_byte else "none measured"
+            lines.append(f"  fusion-buffer copy {comm.copy_s_per_byte * 1e9:.4g} ns/B ({rate})")
         for op in comm.operations:
             lines.append(f"  {op}: rms relative residual {comm.rms_relative(op):.1%}, "
                          f"max {comm.max_relative(op):.1%}")

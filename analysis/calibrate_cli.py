@@ -72,7 +72,7 @@ def add_bench_arguments(bench: argparse.ArgumentParser, operations: str) -> None
                        help="time budget per size; fewer repetitions (>= 3) when a size is slow (default 10)")
     bench.add_argument("--operations", default=operations,
                        help=f"comma-separated operations (default {operations}); bench-comm runs allreduce, "
-                       "pingpong, reduce_local; bench-hvd adds horovod_allreduce")
+                       "pingpong, reduce_local; bench-hvd adds horovod_allreduce, horovod_allreduce_fused")
     bench.add_argument("--label", default="", help="free text copied into every CSV row (e.g. the network)")
     bench.add_argument("--out", default=None, help="CSV file to write (rank 0); default: print only")
     bench.add_argument("--launcher-args", default="",
@@ -182,7 +182,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
             comm = fit_comm(rows, algorithm=args.algorithm or base.network.algorithm, gamma_s_per_byte=gamma,
                             default_gamma_s_per_byte=base.network.gamma_s_per_byte, operations=operations,
                             min_bytes=parse_bytes(args.fit_min_bytes), max_bytes=parse_bytes(args.fit_max_bytes),
-                            horovod_wait_s=horovod_cycle_wait_s(base.network.cycle_time_ms))
+                            horovod_wait_s=horovod_cycle_wait_s(base.network.cycle_time_ms),
+                            horovod_cycle_s=base.network.cycle_time_ms / 1e3)
         if args.runs:
             runs, skipped = read_runs(args.runs, args.warmup_steps)
             if skipped:

@@ -42,6 +42,9 @@ class PerfParams:
     overlap_intra: float = 1.0
     overlap_inter: float = 1.0
     overlap_reduce: float = 1.0
+    # δ: seconds per byte of one copy into or out of Horovod's fusion buffer (0: not modelled). Its
+    # compute-core share is the reduction's (analysis/overlap.py).
+    copy_s_per_byte: float = 0.0
     measured_images_per_s: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
     max_nodes: int | None = None
     default_ranks_per_node: int = 1
@@ -54,7 +57,7 @@ class PerfParams:
                 raise ValueError(f"PerfParams.{name} must be > 0, got {getattr(self, name)!r}")
         if self.half_efficiency_flops is not None and not self.half_efficiency_flops > 0:
             raise ValueError(f"PerfParams.half_efficiency_flops must be > 0, got {self.half_efficiency_flops!r}")
-        for name in ("cycle_s", "half_efficiency_batch", "step_overhead_s"):
+        for name in ("cycle_s", "half_efficiency_batch", "step_overhead_s", "copy_s_per_byte"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("overlap_intra", "overlap_inter", "overlap_reduce"):
@@ -92,6 +95,7 @@ class PerfParams:
             overlap_intra=net.intra_node.overlap_fraction,
             overlap_inter=net.inter_node.overlap_fraction,
             overlap_reduce=net.reduce_overlap_fraction,
+            copy_s_per_byte=net.fusion_copy_s_per_byte,
             measured_images_per_s={k: dict(v) for k, v in compute.measured_images_per_s.items()},
             max_nodes=machine.limits.max_nodes,
             default_ranks_per_node=machine.default_ranks_per_node,

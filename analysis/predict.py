@@ -158,8 +158,11 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     b = batch_a / ranks
     times = compute_times(workload, params, b, rpn_a, image_size=image_size)
     compute_s = times.total_s
+    # Fusion copies only where there is a collective (one rank reduces nothing).
+    copy = np.where(ranks > 1, params.copy_s_per_byte, 0.0)
     overlap = simulate(workload.event_ready_fraction, workload.event_bytes, times.backward_s, latency, per_byte,
-                       params.fusion_bytes, params.cycle_s, serial_latency, serial_per_byte)
+                       params.fusion_bytes, params.cycle_s, serial_latency, serial_per_byte,
+                       copy, copy * (1.0 - params.overlap_reduce))
     data_s = b * rpn_a / params.data_images_per_s_per_node
     busy = compute_s + overlap.comm_exposed_s
     single_data_s = b / params.data_images_per_s_per_node

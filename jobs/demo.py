@@ -160,14 +160,16 @@ def run_sweeps(cfg: DemoConfig) -> tuple[list[Any], Any]:
 
 
 def bench_comm(cfg: DemoConfig) -> Path:
-    """Horovod's own allreduce (the path the training points' gradients take) and the local add that pins γ."""
+    """Horovod's own allreduce (the path the training points' gradients take), the same bytes as fused tensors
+    (the fusion-buffer copies), ping-pong (bounds α) and the local add that pins γ."""
     csv_path = cfg.out / "bench-hvd.csv"
     if csv_path.exists():
         _say(f"  reusing {csv_path} (--fresh to measure again)")
         return csv_path
     argv = [sys.executable, "-m", "larscale", "bench-hvd", "--ranks", "2", "--max-bytes", cfg.bench_max_bytes,
             "--factor", "4", "--warmup", "2", "--repetitions", "6", "--max-seconds-per-size", "3",
-            "--operations", "horovod_allreduce,reduce_local", "--label", "local shared memory",
+            "--operations", "horovod_allreduce,horovod_allreduce_fused,pingpong,reduce_local",
+            "--label", "local shared memory",
             "--launcher-args", "--mca mpi_yield_when_idle 1", "--out", str(csv_path)]
     _say("  " + " ".join(argv[1:]))
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)

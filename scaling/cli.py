@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(set HOROVOD_FUSION_THRESHOLD and HOROVOD_CYCLE_TIME as the training runs do); by default also the "
         "MPI reduce_local and pingpong rows. Run under a launcher or give --ranks N.",
     )
-    add_bench_arguments(bench, operations="horovod_allreduce,reduce_local,pingpong")
+    add_bench_arguments(bench, operations="horovod_allreduce,horovod_allreduce_fused,reduce_local,pingpong")
     bench.set_defaults(handler=run_bench_hvd)
 
     from scaling.train import add_arguments  # stdlib-only module: torch/TF/Horovod load in the handler

@@ -12,8 +12,15 @@ This command runs the same harness as bench-comm (:mod:`analysis.benchcomm`: war
 repetitions, max over ranks, median and 95 % CI, one CSV row per size) on the operation
 ``horovod_allreduce``: one synchronous ``hvd.allreduce_(tensor, op=hvd.Average)`` of a float32 tensor of n
 bytes, under whatever ``HOROVOD_FUSION_THRESHOLD`` / ``HOROVOD_CYCLE_TIME`` the environment sets (set them as
-the training runs do). By default it also runs the MPI operations ``reduce_local`` (which pins γ in
-``larscale calibrate``) and ``pingpong`` in the same processes, with Horovod initialised, as during training.
+the training runs do). By default it also runs ``horovod_allreduce_fused`` (below) and the MPI operations
+``reduce_local`` (which pins γ in ``larscale calibrate``) and ``pingpong`` (which gives α: Horovod's short calls
+measure its cycle, not the collective) in the same processes, with Horovod initialised, as during training.
+
+``horovod_allreduce_fused`` times the same n bytes as 16 float32 tensors of one group
+(``hvd.grouped_allreduce_``): Horovod copies a bucket of several tensors into its fusion buffer and back out, a
+lone tensor is reduced where it lies. The difference is the copy cost ``larscale calibrate`` fits (δ,
+``network.fusion_copy_gbytes_per_s``; analysis/overlap.py): 60 MiB took 37 ms alone and 54-56 ms in 16 or 64
+pieces over shared memory here. Sizes above ``HOROVOD_FUSION_THRESHOLD`` (several buffers) are left out.
 
 The cycle wait is part of what a back-to-back call measures: a call issued right after the previous one
 completed waits for the background thread's next cycle (up to ``HOROVOD_CYCLE_TIME``). ``larscale calibrate``
@@ -29,6 +36,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+
+# horovod_allreduce_fused: the same bytes as FUSED_PIECES tensors of one group.
+FUSED_PIECES = 16
 
 
 def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None]]], str]:
@@ -63,4 +73,26 @@ def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None
 
         return call
 
-    return {"horovod_allreduce": horovod_allreduce}, library
+    fusion_bytes = int(os.environ.get("HOROVOD_FUSION_THRESHOLD", 64 * 2**20))
+
+    def horovod_allreduce_fused(elements: int) -> Callable[[], None] | None:
+        # FUSED_PIECES tensors in one group: fused into the buffer, copied in and out. Sizes that cannot be
+        # split that way, or that overflow one buffer (the group would travel as several collectives), are
+        # left out.
+        if elements < FUSED_PIECES or 4 * elements > fusion_bytes:
+            return None
+        sizes = [elements // FUSED_PIECES] * FUSED_PIECES
+        sizes[-1] += elements - sum(sizes)
+        tensors = [torch.full((n,), float(hvd.rank() + 1), dtype=torch.float32) for n in sizes]
+        hvd.grouped_allreduce_(tensors, op=hvd.Average, name="larscale.bench_hvd_fused")
+        expected = (hvd.size() + 1) / 2
+        if any(float(t[0]) != expected or float(t[-1]) != expected for t in tensors):
+            raise RuntimeError(f"Horovod grouped allreduce of {elements} float32 in {FUSED_PIECES} tensors did not "
+                               f"give {expected} everywhere")
+
+        def call() -> None:
+            hvd.grouped_allreduce_(tensors, op=hvd.Average, name="larscale.bench_hvd_fused")
+
+        return call
+
+    return {"horovod_allreduce": horovod_allreduce, "horovod_allreduce_fused": horovod_allreduce_fused}, library

@@ -140,9 +140,11 @@ def test_cycle_time_delays_idle_launches_by_half_a_cycle() -> None:
     (0.001, 0.5, (1.4, 0.4, 3, 0.6)),
     # All serial: the zero-cost schedule ends with the backward pass; exposed = total.
     (0.001, 0.0, (1.6, 0.6, 3, 0.6)),
-    # Busy network, half serial: buckets of 0.05 + 0.5 s at 0.2..0.75, 0.75..1.3 (event 3, ready at 1.0,
-    # missed that launch) and 1.3..1.85; total 3·0.1 + 300·0.01 = 3.3, serial 1.65: exposed 0.85 + 1.65.
-    (0.01, 0.5, (3.5, 2.5, 3, 3.3)),
+    # Busy network, half serial. Buckets form on the full costs: event 1 alone 0.2..1.3, events 2 and 3 (ready
+    # 0.5, 1.0) fused for the launch at 1.3. Timed with the overlappable halves (0.05 + 0.005 s/B): 0.2..0.75,
+    # then bucket 2 waits for event 3 (1.0) and takes 0.05 + 1.0: ends 2.05. Total 2·0.1 + 300·0.01 = 3.2,
+    # serial 1.6: exposed 1.05 + 1.6.
+    (0.01, 0.5, (3.65, 2.65, 2, 3.2)),
     # Nothing serial is the plain schedule (test_busy_network_fuses_what_is_ready).
     (0.01, 1.0, (3.4, 2.4, 2, 3.2)),
 ])
@@ -151,6 +153,30 @@ def test_compute_core_share_of_communication_adds_to_the_step(per_byte, fraction
                  serial_latency_s=0.1 * (1 - fraction), serial_s_per_byte=per_byte * (1 - fraction))
     got = float(r.finish_s), float(r.comm_exposed_s), int(r.buckets), float(r.comm_total_s)
     assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("serial_copy", [0.0, 0.0005])
+def test_buckets_pay_the_fusion_copies(serial_copy) -> None:
+    # Busy network, δ = 0.001 s/B: every event fits the buffer, so each byte costs 0.01 + 2·0.001. Event 1
+    # 0.2..1.5; events 2 and 3 fused at 1.5 (event 3 joins, ready at 1.0): 1.5..4.0. Total 0.2 + 3.0 + 0.6.
+    # With half the copy serial the hidden timeline runs at 0.011 s/B (0.2..1.4, 1.4..3.7) and 0.3 s is serial:
+    # the same 3.0 s exposed.
+    r = simulate(FRACTIONS, BYTES, 1.0, 0.1, 0.01, 1000.0, 0.0, copy_s_per_byte=0.001,
+                 serial_copy_s_per_byte=serial_copy)
+    assert (float(r.finish_s), float(r.comm_exposed_s), int(r.buckets), float(r.comm_total_s)) == pytest.approx(
+        (4.0, 3.0, 2, 3.8))
+    assert float(r.fused_bytes) == 300.0
+
+
+def test_a_gradient_larger_than_the_buffer_goes_alone_without_copies() -> None:
+    # Fusion buffer 150 B: the 200 B event is reduced in place. Event 1: 0.2 + 0.1 + 100·0.003 → 0.6; event 2
+    # 0.6..0.9 (0.001 s/B, no copy); event 3 1.0..1.4. Total 3·0.1 + 0.4 + 2·0.001·200.
+    r = simulate(FRACTIONS, np.array([100.0, 200.0, 100.0]), 1.0, 0.1, 0.001, 150.0, 0.0, copy_s_per_byte=0.001)
+    assert (float(r.finish_s), float(r.comm_exposed_s), int(r.buckets), float(r.comm_total_s)) == pytest.approx(
+        (1.4, 0.4, 3, 1.1))
+    assert float(r.fused_bytes) == 200.0
+    with pytest.raises(ValueError, match="compute-core share"):
+        simulate(FRACTIONS, BYTES, 1.0, 0.1, 0.01, 1000.0, 0.0, copy_s_per_byte=0.001, serial_copy_s_per_byte=0.002)
 
 
 def test_bad_overlap_shares_are_named() -> None:
@@ -174,9 +200,12 @@ def test_vectorised_schedule_equals_one_at_a_time() -> None:
     per_byte = rng.uniform(0, 0.02, size)
     fractions = np.sort(rng.uniform(0, 1, 12))
     sizes = rng.uniform(1, 300, 12)
-    together = simulate(fractions, sizes, backward, latency, per_byte, 500.0, 0.004)
+    copy = rng.uniform(0, 0.005, size)
+    together = simulate(fractions, sizes, backward, latency, per_byte, 500.0, 0.004, copy_s_per_byte=copy,
+                        serial_copy_s_per_byte=0.5 * copy)
     for i in rng.choice(size, 25, replace=False):
-        alone = simulate(fractions, sizes, backward[i], latency[i], per_byte[i], 500.0, 0.004)
+        alone = simulate(fractions, sizes, backward[i], latency[i], per_byte[i], 500.0, 0.004,
+                         copy_s_per_byte=copy[i], serial_copy_s_per_byte=0.5 * copy[i])
         assert float(alone.finish_s) == pytest.approx(together.finish_s[i])
         assert float(alone.buckets) == together.buckets[i]
     assert np.all(together.comm_exposed_s <= together.comm_total_s + 1e-12)
@@ -291,10 +320,37 @@ def test_no_overlap_puts_all_communication_in_sequence_with_compute() -> None:
     assert serial["comm_exposed_s"] == pytest.approx(serial["comm_total_s"] + half_cycle)
     assert serial["iteration_s"] == pytest.approx(serial["compute_s"] + serial["comm_total_s"] + half_cycle)
     assert serial["compute_s"] == overlapped["compute_s"]
-    # Buckets form by the overlappable schedule (instant here), so a few more of them: a few more α.
-    assert serial["buckets"] >= overlapped["buckets"]
-    assert serial["comm_total_s"] == pytest.approx(overlapped["comm_total_s"], rel=1e-3)
+    # Buckets form on the full costs (Horovod's thread is busy for a whole collective wherever its cost
+    # lands), so the same buckets as with full overlap: the same total.
+    assert serial["buckets"] == overlapped["buckets"]
+    assert serial["comm_total_s"] == pytest.approx(overlapped["comm_total_s"])
     assert overlapped["comm_exposed_s"] < overlapped["comm_total_s"]          # the default overlaps
+
+
+def test_serial_collectives_still_fuse_and_fused_buckets_pay_the_copies() -> None:
+    # This machine's profile: shared memory, every share serial. Horovod's thread is busy for each collective's
+    # full time, so gradients fuse as they would with full overlap (they once formed on the overlappable
+    # timeline, where a serial collective takes no time, and every event went alone). A slow link makes it
+    # visible: 200 ms of β per step against a ~170 ms backward pass.
+    params = PerfParams.from_machine(load_machine("local")).replace(beta_intra_s_per_byte=2e-9)
+    overlapping = params.replace(overlap_intra=1.0, overlap_reduce=1.0)
+    assert params.copy_s_per_byte == pytest.approx(1 / 7e9)
+    w = load_workload("resnet50", image_size=64)
+    with_copies = predict_from(w, params, 1, 8, 1, ranks_per_node=2, image_size=64).record(0)
+    without = predict_from(w, params.replace(copy_s_per_byte=0.0), 1, 8, 1, ranks_per_node=2,
+                           image_size=64).record(0)
+    fused_like_overlap = predict_from(w, overlapping, 1, 8, 1, ranks_per_node=2, image_size=64).record(0)
+    assert with_copies["buckets"] == fused_like_overlap["buckets"] < len(w.event_bytes) / 2
+    # Every ResNet-50 gradient goes through the 64 MiB buffer: 2·δ per gradient byte (longer collectives
+    # fuse a little more: a few α fewer). All of it is compute-core time here (reduce_overlap_fraction 0).
+    latency, _ = comm.allreduce_affine(params.algorithm, 1, 2, params.link)
+    extra = with_copies["comm_total_s"] - without["comm_total_s"]
+    fewer = without["buckets"] - with_copies["buckets"]
+    assert extra == pytest.approx(2 * w.gradient_bytes * params.copy_s_per_byte - fewer * float(latency), rel=1e-9)
+    assert with_copies["comm_exposed_s"] - without["comm_exposed_s"] >= extra - 1e-12
+    # One rank: nothing to reduce, nothing copied.
+    alone = predict_from(w, params, 1, 4, 1, ranks_per_node=1, image_size=64).record(0)
+    assert alone["comm_total_s"] == 0.0
 
 
 def test_each_cost_term_overlaps_by_its_own_share() -> None:
@@ -302,7 +358,7 @@ def test_each_cost_term_overlaps_by_its_own_share() -> None:
     # the compute-core part is 2α_e + n·β_e, the reduction hides. By hand with PerfParams.serial_link.
     params = PerfParams.from_machine(load_machine("local")).replace(
         alpha_inter_s=1e-3, beta_inter_s_per_byte=1e-9, gamma_s_per_byte=1e-10, overlap_intra=0.0,
-        overlap_inter=0.0, overlap_reduce=1.0, max_nodes=2, default_ranks_per_node=1)
+        overlap_inter=0.0, overlap_reduce=1.0, max_nodes=2, default_ranks_per_node=1, copy_s_per_byte=0.0)
     serial = params.serial_link()
     assert (serial.alpha_inter_s, serial.beta_inter_s_per_byte, serial.gamma_s_per_byte) == (1e-3, 1e-9, 0.0)
     w = load_workload("alexnet")

@@ -156,11 +156,15 @@ def test_bench_hvd_times_horovods_allreduce_with_the_mpi_rows(tmp_path: Path) ->
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_csv(out)
-    assert {r["operation"] for r in rows} == {"horovod_allreduce", "reduce_local", "pingpong"}
+    assert {r["operation"] for r in rows} == {"horovod_allreduce", "horovod_allreduce_fused", "reduce_local",
+                                              "pingpong"}
     sizes = message_sizes(4, 64 << 10, 4)
     hvd_rows = [r for r in rows if r["operation"] == "horovod_allreduce"]
     assert [r["bytes"] for r in hvd_rows] == sizes
-    for r in hvd_rows:
+    # The fused operation splits n bytes into 16 float32 tensors: sizes below 64 B are left out.
+    fused_rows = [r for r in rows if r["operation"] == "horovod_allreduce_fused"]
+    assert [r["bytes"] for r in fused_rows] == [n for n in sizes if n >= 16 * 4]
+    for r in hvd_rows + fused_rows:
         assert r["ranks"] == 2 and r["nodes"] == 1 and r["repetitions"] >= 3
         assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["busbw_gbytes_per_s"] == pytest.approx(r["algbw_gbytes_per_s"], rel=1e-6)   # 2(p-1)/p = 1

@@ -16,6 +16,7 @@ from analysis.calibrate import (
     default_operations,
     fit_comm,
     fit_compute,
+    format_report,
     horovod_cycle_wait_s,
     pace_side_by_side,
     profile_yaml,
@@ -324,3 +325,64 @@ def test_horovod_rows_are_preferred_fitted_by_their_mean_less_the_cycle_wait() -
     plain = [r for r in rows if r["operation"] != "horovod_allreduce"]
     assert default_operations(plain) == ("allreduce", "reduce_local")
     assert fit_comm(plain).inter.beta_s_per_byte == pytest.approx(BETA, rel=0.05)
+
+
+def test_horovod_rows_paced_by_the_cycle_are_left_out_and_alpha_comes_from_the_pingpong() -> None:
+    """A Horovod call shorter than a cycle takes the cycle (back-to-back calls lock to it): fitted, those rows
+    turned ~0.3 ms of cycle into α here. They are reported, not fitted; α, weakly determined by the longer
+    rows (here they also carry a part-cycle wait, as 4 MiB did), is bounded by the ping-pong latency."""
+    rng = np.random.default_rng(3)
+    cycle, wait = 1e-3, horovod_cycle_wait_s(1.0)
+    slow = 1.5
+    rows = synthetic_rows(rng, ranks=(2,), pingpong=True)
+    for r in [r for r in rows if r["operation"] == "allreduce"]:
+        collective = float(single_link_time("ring", r["bytes"], 2, ALPHA, slow * BETA, GAMMA))
+        paced = max(cycle + 6e-5, collective + wait + 0.3e-3)      # the plateau: 1.06 ms whatever the size
+        rows.append({**r, "operation": "horovod_allreduce", "mean_s": noisy(paced, rng)})
+    fit = fit_comm(rows, horovod_wait_s=wait, horovod_cycle_s=cycle)
+    smallest = next(r for r in rows if r["operation"] == "pingpong" and r["bytes"] == 4)
+    assert fit.inter.alpha_s == smallest["median_s"] == pytest.approx(ALPHA, rel=0.1)   # the bound, not 0.15 ms
+    assert fit.inter.beta_s_per_byte == pytest.approx(slow * BETA, rel=0.05)
+    short = [r for r in fit.residuals if r["operation"] == "horovod_allreduce" and r["measured_s"] < 4 * cycle]
+    assert short and not any(r["fitted"] for r in short)
+    assert any("not fitted" in note for note in fit.notes)
+    assert any("above the ping-pong latency" in note for note in fit.notes)
+    # Fitted as before (every row, α free), the plateau lands in α: ten times the true latency.
+    assert fit_comm(rows, horovod_wait_s=wait).inter.alpha_s > 10 * ALPHA
+    # No ping-pong rows: α comes from the longer rows, and the report says it is weakly determined.
+    without = fit_comm([r for r in rows if r["operation"] != "pingpong"], horovod_wait_s=wait, horovod_cycle_s=cycle)
+    assert without.inter.beta_s_per_byte == pytest.approx(slow * BETA, rel=0.1)
+    assert any("weakly determined" in note for note in without.notes)
+    # Every Horovod row under four cycles: nothing to fit, said so.
+    with pytest.raises(CalibrationError, match="under 4 Horovod cycles"):
+        fit_comm([r for r in rows if r["operation"] != "allreduce" and r["bytes"] <= 1 << 20],
+                 horovod_wait_s=wait, horovod_cycle_s=cycle)
+
+
+def test_fused_rows_give_the_fusion_copy_cost() -> None:
+    """horovod_allreduce_fused rows (a group Horovod copies into its fusion buffer and back) are the lone
+    allreduce plus 2n·δ: fitted jointly, δ comes back within 5 %, and the calibrated profile carries it."""
+    rng = np.random.default_rng(11)
+    wait = horovod_cycle_wait_s(1.0)
+    copy = 1.0 / 7e9                                        # 7 GB/s: this machine's memcpy rate
+    rows = synthetic_rows(rng, ranks=(2,))
+    for r in [r for r in rows if r["operation"] == "allreduce"]:
+        lone = float(single_link_time("ring", r["bytes"], 2, ALPHA, BETA, GAMMA)) + wait
+        rows.append({**r, "operation": "horovod_allreduce", "mean_s": noisy(lone, rng)})
+        if r["bytes"] >= 64:
+            rows.append({**r, "operation": "horovod_allreduce_fused", "mean_s": noisy(lone + 2 * r["bytes"] * copy,
+                                                                                       rng)})
+    assert default_operations(rows) == ("horovod_allreduce", "horovod_allreduce_fused", "reduce_local")
+    fit = fit_comm(rows, horovod_wait_s=wait)
+    assert fit.copy_s_per_byte == pytest.approx(copy, rel=0.05)
+    assert fit.inter.beta_s_per_byte == pytest.approx(BETA, rel=0.05)
+    assert fit.rms_relative("horovod_allreduce_fused") < NOISE
+    assert "fusion-buffer copy" in format_report(fit, None)
+    data = calibrated_profile(load_machine("local"), comm=fit)
+    assert data["network"]["fusion_copy_gbytes_per_s"] == pytest.approx(7.0, rel=0.05)
+    # Without fused rows δ is not fitted and the base profile's value stays.
+    lone_only = fit_comm([r for r in rows if r["operation"] != "horovod_allreduce_fused"], horovod_wait_s=wait)
+    assert lone_only.copy_s_per_byte is None
+    base = load_machine("local")
+    kept = calibrated_profile(base, comm=lone_only)["network"].get("fusion_copy_gbytes_per_s")
+    assert kept == base.network.fusion_copy_gbytes_per_s

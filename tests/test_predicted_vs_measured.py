@@ -1,18 +1,23 @@
-"""Predicted vs measured on this machine: calibrate on 1-rank runs + bench-comm, predict real 2-rank Horovod runs.
+"""Predicted vs measured on this machine: calibrate on 1-rank runs + bench-hvd, predict real 2-rank Horovod runs.
 
-For AlexNet (227 px) and ResNet-50 (64 px, to keep it fast) at 4 images per rank:
+For AlexNet (227 px) and ResNet-50 (64 px, to keep it fast) at 4 images per rank, in ROUNDS interleaved
+rounds (:func:`measure_in_rounds`: this VM's speed drifts by 10-20 % over minutes, so calibration and
+measurement are taken side by side in time, as a benchmark's ratios are):
 
-1. compute: 1-rank training runs (``python -m scaling.train``, no communication). Two of them run side by
-   side, one per core, because a data-parallel run keeps every core busy and a core's throughput depends on
-   what its neighbour does (shared caches and memory bandwidth, clocks, and on a VM possibly an SMT sibling):
-   the per-device rate is measured with all devices of the node loaded, as one would on a cluster node.
-   ``larscale calibrate`` combines the two step by step, the slower per step: a synchronous step waits for its
-   slowest rank, and this VM's two cores differ (0.25-0.27 s against 0.35-0.40 s a ResNet-50 step in one run);
-2. communication: ``larscale bench-hvd`` between 2 ranks over the same transport as the training run: Horovod's
-   own allreduce, the path the gradients take (with the fusion and cycle settings of the training runs);
-3. ``larscale calibrate`` writes a profile; ``analysis.predict`` predicts the 2-rank iteration time;
-4. real 2-rank Horovod runs (MPI controller) measure it: the mean over measured steps (warm-up excluded)
-   of the slowest rank's step time (the time-to-train is the sum of the steps; the median is printed too).
+1. communication: ``larscale bench-hvd`` between 2 ranks over the same transport as the training run: Horovod's
+   own allreduce, the path the gradients take (with the fusion and cycle settings of the training runs), the
+   same bytes as 16 fused tensors (the fusion-buffer copies), ping-pong (α) and the local add (γ);
+2. compute, per model: 1-rank training runs (``python -m scaling.train``, no communication). Two of them run
+   side by side, one per core, because a data-parallel run keeps every core busy and a core's throughput
+   depends on what its neighbour does (shared caches and memory bandwidth, clocks, and on a VM possibly an SMT
+   sibling): the per-device rate is measured with all devices of the node loaded, as one would on a cluster
+   node. ``larscale calibrate`` combines the two step by step, the slower per step: a synchronous step waits
+   for its slowest rank, and this VM's two cores differ (0.25-0.27 s against 0.35-0.40 s a ResNet-50 step in
+   one run);
+3. right after them, the real 2-rank Horovod run of that model (MPI controller);
+4. ``larscale calibrate`` fits one profile to all rounds' benches and 1-rank runs; ``analysis.predict``
+   predicts the 2-rank iteration time, compared with the mean over the rounds of the 2-rank runs' mean step
+   (the slowest rank's, warm-up excluded: the time-to-train is the sum of the steps; the median is printed).
 
 Two networks: Open MPI shared memory on one node, and two network namespaces joined by a veth pair with a
 ``tbf`` rate limit of 1 Gbit/s each way, Open MPI forced onto TCP (``--mca btl tcp,self``), where
@@ -23,8 +28,11 @@ iteration time must be within 15 % in every case; the table is printed (``pytest
 from __future__ import annotations
 
 import shutil
+import statistics
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -58,6 +66,7 @@ SHM_XFAIL = pytest.mark.xfail(strict=False, reason="issue #7 open: shared-memory
 
 CASES = (("alexnet", 227, 4), ("resnet50", 64, 4))    # model, image size, images per rank
 STEPS, WARMUP = 14, 3
+ROUNDS = 2
 TOLERANCE = 0.15
 RATE_MBIT = 1000
 # The tbf bucket (NetnsPair.burst_bytes, 128 KiB) lets a message that fits in it pass at veth speed, so below ~2 buckets
@@ -69,7 +78,8 @@ VETH_FIT_MIN_BYTES = 2 * NetnsPair.burst_bytes
 # Two ranks and Horovod's background threads share 2 cores: a rank waiting in MPI yields instead of spinning.
 SHM_MCA = ("--mca", "mpi_yield_when_idle", "1")
 BENCH = ("--max-bytes", "64M", "--factor", "4", "--warmup", "2", "--repetitions", "10", "--min-rep-ms", "1",
-         "--max-seconds-per-size", "8", "--operations", "horovod_allreduce,reduce_local")
+         "--max-seconds-per-size", "8",
+         "--operations", "horovod_allreduce,horovod_allreduce_fused,pingpong,reduce_local")
 
 
 def quiet_malloc_env() -> dict[str, str]:
@@ -103,50 +113,76 @@ def drop_checkpoints(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)   # AlexNet's is ~0.5 GB; only the logs matter
 
 
-@pytest.fixture(scope="module")
-def one_rank_runs(tmp_path_factory) -> list[Path]:
-    """For each case, two 1-rank runs side by side (one per core): the compute calibration."""
-    root = tmp_path_factory.mktemp("one-rank")
-    env = horovod_env()
-    dirs = []
-    for model, size, batch in CASES:
-        outs = [root / f"{model}-{i}" for i in range(2)]
-        procs = [subprocess.Popen(train_program(model, size, batch, out), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, cwd=REPO, env=env) for out in outs]
-        for proc, out in zip(procs, outs, strict=True):
-            stdout, stderr = proc.communicate(timeout=600)
-            if proc.returncode != 0:
-                pytest.fail(f"1-rank {model} run exited {proc.returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}")
+def one_rank_pair(model: str, size: int, batch: int, root: Path, tag: str) -> list[Path]:
+    """Two 1-rank runs side by side (one per core): the compute calibration of one workload."""
+    outs = [root / f"one-{model}-{tag}-{i}" for i in range(2)]
+    procs = [subprocess.Popen(train_program(model, size, batch, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, env=horovod_env()) for out in outs]
+    for proc, out in zip(procs, outs, strict=True):
+        stdout, stderr = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"1-rank {model} run exited {proc.returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}")
+        drop_checkpoints(out)
+    return outs
+
+
+@dataclass
+class Rounds:
+    """What the interleaved rounds measured: bench CSVs, 1-rank runs (calibration), 2-rank runs (predicted)."""
+
+    benches: list[Path] = field(default_factory=list)
+    one_rank: list[Path] = field(default_factory=list)
+    two_rank: dict[str, list[Path]] = field(default_factory=dict)
+
+
+def measure_in_rounds(root: Path, bench: Callable[[Path], None], two_ranks: Callable[[list[str]], list[str]],
+                      network: str) -> Rounds:
+    """ROUNDS rounds of: the communication bench, then per model its 1-rank pair and right after it the 2-rank
+    run. This VM's speed drifts by 10-20 % over minutes (the same 1-rank ResNet-50 step took 0.30 s in one
+    run and 0.37 s in the next); calibrating at one time and measuring at another put that drift into the
+    error. Interleaved, calibration and measurement see the same drift, and the rounds average it."""
+    rounds = Rounds()
+    for i in range(ROUNDS):
+        csv = root / f"bench-{i}.csv"
+        bench(csv)
+        rounds.benches.append(csv)
+        for model, size, batch in CASES:
+            rounds.one_rank += one_rank_pair(model, size, batch, root, str(i))
+            out = root / f"two-{model}-{i}"
+            run(two_ranks(train_program(model, size, batch, out)), horovod_env(), f"2-rank {model} ({network})")
             drop_checkpoints(out)
-            dirs.append(out)
-    return dirs
+            rounds.two_rank.setdefault(model, []).append(out)
+    return rounds
 
 
-def calibrate(base: str | Path, bench_csv: Path, runs: list[Path], out: Path, fit_min_bytes: int | None = None
-              ) -> Path:
-    argv = [sys.executable, "-m", "larscale", "calibrate", "--machine", str(base), "--bench", str(bench_csv),
-            "--runs", *map(str, runs), "--out", str(out), "--name", out.stem]
+def calibrate(base: str | Path, rounds: Rounds, out: Path, fit_min_bytes: int | None = None) -> Path:
+    argv = [sys.executable, "-m", "larscale", "calibrate", "--machine", str(base), "--bench", *map(str, rounds.benches),
+            "--runs", *map(str, rounds.one_rank), "--out", str(out), "--name", out.stem]
     if fit_min_bytes is not None:
         argv += ["--fit-min-bytes", str(fit_min_bytes)]
     run(argv, local_env(), "larscale calibrate")
     return out
 
 
-def compare(profile_path: Path, nodes: int, ranks_per_node: int, two_rank_dirs: dict[str, Path],
+def compare(profile_path: Path, nodes: int, ranks_per_node: int, two_rank_dirs: dict[str, list[Path]],
             network: str) -> list[dict]:
+    """Per model, the prediction against the 2-rank runs: the mean step over all rounds' measured steps (every
+    round has as many), the median of the rounds' medians, the mean waiting-for-allreduce time."""
     profile = load_machine(profile_path)
     rows = []
     for model, size, batch in CASES:
         predicted = predict(model, profile, nodes=nodes, global_batch=2 * batch, ranks_per_node=ranks_per_node,
                             epochs=1, image_size=size).record(0)
-        measured = read_run(two_rank_dirs[model])
-        assert measured.ranks == 2 and measured.steps_measured == STEPS - WARMUP
+        measured = [read_run(d) for d in two_rank_dirs[model]]
+        assert all(m.ranks == 2 and m.steps_measured == STEPS - WARMUP for m in measured)
+        mean_step = statistics.fmean(m.step_s_mean for m in measured)
         rows.append({"network": network, "model": workload_key(model, size), "batch": batch,
                      "predicted_s": predicted["iteration_s"], "compute_s": predicted["compute_s"],
                      "comm_total_s": predicted["comm_total_s"], "comm_exposed_s": predicted["comm_exposed_s"],
-                     "measured_s": measured.step_s_mean, "measured_median_s": measured.step_s,
-                     "measured_allreduce_s": measured.allreduce_s,
-                     "error": predicted["iteration_s"] / measured.step_s_mean - 1.0})
+                     "measured_s": mean_step, "measured_median_s": statistics.median(m.step_s for m in measured),
+                     "measured_allreduce_s": statistics.fmean(m.allreduce_s for m in measured),
+                     "rounds_s": [m.step_s_mean for m in measured],
+                     "error": predicted["iteration_s"] / mean_step - 1.0})
     return rows
 
 
@@ -158,7 +194,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['network']:<22}{r['model']:<14}{r['batch']:>7}{r['predicted_s']:>12.3f}{r['compute_s']:>9.3f}"
               f"{r['comm_total_s']:>8.3f}{r['comm_exposed_s']:>9.3f}{r['measured_s']:>12.3f}"
-              f"{r['measured_median_s']:>9.3f}{r['measured_allreduce_s']:>10.3f}{r['error']:>+8.1%}")
+              f"{r['measured_median_s']:>9.3f}{r['measured_allreduce_s']:>10.3f}{r['error']:>+8.1%}   rounds "
+              + " ".join(f"{t:.3f}" for t in r["rounds_s"]))
 
 
 def check(rows: list[dict]) -> None:
@@ -169,19 +206,15 @@ def check(rows: list[dict]) -> None:
 
 
 @SHM_XFAIL
-def test_shared_memory(one_rank_runs: list[Path], tmp_path: Path) -> None:
-    bench = tmp_path / "shm.csv"
-    run([sys.executable, "-m", "larscale", "bench-hvd", "--ranks", "2", "--launcher-args", " ".join(SHM_MCA),
-         *BENCH, "--label", "shared-memory", "--out", str(bench)], horovod_env(), "bench-hvd (shared memory)")
-    profile = calibrate("local", bench, one_rank_runs, tmp_path / "local-shm.yaml")
-    two = {}
-    for model, size, batch in CASES:
-        out = tmp_path / f"two-{model}"
-        run(rank_command(2, train_program(model, size, batch, out), extra_launcher_args=SHM_MCA), horovod_env(),
-            f"2-rank {model} (shared memory)")
-        drop_checkpoints(out)
-        two[model] = out
-    check(compare(profile, nodes=1, ranks_per_node=2, two_rank_dirs=two, network="shared memory"))
+def test_shared_memory(tmp_path: Path) -> None:
+    def bench(csv: Path) -> None:
+        run([sys.executable, "-m", "larscale", "bench-hvd", "--ranks", "2", "--launcher-args", " ".join(SHM_MCA),
+             *BENCH, "--label", "shared-memory", "--out", str(csv)], horovod_env(), "bench-hvd (shared memory)")
+
+    rounds = measure_in_rounds(tmp_path, bench, lambda program: rank_command(2, program, extra_launcher_args=SHM_MCA),
+                               "shared memory")
+    profile = calibrate("local", rounds, tmp_path / "local-shm.yaml")
+    check(compare(profile, nodes=1, ranks_per_node=2, two_rank_dirs=rounds.two_rank, network="shared memory"))
 
 
 def veth_base_profile(path: Path) -> Path:
@@ -196,31 +229,28 @@ def veth_base_profile(path: Path) -> Path:
 
 
 @pytest.mark.netns
-def test_rate_limited_veth(one_rank_runs: list[Path], tmp_path: Path) -> None:
+def test_rate_limited_veth(tmp_path: Path) -> None:
     reason = netns_available()
     if reason:
         pytest.skip(reason)
     pair = NetnsPair(tmp_path / "netns", rate_mbit=RATE_MBIT)
+
+    def bench(csv: Path) -> None:
+        run(pair.mpirun([sys.executable, "-m", "larscale", "bench-hvd", *BENCH, "--operations",
+                         "horovod_allreduce,horovod_allreduce_fused,pingpong,reduce_local", "--label",
+                         f"veth-tbf-{RATE_MBIT}mbit", "--out", str(csv)]), horovod_env(), "bench-hvd (veth)")
+
     try:
         pair.up()
-        bench = tmp_path / "veth.csv"
-        run(pair.mpirun([sys.executable, "-m", "larscale", "bench-hvd", *BENCH, "--operations",
-                         "horovod_allreduce,pingpong,reduce_local", "--label", f"veth-tbf-{RATE_MBIT}mbit",
-                         "--out", str(bench)]), horovod_env(), "bench-hvd (veth)")
-        profile = calibrate(veth_base_profile(tmp_path / "local-veth.yaml"), bench, one_rank_runs,
-                            tmp_path / "veth-cal.yaml", fit_min_bytes=VETH_FIT_MIN_BYTES)
-        two = {}
-        for model, size, batch in CASES:
-            out = tmp_path / f"two-{model}"
-            run(pair.mpirun(train_program(model, size, batch, out)), horovod_env(), f"2-rank {model} (veth)")
-            drop_checkpoints(out)
-            two[model] = out
+        rounds = measure_in_rounds(tmp_path, bench, pair.mpirun, f"veth tbf {RATE_MBIT} Mbit/s")
     finally:
         pair.down()
+    profile = calibrate(veth_base_profile(tmp_path / "local-veth.yaml"), rounds, tmp_path / "veth-cal.yaml",
+                        fit_min_bytes=VETH_FIT_MIN_BYTES)
     link = load_machine(profile).network.inter_node
     # The fitted link cannot beat the tbf limit (a check that traffic really crossed the limited veth).
     assert link.bandwidth_gbps <= RATE_MBIT / 1000 * 1.1, link
-    rows = compare(profile, nodes=2, ranks_per_node=1, two_rank_dirs=two, network=f"veth tbf {RATE_MBIT} Mbit/s")
+    rows = compare(profile, nodes=2, ranks_per_node=1, two_rank_dirs=rounds.two_rank,
+                   network=f"veth tbf {RATE_MBIT} Mbit/s")
     assert all(r["comm_exposed_s"] > 0.3 * r["predicted_s"] for r in rows if r["model"].startswith("alexnet"))
     check(rows)
-

@@ -49,8 +49,9 @@ ping-pong rate, see tests/netns.py), and the model must reproduce the allreduce,
 Compute (from training run directories, ``scaling/`` schema: ``summary.json`` + ``steps/rank-*.jsonl``).
 Per run, over the measured steps (warm-up excluded as the summary says), the median of the per-step
 slowest-rank non-communication time ``step_s − allreduce_s``. That gives ``measured_images_per_s[model][b]
-= b / t`` (the measured model of :mod:`analysis.compute`), and, over all runs at once, the FLOP model
-``t = F·(b + h)/(d·P·s)`` (F FLOPs per image at the run's image size, d devices the rank drives, P peak):
+= b / t`` (the measured model of :mod:`analysis.compute`; repeated runs of one point: the mean of their t),
+and, over all runs at once, the FLOP model ``t = F·(b + h)/(d·P·s)`` (F FLOPs per image at the run's image
+size, d devices the rank drives, P peak):
 ``t·d·P/F = b/s + h/s`` is a line in b, so a least-squares line gives the sustained fraction s and the
 half-efficiency batch h shared by all models.
 
@@ -716,7 +717,9 @@ def fit_compute(runs: Sequence[RunMeasurement], peak_flops_per_device: float, co
         notes.append(f"fitted sustained fraction {sustained:.3g} is outside (0, 1]: the profile's peak is too low; "
                      "clipped to 1")
         sustained = min(max(sustained, 1e-6), 1.0)
-    table = {key: {batch: statistics.median(values) for batch, values in sorted(by_batch.items())}
+    # Repeated runs of one point: their step times are averaged (a time-to-train is a sum of steps), i.e. the
+    # harmonic mean of their rates. A median picked one run of three when the machine drifted between them.
+    table = {key: {batch: statistics.harmonic_mean(values) for batch, values in sorted(by_batch.items())}
              for key, by_batch in measured.items()}
     return ComputeFit(sustained_fraction=float(sustained), half_efficiency_batch=float(max(half, 0.0)),
                       measured_images_per_s=table, runs=records, notes=notes)

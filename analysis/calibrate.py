@@ -39,7 +39,8 @@ exceed a message's one-way time. Without ping-pong rows the report says α is we
 **Fusion copies.** bench-hvd's ``horovod_allreduce_fused`` rows time the same bytes as a group of 16 tensors,
 which Horovod copies into its fusion buffer and back out: they are the allreduce's equation plus ``2n·δ``, and
 fitted jointly with the lone-tensor rows they give δ (``network.fusion_copy_gbytes_per_s``; the model charges it
-to every bucket of two or more gradients, analysis/overlap.py). Without such rows the base profile's δ is kept.
+to every bucket but a lone tensor larger than the buffer, analysis/overlap.py). Without such rows the base
+profile's δ is kept.
 
 ``pingpong`` rows (one-way time ``α + n·β`` of one link) are fitted separately and reported as a diagnostic,
 not used in the joint fit by default: the library's allreduce need not run at the point-to-point link rate

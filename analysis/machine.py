@@ -124,8 +124,8 @@ class Network:
     # or CPU cores reserved for communication (Intel MLSL / Caffe on KNL and SKX). 0.0: CPU ranks that compute
     # on every core, where the adds run on those cores. See analysis/overlap.py for the model.
     reduce_overlap_fraction: float = check(_unit_interval_rule, default=1.0)
-    # Rate (GB/s) of one copy into or out of Horovod's fusion buffer: a bucket of two or more gradients is
-    # copied in before its allreduce and out after it (a lone gradient is reduced in place). Unset: not
+    # Rate (GB/s) of one copy into or out of Horovod's fusion buffer: a bucket of two or more tensors is
+    # copied in before its allreduce and out after it (a lone tensor is reduced in place). Unset: not
     # modelled (GPU device copies at HBM speed are negligible); a CPU core copies at memcpy speed, a few GB/s.
     # `larscale calibrate` fits it from bench-hvd's horovod_allreduce_fused rows.
     fusion_copy_gbytes_per_s: float | None = check(positive, default=None)

@@ -65,7 +65,7 @@ class OverlapResult:
     comm_total_s: np.ndarray      # sum of all allreduce times
     comm_exposed_s: np.ndarray    # communication the step waits for after the backward pass
     buckets: np.ndarray           # number of allreduces (a bucket: one or more gradients)
-    fused_bytes: np.ndarray       # bytes in buckets of two or more gradients (copied in and out of the buffer)
+    fused_bytes: np.ndarray       # bytes copied into the fusion buffer and out (every event that fits in it)
 
 
 def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, latency_s, s_per_byte,
@@ -75,7 +75,7 @@ def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, la
 
     ``latency_s``, ``s_per_byte``: a collective's full cost ``A + B·n``; ``serial_latency_s``,
     ``serial_s_per_byte``: the part of it that occupies the compute cores (``A_s ≤ A``, ``B_s ≤ B``).
-    ``copy_s_per_byte`` δ: one copy of a fused bucket's bytes (two per fused bucket), of which
+    ``copy_s_per_byte`` δ: one copy of a byte through the fusion buffer (two per copied byte), of which
     ``serial_copy_s_per_byte`` occupies the compute cores. ``cycle_s`` is one number for all configurations
     (configurations without communication, A = B = 0, get no cycle wait: nothing is exposed for them).
     """

@@ -13,8 +13,8 @@ repetitions, max over ranks, median and 95 % CI, one CSV row per size) on the op
 ``horovod_allreduce``: one synchronous ``hvd.allreduce_(tensor, op=hvd.Average)`` of a float32 tensor of n
 bytes, under whatever ``HOROVOD_FUSION_THRESHOLD`` / ``HOROVOD_CYCLE_TIME`` the environment sets (set them as
 the training runs do). By default it also runs ``horovod_allreduce_fused`` (below) and the MPI operations
-``reduce_local`` (which pins γ in ``larscale calibrate``) and ``pingpong`` (which gives α: Horovod's short calls
-measure its cycle, not the collective) in the same processes, with Horovod initialised, as during training.
+``reduce_local`` (which pins γ in ``larscale calibrate``) and ``pingpong`` (which bounds α: Horovod's short
+calls measure its cycle, not the collective) in the same processes, with Horovod initialised, as during training.
 
 ``horovod_allreduce_fused`` times the same n bytes as 16 float32 tensors of one group
 (``hvd.grouped_allreduce_``): Horovod copies a bucket of several tensors into its fusion buffer and back out, a
@@ -42,7 +42,7 @@ FUSED_PIECES = 16
 
 
 def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None]]], str]:
-    """Initialise Horovod (PyTorch, on ``comm``'s ranks) and return the ``horovod_allreduce`` call factory.
+    """Initialise Horovod (PyTorch, on ``comm``'s ranks) and return the Horovod call factories.
 
     Also returns the text for the CSV's library column: Horovod's version, controller and the fusion and
     cycle settings in effect, so that a CSV says what it measured.
@@ -60,18 +60,20 @@ def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None
                          if name in os.environ) or "Horovod defaults"
     library = f"Horovod {horovod.__version__} ({controller} controller; {settings})"
 
+    expected = (hvd.size() + 1) / 2      # the mean of 1..p: exact in float32 for any p we run
+
+    def checked(reduce: Callable[[], None], tensors: list, what: str) -> Callable[[], None]:
+        """Run ``reduce`` once, check that every tensor holds the mean at both ends, and return it to be timed."""
+        reduce()
+        ends = [(float(t[0]), float(t[-1])) for t in tensors]
+        if any(end != (expected, expected) for end in ends):
+            raise RuntimeError(f"{what} gave {ends} at the ends; expected {expected}")
+        return reduce
+
     def horovod_allreduce(elements: int) -> Callable[[], None]:
         tensor = torch.full((elements,), float(hvd.rank() + 1), dtype=torch.float32)
-        hvd.allreduce_(tensor, op=hvd.Average, name="larscale.bench_hvd")
-        expected = (hvd.size() + 1) / 2      # the mean of 1..p: exact in float32 for any p we run
-        first, last = float(tensor[0]), float(tensor[-1])
-        if first != expected or last != expected:
-            raise RuntimeError(f"Horovod allreduce of {elements} float32 gave {first}, {last}; expected {expected}")
-
-        def call() -> None:
-            hvd.allreduce_(tensor, op=hvd.Average, name="larscale.bench_hvd")
-
-        return call
+        return checked(lambda: hvd.allreduce_(tensor, op=hvd.Average, name="larscale.bench_hvd"), [tensor],
+                       f"Horovod allreduce of {elements} float32")
 
     fusion_bytes = int(os.environ.get("HOROVOD_FUSION_THRESHOLD", 64 * 2**20))
 
@@ -84,15 +86,7 @@ def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None
         sizes = [elements // FUSED_PIECES] * FUSED_PIECES
         sizes[-1] += elements - sum(sizes)
         tensors = [torch.full((n,), float(hvd.rank() + 1), dtype=torch.float32) for n in sizes]
-        hvd.grouped_allreduce_(tensors, op=hvd.Average, name="larscale.bench_hvd_fused")
-        expected = (hvd.size() + 1) / 2
-        if any(float(t[0]) != expected or float(t[-1]) != expected for t in tensors):
-            raise RuntimeError(f"Horovod grouped allreduce of {elements} float32 in {FUSED_PIECES} tensors did not "
-                               f"give {expected} everywhere")
-
-        def call() -> None:
-            hvd.grouped_allreduce_(tensors, op=hvd.Average, name="larscale.bench_hvd_fused")
-
-        return call
+        return checked(lambda: hvd.grouped_allreduce_(tensors, op=hvd.Average, name="larscale.bench_hvd_fused"),
+                       tensors, f"Horovod grouped allreduce of {elements} float32 in {FUSED_PIECES} tensors")
 
     return {"horovod_allreduce": horovod_allreduce, "horovod_allreduce_fused": horovod_allreduce_fused}, library

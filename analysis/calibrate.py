@@ -86,8 +86,8 @@ from typing import Any
 
 import numpy as np
 
-from analysis.benchcomm import ALLREDUCE_OPERATIONS, CSV_OPERATIONS, HOROVOD_OPERATIONS
 from analysis.comm import allreduce_terms, check_algorithm
+from larscale.benchformat import ALLREDUCE_OPERATIONS, CSV_OPERATIONS, HOROVOD_OPERATIONS
 
 # Columns of the joint design matrix: the five α-β-γ parameters, the numpy-call overhead of reduce_local and δ,
 # the fusion-buffer copy (horovod_allreduce_fused rows only).
@@ -96,7 +96,7 @@ PARAMETERS = ("alpha_intra_s", "alpha_inter_s", "beta_intra_s_per_byte", "beta_i
 OVERHEAD_COLUMN = PARAMETERS.index("reduce_local_overhead_s")
 COPY_COLUMN = PARAMETERS.index("copy_s_per_byte")
 LINK_COLUMNS = {"intra": (0, 2), "inter": (1, 3)}
-DEFAULT_GAMMA_S_PER_BYTE = 1.0 / 10e9     # analysis.machine.Network.reduce_gbytes_per_s default (10 GB/s)
+DEFAULT_GAMMA_S_PER_BYTE = 1.0 / 10e9     # larscale.machine.Network.reduce_gbytes_per_s default (10 GB/s)
 
 
 def default_operations(rows: Iterable[dict[str, Any]]) -> tuple[str, ...]:
@@ -577,7 +577,7 @@ def read_run(run_dir: str | Path, warmup_steps: int | None = None,
     line is appended to it and skipped. Ranks are paired by step number, so a skipped line never pairs one
     rank's step k with another rank's step k + 1.
     """
-    from scaling.runlog import validate_step, validate_summary
+    from larscale.runformat import validate_step, validate_summary
 
     root = Path(run_dir)
     summary_path = root / "summary.json"
@@ -733,10 +733,10 @@ def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | 
                        name: str | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The base profile (a MachineProfile) with ``network`` and ``compute`` replaced by the fits.
 
-    Returns a plain mapping in the profile schema (validated by :func:`analysis.machine.parse_machine`);
+    Returns a plain mapping in the profile schema (validated by :func:`larscale.machine.parse_machine`);
     ``calibration`` holds the fit, its residuals and its inputs.
     """
-    from analysis.machine import parse_machine
+    from larscale.machine import parse_machine
 
     data = copy.deepcopy(base.to_dict())
     data["name"] = name or f"{base.name}-calibrated"

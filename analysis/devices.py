@@ -12,8 +12,8 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from analysis.machine import MachineProfile, parse_machine
-from analysis.schema import from_mapping, load_yaml
+from larscale.machine import MachineProfile, parse_machine
+from larscale.schema import from_mapping, load_yaml
 
 CATALOG = Path(__file__).with_name("data") / "devices.yaml"
 

@@ -2,7 +2,7 @@
 
 :class:`PerfParams` gathers every number the model uses (α, β per link, γ, peak FLOP/s, sustained
 efficiency, half-efficiency batch, fusion buffer, cycle time, overlappable share of communication, data
-rate, step overhead). It is derived from a :class:`~analysis.machine.MachineProfile` by
+rate, step overhead). It is derived from a :class:`~larscale.machine.MachineProfile` by
 :meth:`PerfParams.from_machine`; a least-squares fit replaces fields with :func:`dataclasses.replace` and
 hands the result to :func:`analysis.predict.predict_from`, so the fitted model and the predicting model are
 the same code.
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from analysis.comm import LinkCost, check_algorithm
-from analysis.machine import MachineProfile
+from larscale.machine import MachineProfile
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "fp8")
 

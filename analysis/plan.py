@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from analysis.accuracy import AccuracyError, epochs_to_accuracy, table_for
-from analysis.machine import MachineProfile, walltime_seconds
 from analysis.params import PerfParams
 from analysis.predict import predict_from, resolve_machine
 from analysis.workload import IMAGENET_TRAIN_IMAGES, load_workload
+from larscale.machine import MachineProfile, walltime_seconds
 
 DEFAULT_BATCHES = tuple(2**k for k in range(8, 16))   # 256 .. 32K
 

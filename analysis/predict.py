@@ -29,10 +29,10 @@ import numpy as np
 
 from analysis.comm import allreduce_affine
 from analysis.compute import compute_times
-from analysis.machine import MachineProfile, load_machine
 from analysis.overlap import simulate
 from analysis.params import PerfParams
 from analysis.workload import IMAGENET_TRAIN_IMAGES, Workload, load_workload
+from larscale.machine import MachineProfile, load_machine
 
 KEYS = ("iteration_s", "compute_s", "comm_exposed_s", "epoch_s", "time_to_train_s", "images_per_s",
         "scaling_efficiency")

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from analysis.calibrate import read_run, workload_key
-from analysis.machine import MachineProfile
 from analysis.predict import predict
+from larscale.machine import MachineProfile
 
 
 def compare_run(run_dir: str | Path, profile: MachineProfile) -> dict[str, Any]:

@@ -21,10 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.machine import load_machine  # noqa: E402
 from analysis.params import PerfParams  # noqa: E402
 from analysis.predict import predict, predict_from, predict_point  # noqa: E402
 from analysis.workload import load_workload  # noqa: E402
+from larscale.machine import load_machine  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.97  # larscale train images/s ÷ bare loop images/s
 sys.path.insert(0, str(REPO))
 
+from larscale.runformat import read_steps, step_log_path  # noqa: E402
 from scaling.launch import local_env, rank_command  # noqa: E402
-from scaling.runlog import read_steps, step_log_path  # noqa: E402
 
 BARE = r'''
 import json, sys, time

@@ -1,4 +1,4 @@
-"""Subcommands of `larscale` that jobs owns (see larscale.py for the contract).
+"""Subcommands of `larscale` that jobs owns (see larscale/__init__.py for the contract).
 
 ``larscale sweep plan|submit|status|collect``: plan prints the points and their cost, submit writes the
 manifest and scripts and submits, status asks the scheduler, collect gathers the runs into one table.
@@ -112,7 +112,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from larscale import UsageError
 
     the_plan = _plan(args)
-    from scaling.runlog import OutputDirError, check_writable_dir
+    from larscale.runformat import OutputDirError, check_writable_dir
 
     try:  # scripts, manifest and every run live there: refuse an unwritable directory before submitting
         check_writable_dir(the_plan.output_dir)

@@ -3,7 +3,7 @@
 For each point of the manifest: the point's parameters, the run's summary (``summary.json``: status,
 throughput with its 95 % interval, mean phase times) and its per-rank step logs (``steps/rank-*.jsonl``:
 number of steps logged, the median step time of the slowest rank). Files are checked with
-``scaling.runlog.validate_summary`` / ``validate_step``; a malformed line is reported with its file and line
+``larscale.runformat.validate_summary`` / ``validate_step``; a malformed line is reported with its file and line
 number and counted, never dropped silently. The table has one row per point, also for failed and missing
 points (their measurements are empty), so ``len(table) == len(manifest.points)``.
 """
@@ -19,8 +19,8 @@ from typing import Any
 from jobs.manifest import load_manifest
 from jobs.submit import refresh
 
-try:  # pure python, no torch: see scaling/runlog.py
-    from scaling.runlog import validate_step, validate_summary
+try:  # pure python, no torch: see larscale/runformat.py
+    from larscale.runformat import validate_step, validate_summary
 except ImportError:  # pragma: no cover - the trainer package is part of this repository
     def validate_step(record):  # type: ignore[no-redef]
         if not isinstance(record, dict):

@@ -221,13 +221,13 @@ def run_demo(cfg: DemoConfig) -> int:
     import pandas as pd
 
     from analysis import plots
-    from analysis.machine import load_machine
     from analysis.plan import format_plan
     from analysis.plan import plan as plan_allocation
     from analysis.report import Report, markdown_table
     from analysis.reproduce import headline_table, reproduce
     from analysis.validate import compare_runs
     from larscale import UsageError
+    from larscale.machine import load_machine
 
     if cfg.scheduler == "slurm":
         why = slurm_reachable()

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from scaling.runlog import write_json_atomic
+from larscale.runformat import write_json_atomic
 
 SCHEMA = "larscale.sweep/1"
 MANIFEST = "manifest.json"

@@ -21,13 +21,12 @@ from __future__ import annotations
 import re
 import shlex
 
-from analysis.machine import format_walltime
 from jobs.sweep import JobGroup, Plan, Point
+from larscale.machine import format_walltime
 
 DIRECTIVE_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SCHEDULERS = ("slurm", "pbs", "lsf", "local")
 LAUNCHERS = ("srun", "mpirun", "ibrun", "horovodrun", "jsrun")
-EXIT_RESUMABLE = 75
 # Environment every rank gets (the trainer's TensorFlow path needs tf-keras, see README).
 BASE_ENV = (("TF_USE_LEGACY_KERAS", "1"), ("PYTHONUNBUFFERED", "1"))
 

@@ -1,6 +1,6 @@
 """The sweep spec: one YAML document describing an experiment, validated strictly.
 
-The dataclasses below *are* the schema (loaded by :func:`analysis.schema.from_mapping`), so every error names
+The dataclasses below *are* the schema (loaded by :func:`larscale.schema.from_mapping`), so every error names
 its field by path (``sweep.nodes[2]: must be > 0, got 0``) and never surfaces as a traceback. Example::
 
     name: alexnet-strong
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from analysis.machine import walltime_seconds
-from analysis.schema import SchemaError, check, from_mapping, load_yaml, positive, to_mapping
+from larscale.machine import walltime_seconds
+from larscale.schema import SchemaError, check, from_mapping, load_yaml, positive, to_mapping
 
 # Names that end up in job names, file names and scheduler directives: no shell or directive metacharacters.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

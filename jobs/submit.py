@@ -26,8 +26,9 @@ from jobs.manifest import (
     load_manifest,
     now,
 )
-from jobs.scripts import EXIT_RESUMABLE, SCHEDULERS, render, submit_command
+from jobs.scripts import SCHEDULERS, render, submit_command
 from jobs.sweep import Plan, job_groups
+from larscale.runformat import EXIT_RESUMABLE
 
 
 class SubmitError(RuntimeError):

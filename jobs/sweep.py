@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from analysis.machine import MachineProfile, format_walltime, load_machine, walltime_seconds
-from analysis.schema import SchemaError
 from jobs.spec import SweepSpec, load_spec, parse_spec
+from larscale.machine import MachineProfile, format_walltime, load_machine, walltime_seconds
+from larscale.schema import SchemaError
 
 # The trainer's command: `larscale train` == `python -m scaling.train`.
 TRAIN_MODULE = "scaling.train"

@@ -1,4 +1,4 @@
-"""Subcommands of `larscale` that models owns (see larscale.py for the contract)."""
+"""Subcommands of `larscale` that models owns (see larscale/__init__.py for the contract)."""
 
 from __future__ import annotations
 

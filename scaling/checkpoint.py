@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from scaling.runlog import fsync_dir
+from larscale.runformat import fsync_dir
 
 CHECKPOINT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 

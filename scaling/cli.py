@@ -1,4 +1,4 @@
-"""Subcommands of `larscale` that scaling owns (see larscale.py for the contract)."""
+"""Subcommands of `larscale` that scaling owns (see larscale/__init__.py for the contract)."""
 
 from __future__ import annotations
 
@@ -23,18 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     smoke.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are killed")
     smoke.set_defaults(handler=run_smoke)
 
-    from analysis.calibrate_cli import add_bench_arguments  # stdlib-only at import
+    from scaling import bench_cli  # stdlib-only at import
 
-    bench = subparsers.add_parser(
-        "bench-hvd",
-        help="time Horovod's own allreduce (the training path) over message sizes, CSV for `larscale calibrate`",
-        description="bench-comm's harness (warm-up, barrier-synchronised repetitions, max over ranks, median/95%% "
-        "CI, CSV) on hvd.allreduce_(op=Average) of float32 tensors, with Horovod initialised as in training "
-        "(set HOROVOD_FUSION_THRESHOLD and HOROVOD_CYCLE_TIME as the training runs do); by default also the "
-        "MPI reduce_local and pingpong rows. Run under a launcher or give --ranks N.",
-    )
-    add_bench_arguments(bench, operations="horovod_allreduce,horovod_allreduce_fused,reduce_local,pingpong")
-    bench.set_defaults(handler=run_bench_hvd)
+    bench_cli.register(subparsers)
 
     from scaling.train import add_arguments  # stdlib-only module: torch/TF/Horovod load in the handler
 
@@ -42,18 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="Horovod data-parallel training (PyTorch or TensorFlow), measured step by step",
         description="Run on every rank (mpirun/srun/horovodrun, or alone as 1 rank). Writes DIR/steps/"
-        "rank-NNNNN.jsonl, DIR/summary.json and DIR/checkpoints/ (schema: scaling/RUN_FORMAT.md). "
+        "rank-NNNNN.jsonl, DIR/summary.json and DIR/checkpoints/ (schema: larscale/RUN_FORMAT.md). "
         "Exit 0 when complete, 75 when stopped by SIGTERM/SIGUSR1 after a checkpoint (resume with --resume).",
     )
     add_arguments(train)
     train.set_defaults(handler=run_train)
-
-
-def run_bench_hvd(args: argparse.Namespace) -> int:
-    from analysis.calibrate_cli import run_bench
-    from scaling.hvdcomm import horovod_factories
-
-    return run_bench(args, subcommand="bench-hvd", factories_of=horovod_factories)
 
 
 def run_smoke(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ slower than the plain allreduce on this machine, because its background threads 
 apart and Open MPI's TCP put protocol then serialised the two directions (tests/netns.py; gone with ``put``
 off). Whatever the cause, a model calibrated on a path the gradients do not take predicts the wrong step.
 
-This command runs the same harness as bench-comm (:mod:`analysis.benchcomm`: warm-up, barrier-synchronised
+This command runs the same harness as bench-comm (:mod:`scaling.benchcomm`: warm-up, barrier-synchronised
 repetitions, max over ranks, median and 95 % CI, one CSV row per size) on the operation
 ``horovod_allreduce``: one synchronous ``hvd.allreduce_(tensor, op=hvd.Average)`` of a float32 tensor of n
 bytes, under whatever ``HOROVOD_FUSION_THRESHOLD`` / ``HOROVOD_CYCLE_TIME`` the environment sets (set them as

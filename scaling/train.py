@@ -40,9 +40,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaling.runlog import (
+from larscale.runformat import (
     DEFAULT_WARMUP_STEPS,
+    EXIT_FAILED,
     EXIT_RESUMABLE,
+    EXIT_STALLED,
     SCHEMA,
     TIME_KEYS,
     throughput_ci,
@@ -53,8 +55,6 @@ from scaling.runlog import (
 FRAMEWORKS = ("torch", "tensorflow")
 OPTIMIZERS = ("lars", "sgd")
 SCHEDULES = ("poly", "step", "cosine")
-EXIT_FAILED = 1
-EXIT_STALLED = 70  # EX_SOFTWARE: the watchdog saw a collective blocked past --stall-timeout
 DEFAULT_BATCH_PER_RANK = 32
 DEFAULT_STEPS = 100
 # Trainer-local diagnostic network (not in models/): 2 conv + linear, no BatchNorm and no dropout, so a step
@@ -471,7 +471,7 @@ def build_summary(config: TrainConfig, plan: RunPlan, status: str, ranks: RankIn
                   evaluation: dict[str, float] | None, dataset_name: str) -> dict[str, Any]:
     """The summary.json object (schema larscale.run/1) from every rank's step times.
 
-    Step k's pace is the slowest rank's ``step_s`` (see scaling.runlog.throughput_ci); phase means are taken
+    Step k's pace is the slowest rank's ``step_s`` (see larscale.runformat.throughput_ci); phase means are taken
     per rank over the measured steps and then averaged over ranks.
     """
     images_per_rank_step = plan.batch.batch_per_rank * plan.batch.accumulation
@@ -600,7 +600,7 @@ def log(rank: int, message: str) -> None:
 def check_output_dir(out: str) -> None:
     """--out must be writable before anything starts (a read-only mount or a path under a file is one clear
     error now, not a traceback at the first log line or checkpoint)."""
-    from scaling.runlog import OutputDirError, check_writable_dir
+    from larscale.runformat import OutputDirError, check_writable_dir
 
     try:
         check_writable_dir(out)
@@ -830,9 +830,9 @@ def run_torch(config: TrainConfig) -> int:
     import horovod.torch as hvd
     import torch
 
+    from larscale.runformat import StepLog
     from scaling import checkpoint as ckpt
     from scaling.backend import BackendError, require_cuda_torch, restore_rng_torch, rng_state_torch, setup_torch
-    from scaling.runlog import StepLog
 
     if config.device == "cuda":
         try:

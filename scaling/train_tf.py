@@ -170,9 +170,9 @@ def run_tensorflow(config: TrainConfig) -> int:
     import numpy as np
     import tensorflow as tf
 
+    from larscale.runformat import StepLog
     from scaling import checkpoint as ckpt
     from scaling.backend import BackendError, require_gpu_tensorflow, setup_tensorflow
-    from scaling.runlog import StepLog
 
     if config.device == "cuda":
         try:

@@ -13,13 +13,13 @@ import pytest
 from analysis import comm
 from analysis.accuracy import AccuracyError, epochs_to_accuracy
 from analysis.compute import efficiency, measured_step_seconds
-from analysis.machine import bundled_machines, load_machine, parse_machine
 from analysis.overlap import CHUNK, simulate
 from analysis.params import PerfParams
 from analysis.plan import pareto_mask, plan
 from analysis.predict import KEYS, predict, predict_from, predict_point
 from analysis.reproduce import reproduce
 from analysis.workload import IMAGENET_TRAIN_IMAGES, load_workload
+from larscale.machine import bundled_machines, load_machine, parse_machine
 from tests.conftest import REPO
 
 ALPHA, BETA, GAMMA = 1e-6, 1e-9, 5e-10
@@ -373,7 +373,7 @@ def test_each_cost_term_overlaps_by_its_own_share() -> None:
 
 def test_bundled_profiles_keep_full_overlap_except_local() -> None:
     # The published headlines were reproduced with communication overlapping compute; only this CPU-only
-    # machine, whose ranks use every core, says otherwise (analysis/machines/local.yaml explains why).
+    # machine, whose ranks use every core, says otherwise (larscale/machines/local.yaml explains why).
     for name in bundled_machines():
         params = PerfParams.from_machine(load_machine(name))
         got = (params.overlap_intra, params.overlap_inter, params.overlap_reduce)

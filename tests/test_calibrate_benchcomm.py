@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.benchcomm import (
+from larscale.benchformat import (
     CSV_COLUMNS,
     bandwidths,
     message_sizes,

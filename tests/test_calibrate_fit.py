@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 
-from analysis.benchcomm import message_sizes
 from analysis.calibrate import (
     CalibrationError,
     RunMeasurement,
@@ -23,8 +22,9 @@ from analysis.calibrate import (
     workload_key,
 )
 from analysis.comm import single_link_time
-from analysis.machine import load_machine, parse_machine
 from analysis.workload import load_workload
+from larscale.benchformat import message_sizes
+from larscale.machine import load_machine, parse_machine
 
 ALPHA, BETA, GAMMA = 25e-6, 1.0 / 1.2e9, 1.0 / 6e9      # 25 µs, 1.2 GB/s link, 6 GB/s reduction
 NOISE = 0.05
@@ -231,7 +231,7 @@ def test_calibrate_command_writes_a_profile_from_csv_and_reports_errors(tmp_path
     import subprocess
     import sys
 
-    from analysis.benchcomm import CSV_COLUMNS, write_csv
+    from larscale.benchformat import CSV_COLUMNS, write_csv
     from tests.conftest import REPO
 
     rows = [{c: 0 for c in CSV_COLUMNS} | r | {"label": "synthetic", "dtype": "float32", "mpi_library": "none"}

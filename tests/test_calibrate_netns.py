@@ -70,7 +70,7 @@ def test_bench_comm_runs_over_the_veth(netns_pair: NetnsPair, tmp_path: Path) ->
                               "--label", "veth", "--out", str(out)])
     proc = subprocess.run(argv, capture_output=True, text=True, env=local_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from analysis.benchcomm import read_csv
+    from larscale.benchformat import read_csv
 
     rows = read_csv(out)
     assert {r["nodes"] for r in rows} == {2} and {r["ranks"] for r in rows} == {2}   # as Open MPI sees it

@@ -33,8 +33,8 @@ from analysis.calibrate import read_run, read_runs
 from jobs.collect import collect
 from jobs.submit import submit
 from jobs.sweep import plan
+from larscale.runformat import read_steps, step_log_path
 from scaling.launch import local_env
-from scaling.runlog import read_steps, step_log_path
 from tests.conftest import REPO
 from tests.test_faults_train import mount_available, mounted
 
@@ -216,7 +216,7 @@ def test_bench_comm_refuses_an_unwritable_out_before_measuring(unwritable: Path)
 
 @OUTPUT_CASES
 def test_calibrate_refuses_an_unwritable_out_before_fitting(unwritable: Path, tmp_path: Path) -> None:
-    from analysis.benchcomm import CSV_COLUMNS, write_csv
+    from larscale.benchformat import CSV_COLUMNS, write_csv
 
     rows = [{c: 0 for c in CSV_COLUMNS} | {"operation": "allreduce", "ranks": 2, "nodes": 1, "bytes": 4 ** k,
                                            "median_s": 1e-5 + 1e-9 * 4 ** k, "label": "", "dtype": "float32",

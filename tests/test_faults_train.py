@@ -31,9 +31,9 @@ import numpy as np
 import psutil
 import pytest
 
+from larscale.runformat import read_steps, step_log_path, validate_summary
 from scaling import checkpoint as ckpt
 from scaling.launch import local_env, rank_command
-from scaling.runlog import read_steps, step_log_path, validate_summary
 from tests.conftest import REPO, run_ranks
 
 TINY = ["--model", "tiny", "--dataset", "digits", "--image-size", "16", "--no-eval", "--threads", "1"]

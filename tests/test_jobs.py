@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from analysis.machine import load_machine
-from analysis.schema import SchemaError
 from jobs.collect import collect
 from jobs.manifest import load_manifest
 from jobs.scripts import render
 from jobs.spec import parse_spec
 from jobs.submit import parse_job_id, submit
 from jobs.sweep import job_groups, plan
+from larscale.machine import load_machine
+from larscale.schema import SchemaError
 from tests.conftest import REPO
 
 GOLDEN = Path(__file__).with_name("golden") / "jobs"

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analysis.machine import load_machine
-from analysis.schema import SchemaError
 from jobs.scripts import render
 from jobs.spec import parse_spec
 from jobs.sweep import job_groups, plan
+from larscale.machine import load_machine
+from larscale.schema import SchemaError
 from tests.test_jobs import base_spec
 
 # ------------------------------------------------------------------------------------------------ spec fuzz

@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analysis.machine import (
+from larscale.machine import (
     MachineProfile,
     bundled_machines,
     format_walltime,
@@ -21,9 +21,9 @@ from analysis.machine import (
     parse_machine,
     walltime_seconds,
 )
-from analysis.schema import SchemaError
+from larscale.schema import SchemaError
 
-LOCAL = yaml.safe_load((Path(__file__).resolve().parents[1] / "analysis/machines/local.yaml").read_text())
+LOCAL = yaml.safe_load((Path(__file__).resolve().parents[1] / "larscale/machines/local.yaml").read_text())
 
 
 def test_bundled_profiles_load_and_round_trip(tmp_path: Path) -> None:
@@ -153,7 +153,7 @@ def test_bad_profile_error_is_one_clear_line(tmp_path: Path) -> None:
     data["node"]["devices"]["count"] = -1
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
-    code = ("import sys; from analysis.machine import load_machine; from analysis.schema import SchemaError\n"
+    code = ("import sys; from larscale.machine import load_machine; from larscale.schema import SchemaError\n"
             "try:\n    load_machine(sys.argv[1])\nexcept SchemaError as e:\n    print(e); sys.exit(2)")
     proc = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2 and "node.devices.count: must be > 0" in proc.stdout

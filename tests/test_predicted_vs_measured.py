@@ -39,8 +39,8 @@ import pytest
 import yaml
 
 from analysis.calibrate import read_run, workload_key
-from analysis.machine import load_machine
 from analysis.predict import predict
+from larscale.machine import load_machine
 from scaling.launch import local_env, rank_command
 from tests.conftest import REPO
 from tests.netns import NetnsPair, netns_available

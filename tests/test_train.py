@@ -21,9 +21,9 @@ import numpy as np
 import psutil
 import pytest
 
+from larscale.runformat import EXIT_RESUMABLE, read_steps, step_log_path, validate_step, validate_summary
 from scaling import checkpoint as ckpt
 from scaling.launch import local_env, rank_command
-from scaling.runlog import EXIT_RESUMABLE, read_steps, step_log_path, validate_step, validate_summary
 from tests.conftest import REPO, run_ranks
 
 PROGRAM = os.environ.get("LARSCALE_TEST_TRAIN_PROGRAM", "-m scaling.train").split()

@@ -1,6 +1,6 @@
 """Strict YAML → dataclass loading: every error names the field by its path and says why.
 
-One small mechanism serves the machine profile (analysis/machine.py) and the sweep spec (jobs/): the
+One small mechanism serves the machine profile (larscale/machine.py) and the sweep spec (jobs/): the
 dataclass *is* the schema. Field types drive the checks (int, float, bool, str, Literal choices, lists,
 string-keyed dicts, nested dataclasses, ``X | None``); a field's ``metadata["check"]`` adds a value rule;
 a field without a default is required; unknown keys are rejected with the closest known name.

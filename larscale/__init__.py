@@ -6,6 +6,15 @@ tensorflow or Horovod inside themselves, so ``larscale --help`` and ``larscale p
 
 A handler returns an exit status. A :class:`UsageError` raised anywhere below is the user's mistake and is
 printed as one line naming the culprit, without a traceback.
+
+This package is also the one shared place below the four packages (models, scaling, jobs, analysis): the files
+that more than one of them reads or writes, each defined once and free of torch and TensorFlow:
+
+- :mod:`larscale.runformat` — a training run's directory (step logs, summary.json; RUN_FORMAT.md), exit statuses;
+- :mod:`larscale.machine` (+ :mod:`larscale.schema`, ``machines/``) — the machine-profile YAML;
+- :mod:`larscale.benchformat` — the allreduce benchmark CSV.
+
+Imports flow one way: ``larscale`` ← ``models`` ← ``scaling`` / ``analysis`` ← ``jobs`` (tests/test_structure.py).
 """
 
 from __future__ import annotations
@@ -52,11 +61,3 @@ def run(packages: Sequence[str], argv: Sequence[str] | None = None, prog: str = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run(PACKAGES, argv)
-
-
-if __name__ == "__main__":
-    # Run the imported module, not this __main__ copy: handlers raise `larscale.UsageError`, and a second
-    # copy of this file would define a second, different UsageError class that run() would not catch.
-    import larscale
-
-    sys.exit(larscale.main())

@@ -2,8 +2,8 @@
 
 A profile describes a cluster once. Units are in the field names: ``_gbps`` gigabits per second,
 ``_us`` microseconds, ``_gb`` gigabytes, ``peak_tflops`` TFLOP/s per device. Bundled profiles live in
-``analysis/machines/``; wherever a profile name is accepted, a path to a user's YAML file works too.
-Unknown or mistyped fields are rejected with the field's path. See ``analysis/machines/README.md``.
+``larscale/machines/``; wherever a profile name is accepted, a path to a user's YAML file works too.
+Unknown or mistyped fields are rejected with the field's path. See ``larscale/machines/README.md``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from analysis.schema import (
+from larscale.schema import (
     SchemaError,
     check,
     fraction,

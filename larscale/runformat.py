@@ -1,7 +1,7 @@
 """The run directory's measurement files: per-rank step logs, the run summary, and their validators.
 
 Pure Python on purpose (no torch, tensorflow or numpy at module level): ``jobs/`` and ``analysis/`` import
-this module to read and check what a training run wrote. The schema is documented in scaling/RUN_FORMAT.md.
+this module to read and check what a training run wrote. The schema is documented in larscale/RUN_FORMAT.md.
 
 Throughput statistics
 ---------------------
@@ -33,6 +33,11 @@ STATUSES = ("complete", "interrupted", "failed")
 CONTROLLERS = ("mpi", "gloo", "none")
 # Warm-up steps left out of the summary throughput unless the run is shorter (see summarize_steps).
 DEFAULT_WARMUP_STEPS = 5
+# Exit statuses of `larscale train` (every rank), read by the job scripts and `sweep collect`.
+EXIT_COMPLETE = 0
+EXIT_FAILED = 1      # a rank failed (exception, lost peer seen by the launcher); resumable from the last checkpoint
+EXIT_USAGE = 2       # a bad option or input, reported before any training: never worth retrying
+EXIT_STALLED = 70    # EX_SOFTWARE: the watchdog saw a collective blocked past --stall-timeout (a peer died or hangs)
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint
 
 _NUM = (int, float)
@@ -182,14 +187,14 @@ def validate_summary(summary: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 # Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
+_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+         2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
 
 
 def t_quantile_975(dof: int) -> float:
     """0.975 quantile of Student's t with ``dof`` degrees of freedom (table to 30, then a Cornish-Fisher
-    expansion z + (z³ + z)/(4ν) + (5z⁵ + 16z³ + 3z)/(96ν²), accurate to 1e-3 there)."""
+    expansion z + (z³ + z)/(4ν) + (5z⁵ + 16z³ + 3z)/(96ν²), within 5e-5 relative there)."""
     if dof < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {dof}")
     if dof <= len(_T975):

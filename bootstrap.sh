@@ -3,93 +3,182 @@
 #
 # Idempotent: every step checks whether its result is already there and skips itself, so a second
 # run takes seconds. What it does, in order:
+#   0. refuses a bad request (unknown knob value, an NCCL build without CUDA, an incomplete offline
+#      directory) in one line, before anything is installed or built;
 #   1. Debian packages (Open MPI, Slurm + munge, compilers, headers the Horovod TF build includes);
 #   2. a virtual environment in .venv with the pinned Python stack (requirements.txt + constraints.txt);
 #   3. Horovod 0.28.1 from the PyPI sdist, patched to build against torch 2.13 and TensorFlow 2.21, for
 #      PyTorch and TensorFlow with the MPI and Gloo controllers; the wheel is cached in .cache/wheels
 #      (ignored by git) and in ~/.cache/larscale/wheels so a fresh clone on the same machine reuses it;
 #   4. larscale itself, editable, and a check that Horovod has every framework and controller.
+# Which patches and build variables apply, where NCCL and CUDA are and the wheel's cache key are decided
+# by scaling/horovod_build.py (standard library only), which this script calls.
 #
-# Environment knobs: PYTHON (interpreter for the venv, default python3), LARSCALE_CACHE (wheel cache
-# shared across clones, default ~/.cache/larscale), HOROVOD_GPU_OPERATIONS=NCCL for a CUDA build.
+# Environment knobs:
+#   PYTHON                  interpreter for the venv (default python3)
+#   LARSCALE_VENV           the venv's folder (default .venv)
+#   LARSCALE_CACHE          wheel cache shared across clones (default ~/.cache/larscale)
+#   LARSCALE_TORCH          pin (default): the CPU torch of constraints.txt; system: the torch PYTHON already
+#                           has (a CUDA build, a site module, a container) -- the venv then sees PYTHON's
+#                           packages, installs only what they lack, no Debian packages, and Horovod is built
+#                           for PyTorch only with Gloo (and MPI when mpicc is on the PATH)
+#   HOROVOD_GPU_OPERATIONS  NCCL for the GPU build (needs LARSCALE_TORCH=system with a CUDA torch, and nvcc);
+#                           NCCL comes from the torch wheel's nvidia-nccl-* package or HOROVOD_NCCL_HOME, the
+#                           compute capability from the local GPU; any HOROVOD_* variable you set wins
+#   LARSCALE_OFFLINE_DIR    take the Horovod sdist and the cffi wheels from this folder (no network needed);
+#                           make it on a networked machine with
+#                               ./bootstrap.sh --prepare-offline DIR [--python-version 3.12]
+#   LARSCALE_BOOTSTRAP_QUIET=1  skip the final `horovodrun --check-build` listing
+#
+# A GPU machine without network, with a CUDA PyTorch in /opt/torch/.venv (see benchmarks/gpu_check.sh):
+#   LARSCALE_TORCH=system PYTHON=/opt/torch/.venv/bin/python3 HOROVOD_GPU_OPERATIONS=NCCL \
+#       LARSCALE_OFFLINE_DIR=.cache/offline ./bootstrap.sh
 set -euo pipefail
 
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-cd "$repo"
+# Paths the caller gave are relative to the caller's directory: made absolute before moving to the repo.
 python=${PYTHON:-python3}
-venv="$repo/.venv"
+if ! python=$(command -v "$python"); then
+    log "PYTHON=${PYTHON:-python3}: no such interpreter"
+    exit 1
+fi
+[[ $python == /* ]] || python=$(realpath -s "$python")
+venv=$(realpath -m "${LARSCALE_VENV:-$repo/.venv}")
+offline=${LARSCALE_OFFLINE_DIR:+$(realpath -m "$LARSCALE_OFFLINE_DIR")}
+prepare_dir=
+[[ ${1:-} == --prepare-offline && -n ${2:-} ]] && prepare_dir=$(realpath -m "$2")
+torch_mode=${LARSCALE_TORCH:-pin}
 horovod_version=0.28.1
 shared_cache=${LARSCALE_CACHE:-$HOME/.cache/larscale}/wheels
-log() { printf '[bootstrap] %s\n' "$*" >&2; }
+cd "$repo"
+build_py() { "$1" -m scaling.horovod_build "${@:2}"; }   # the decisions, in Python (stdlib only)
 
-# ---- 1. Debian packages ------------------------------------------------------------------------
-debian_packages=(openmpi-bin libopenmpi-dev cmake g++ make slurm-wlm munge
-                 libhighwayhash-dev libfarmhash-dev iproute2 procps)
-missing=()
-for pkg in "${debian_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    if [[ $(id -u) -ne 0 ]]; then
-        log "missing Debian packages: ${missing[*]} (run this script as root, or install them first)"
+# ---- 0. arguments: only --prepare-offline DIR [--python-version X.Y] ---------------------------
+if (($#)); then
+    if [[ $1 != --prepare-offline || $# -lt 2 ]]; then
+        log "unknown arguments: $* (usage: ./bootstrap.sh [--prepare-offline DIR [--python-version 3.12]])"
         exit 1
     fi
-    log "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    shift 2
+    pyver=()
+    if (($#)); then
+        if [[ $1 != --python-version || $# -ne 2 ]]; then
+            log "unknown arguments: $* (usage: ./bootstrap.sh --prepare-offline DIR [--python-version 3.12])"
+            exit 1
+        fi
+        pyver=(--python-version "$2")
+    fi
+    # pip downloads for any target Python; use one that has pip (the venv's, else PYTHON).
+    with_pip=$python
+    [[ -x "$venv/bin/python" ]] && with_pip="$venv/bin/python"
+    build_py "$with_pip" prepare-offline "$prepare_dir" "${pyver[@]}"
+    exit 0
+fi
+# Refuse a bad request in one line before anything is installed or built.
+check_args=(--mode "$torch_mode")
+[[ -n "$offline" ]] && check_args+=(--offline "$offline")
+build_py "$python" check "${check_args[@]}"
+
+# ---- 1. Debian packages ------------------------------------------------------------------------
+# With LARSCALE_TORCH=system the machine brings its own stack; the build tools are checked when needed.
+if [[ $torch_mode == pin ]]; then
+    debian_packages=(openmpi-bin libopenmpi-dev cmake g++ make slurm-wlm munge
+                     libhighwayhash-dev libfarmhash-dev iproute2 procps)
+    missing=()
+    for pkg in "${debian_packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        if [[ $(id -u) -ne 0 ]]; then
+            log "missing Debian packages: ${missing[*]} (run this script as root, or install them first)"
+            exit 1
+        fi
+        log "installing Debian packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
 fi
 
-# ---- 2. virtual environment with the pinned stack ----------------------------------------------
+# ---- 2. virtual environment --------------------------------------------------------------------
+# The venv remembers which torch it was made for; a venv of the other kind is never reused silently.
 if [[ ! -x "$venv/bin/python" ]]; then
-    log "creating $venv"
-    "$python" -m venv "$venv"
+    log "creating $venv (LARSCALE_TORCH=$torch_mode)"
+    if [[ $torch_mode == system ]]; then
+        # Without pip of its own: PYTHON's pip is visible, and ensurepip is missing on some images.
+        "$python" -m venv --system-site-packages --without-pip "$venv"
+        build_py "$python" link-site "$venv"
+    else
+        "$python" -m venv "$venv"
+    fi
+    echo "$torch_mode" >"$venv/.larscale-torch"
+fi
+made_for=$(cat "$venv/.larscale-torch" 2>/dev/null || echo pin)
+if [[ $made_for != "$torch_mode" ]]; then
+    log "$venv was made with LARSCALE_TORCH=$made_for, not $torch_mode: set LARSCALE_VENV to another folder or move it aside"
+    exit 1
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-# The stamp holds the hash of the two pin files: when they change, pip runs again.
-stamp="$venv/.larscale-requirements"
-want=$(cat requirements.txt constraints.txt | sha256sum | cut -d' ' -f1)
-if [[ ! -f "$stamp" || $(cat "$stamp") != "$want" ]]; then
-    log "installing the pinned Python stack (torch is pinned: pip never resolves a CUDA build)"
-    "${pip[@]}" install -q --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
-    "${pip[@]}" install -q -r requirements.txt -c constraints.txt
-    echo "$want" >"$stamp"
+offline_pip=()
+[[ -n "$offline" ]] && offline_pip=(--no-index --find-links "$offline")
+if [[ $torch_mode == pin ]]; then
+    # The stamp holds the hash of the two pin files: when they change, pip runs again.
+    stamp="$venv/.larscale-requirements"
+    want=$(cat requirements.txt constraints.txt | sha256sum | cut -d' ' -f1)
+    if [[ ! -f "$stamp" || $(cat "$stamp") != "$want" ]]; then
+        log "installing the pinned Python stack (torch is pinned: pip never resolves a CUDA build)"
+        "${pip[@]}" install -q --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
+        "${pip[@]}" install -q -r requirements.txt -c constraints.txt
+        echo "$want" >"$stamp"
+    fi
+else
+    if ! "${pip[@]}" --version >/dev/null 2>&1; then
+        log "LARSCALE_TORCH=system: $python has no pip, and the venv takes PYTHON's"
+        exit 1
+    fi
+    # Only what PYTHON's packages lack, unpinned: pins would replace the packages its torch was built with.
+    lacking_names=$(build_py "$venv/bin/python" missing requirements.txt)
+    read -r -a lacking <<<"$lacking_names"
+    if ((${#lacking[@]})); then
+        log "installing what $python lacks: ${lacking[*]}"
+        "${pip[@]}" install -q "${offline_pip[@]}" "${lacking[@]}" \
+            || { log "could not install ${lacking[*]}${offline:+ from $offline}"; exit 1; }
+    fi
 fi
 
 # ---- 3. Horovod, patched, built once and cached ------------------------------------------------
 horovod_ok() {
-    # Every framework and controller we ship must be there; anything less is rebuilt.
-    "$venv/bin/python" - <<'EOF' 2>/dev/null
-import horovod.torch as ht, horovod.tensorflow as hf
-assert ht.mpi_built() and ht.gloo_built() and hf.mpi_built() and hf.gloo_built()
-EOF
+    # Every framework and controller asked for must be there; anything less is rebuilt.
+    TF_CPP_MIN_LOG_LEVEL=3 TF_USE_LEGACY_KERAS=1 build_py "$venv/bin/python" verify --mode "$torch_mode"
 }
-if ! horovod_ok; then
-    # The wheel links against this torch and TensorFlow: their versions are part of the cache key.
-    key=$("$venv/bin/python" -c "import sys, importlib.metadata as m; v = sys.version_info; print(f'py{v[0]}{v[1]}-torch{m.version(sys.argv[1])}-tf{m.version(sys.argv[2])}')" torch tensorflow-cpu)
-    key+="-${HOROVOD_GPU_OPERATIONS:-cpu}"
+if ! horovod_ok 2>/dev/null; then
+    # The wheel links against this torch (and TensorFlow): their versions, the GPU variant and the
+    # controllers are part of the cache key.
+    plan=$(build_py "$venv/bin/python" plan --mode "$torch_mode" --link-dir "$venv/larscale-nccl")
+    key=$(sed -n 's/^LARSCALE_WHEEL_KEY=//p' <<<"$plan")
     local_cache="$repo/.cache/wheels/$key"
     wheel=$(ls "$local_cache"/horovod-"$horovod_version"-*.whl "$shared_cache/$key"/horovod-"$horovod_version"-*.whl \
             2>/dev/null | head -n 1 || true)
     if [[ -z "$wheel" ]]; then
         build=$(mktemp -d)
-        log "building Horovod $horovod_version for PyTorch + TensorFlow, MPI + Gloo (~5 min) in $build"
-        "${pip[@]}" download -q --no-deps --no-binary :all: "horovod==$horovod_version" -d "$build"
+        log "building Horovod $horovod_version ($key, ~5 min on 2 cores) in $build"
+        if [[ -n "$offline" ]]; then
+            cp "$offline/horovod-$horovod_version.tar.gz" "$build/"
+            # setup.py wants cffi at build time; offline, setuptools cannot fetch it.
+            if ! "$venv/bin/python" -c 'import cffi' 2>/dev/null; then
+                "${pip[@]}" install -q "${offline_pip[@]}" cffi pycparser
+            fi
+        else
+            "${pip[@]}" download -q --no-deps --no-binary :all: "horovod==$horovod_version" -d "$build"
+        fi
         tar -xzf "$build/horovod-$horovod_version.tar.gz" -C "$build"
         src="$build/horovod-$horovod_version"
-        # Patch 1: torch >= 2.1 headers need C++17; the release asks for C++14 (fixed upstream, unreleased).
-        sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
-            "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
-        # Patch 2: TF 2.21 moved the XLA headers, so the optional XLA-op integration no longer compiles.
-        # Leaving it out of the sources loses only HOROVOD_ENABLE_XLA_OPS, which we do not use.
-        sed -i '/xla_mpi_ops.cc/d' "$src/horovod/tensorflow/CMakeLists.txt"
-        grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt"   # fail loudly if the sdist changed
-        ! grep -q 'xla_mpi_ops.cc' "$src/horovod/tensorflow/CMakeLists.txt"
+        # Each patch is applied where this build needs it and checked; a changed sdist stops the build.
+        build_py "$venv/bin/python" patch "$src" --mode "$torch_mode"
         (
             cd "$src"
-            export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
-            export HOROVOD_WITHOUT_MXNET=1 HOROVOD_CMAKE=cmake MAKEFLAGS="-j$(nproc)"
-            export TF_USE_LEGACY_KERAS=1
+            eval "$plan"
             "${pip[@]}" wheel -q --no-deps --no-build-isolation -w "$local_cache" .
         )
         rm -rf "$build"
@@ -111,6 +200,10 @@ if ! "$venv/bin/python" -c 'import importlib.metadata as m; m.version("larscale"
     "${pip[@]}" install -q --no-deps --no-build-isolation -e .
 fi
 if [[ -z "${LARSCALE_BOOTSTRAP_QUIET:-}" ]]; then
-    TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=3 "$venv/bin/horovodrun" --check-build 2>/dev/null | sed -n '/Available Frameworks/,$p' >&2
+    # horovodrun is in the venv when the wheel was installed there, else beside PYTHON's Horovod.
+    horovodrun=("$venv/bin/horovodrun")
+    [[ -x "$venv/bin/horovodrun" ]] || horovodrun=("$venv/bin/python" -c \
+        'import sys; from horovod.runner.launch import run_commandline; sys.argv[0] = "horovodrun"; run_commandline()')
+    TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=3 "${horovodrun[@]}" --check-build 2>/dev/null | sed -n '/Available Frameworks/,$p' >&2
 fi
 log "ready: $venv"

@@ -84,11 +84,15 @@ def _plan(args: argparse.Namespace):
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from jobs.scripts import render
+    from jobs.scripts import check_launch, render
     from jobs.sweep import describe, job_groups
     from larscale import UsageError
 
     the_plan = _plan(args)
+    try:  # a launcher that cannot start these ranks is the spec's mistake, found before anything is written
+        check_launch(the_plan)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     print(describe(the_plan))
     if args.show_script:
         groups = job_groups(the_plan)
@@ -101,9 +105,22 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_progress(event) -> None:
-    print(f"[{event.done + event.failed}/{event.total}] {event.point_id} {event.state} "
-          f"(done {event.done}, running {event.running}, failed {event.failed})", flush=True)
+def progress_printer(display=None):
+    """The progress callback of `sweep submit`: state changes as lines, a training point's step, images/s and
+    ETA as one updating line on a terminal (plain lines every 30 s otherwise)."""
+    from jobs.progress import ProgressDisplay, describe_progress
+
+    display = display or ProgressDisplay()
+
+    def show(event) -> None:
+        if event.state == "training" and event.run is not None:
+            display.update(event.point_id, f"[{event.done + event.failed}/{event.total}] {event.point_id}: "
+                           f"{describe_progress(event.run, event.attempt)}")
+        elif event.state != "poll":
+            display.say(f"[{event.done + event.failed}/{event.total}] {event.point_id} {event.state} "
+                        f"(done {event.done}, running {event.running}, failed {event.failed})")
+    show.display = display  # type: ignore[attr-defined]
+    return show
 
 
 def run_submit(args: argparse.Namespace) -> int:
@@ -119,17 +136,26 @@ def run_submit(args: argparse.Namespace) -> int:
     except OutputDirError as err:
         raise UsageError(f"--output {err}") from None
     print(describe(the_plan))
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     points = [p.strip() for p in args.points.split(",") if p.strip()] if args.points else None
+    show = progress_printer()
     try:
-        manifest = submit(the_plan, scheduler=args.scheduler, points=points, progress=_print_progress,
+        manifest = submit(the_plan, scheduler=args.scheduler, points=points, progress=show,
                           skip_refused=args.skip_refused, dry_run=args.dry_run, timeout=args.timeout)
+        if args.wait and not args.dry_run:
+            manifest = wait(manifest.output_dir, timeout=args.timeout or 86400, progress=show)
     except SubmitError as err:
+        show.display.clear()
         print(f"larscale sweep submit: {err}", file=sys.stderr)
+        return 1
+    except TimeoutError as err:
+        show.display.clear()
+        print(f"larscale sweep submit: --wait: {err}", file=sys.stderr)
         return 1
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if args.wait and not args.dry_run:
-        manifest = wait(manifest.output_dir, timeout=args.timeout or 86400, progress=_print_progress)
+    show.display.clear()
     print(f"manifest: {manifest.path}")
     _print_states(manifest)
     bad = [r for r in manifest.points.values() if r.state in ("failed", "missing", "interrupted")]
@@ -137,9 +163,13 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def _print_states(manifest) -> None:
-    print(f"{'point':<28} {'state':<12} {'job':<14} reason")
+    from jobs.attempts import describe
+
+    width = max([14, *(len(str(rec.job_id or "-")) for rec in manifest.points.values())])
+    print(f"{'point':<28} {'state':<12} {'job':<{width}} {'attempts':<20} reason")
     for rec in manifest.points.values():
-        print(f"{rec.point_id:<28} {rec.state:<12} {str(rec.job_id or '-'):<14} {rec.reason or ''}")
+        print(f"{rec.point_id:<28} {rec.state:<12} {str(rec.job_id or '-'):<{width}} {describe(rec):<20} "
+              f"{rec.reason or ''}".rstrip())
     print("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.counts().items())))
 
 

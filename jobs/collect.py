@@ -2,7 +2,8 @@
 
 For each point of the manifest: the point's parameters, the run's summary (``summary.json``: status,
 throughput with its 95 % interval, mean phase times) and its per-rank step logs (``steps/rank-*.jsonl``:
-number of steps logged, the median step time of the slowest rank). Files are checked with
+number of steps logged, the median step time of the slowest rank) and its attempts (launches, retries,
+requeues, time lost to failures: jobs/attempts.py). Files are checked with
 ``larscale.runformat.validate_summary`` / ``validate_step``; a malformed line is reported with its file and line
 number and counted, never dropped silently. The table has one row per point, also for failed and missing
 points (their measurements are empty), so ``len(table) == len(manifest.points)``.
@@ -139,8 +140,14 @@ def collect(output_dir: str | Path, write: bool = True, refresh_states: bool = T
     problems: list[Problem] = []
     rows = []
     for point_id, rec in manifest.points.items():
+        started = [a for a in rec.attempts if a.number is not None]
         row: dict[str, Any] = {**rec.params, "state": rec.state, "job_id": rec.job_id,
-                               "exit_status": rec.exit_status, "run_dir": rec.run_dir}
+                               "exit_status": rec.exit_status, "run_dir": rec.run_dir,
+                               # launches of the trainer: retries inside an allocation, requeued jobs, and the
+                               # wall time their failures cost (jobs/attempts.py)
+                               "attempts": len(started), "retries": sum(a.cause == "retry" for a in started),
+                               "requeues": sum(a.cause == "requeue" for a in started),
+                               "time_lost_s": sum(a.time_lost_s or 0.0 for a in started)}
         run_dir = Path(rec.run_dir)
         if run_dir.exists():
             row.update(_row_from_run(point_id, run_dir, problems))

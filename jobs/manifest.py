@@ -6,6 +6,7 @@ and a crash mid-write keeps the previous version. States of a point:
 ``planned`` (script written, not submitted) → ``submitted`` → ``pending`` / ``running`` → ``complete`` |
 ``interrupted`` (stopped by a signal with a checkpoint: resubmit to resume) | ``failed`` | ``missing`` (the
 scheduler forgot the job and the run left no exit status). ``refused`` points never go to the scheduler.
+A point's ``attempts`` list every launch of its trainer: submissions, retries inside an allocation, requeues.
 """
 
 from __future__ import annotations
@@ -30,11 +31,24 @@ def now() -> str:
 
 @dataclass
 class Attempt:
+    """One launch of a point's trainer. Created at submission; completed by `sweep status`/`collect` from the
+    job script's records (jobs/attempts.py), where a retry inside the allocation or a requeued job adds an
+    attempt of the same job."""
+
     job_id: str | None
     script: str
     submitted_at: str
     resume: bool
     job_name: str
+    number: int | None = None            # the point's launch number in the script's records; None: not started
+    cause: str = "submitted"             # "submitted" | "retry" (relaunched in its allocation) | "requeue"
+    started_at: str | None = None
+    ended_at: str | None = None
+    exit_status: int | None = None       # None: running, or cut off with its job
+    steps_reached: int | None = None     # steps the furthest rank had logged when it ended
+    checkpoint_step: int | None = None   # the newest checkpoint then: where the next attempt resumes
+    time_lost_s: float | None = None     # work redone by the next attempt (jobs/attempts.py defines it)
+    note: str | None = None              # why the script stopped retrying
 
 
 @dataclass

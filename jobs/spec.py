@@ -173,6 +173,9 @@ class Training:
     log_every: int | None = check(positive, default=None)
     # Further trainer options, passed through as separate (quoted) arguments.
     extra_args: list[str] = field(default_factory=list)
+    # How ranks talk: Horovod (the default) or PyTorch's own torch.distributed (DDP; PyTorch only). Which
+    # launchers can start each one is checked against the machine in jobs/scripts.py (check_launch).
+    backend: Literal["horovod", "ddp"] = "horovod"
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -211,6 +214,15 @@ class JobOptions:
     env: dict[str, str] = field(default_factory=dict)
     # The interpreter on the cluster (default: the one running larscale).
     python: str | None = None
+    # Launcher for the ranks (default: the profile's). torchrun starts one agent per node for
+    # training.backend: ddp (jobs/scripts.py says which combinations work).
+    launcher: Literal["srun", "mpirun", "ibrun", "horovodrun", "jsrun", "torchrun"] | None = None
+    # A point whose run fails (a rank died or hung: any exit but 0, 2 usage error, 75 stopped at the walltime)
+    # is relaunched with --resume inside the same allocation up to this many times, after retry_backoff_s.
+    max_retries: int = check(_non_negative, default=2)
+    # Seconds between a failed attempt and the next: lets the launcher and the nodes release the dead ranks'
+    # ports, shared memory and devices before the next ranks start.
+    retry_backoff_s: float = check(_non_negative, default=5.0)
 
     def __post_init__(self) -> None:
         for name, value in self.env.items():
@@ -249,6 +261,12 @@ class SweepSpec:
             raise SchemaError("output", "must be a non-empty path without NUL bytes")
         if self.repetitions > 100:
             raise SchemaError("repetitions", f"at most 100, got {self.repetitions}")
+        if self.training.backend == "ddp" and self.framework != "torch":
+            raise SchemaError("training.backend", f"ddp (torch.distributed) trains PyTorch models only; "
+                              f"framework is {self.framework!r}: use backend horovod")
+        if self.job.launcher == "torchrun" and self.training.backend != "ddp":
+            raise SchemaError("job.launcher", "torchrun starts torch.distributed workers: it needs "
+                              "training.backend: ddp (Horovod ranks start under mpirun, srun or horovodrun)")
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)

@@ -6,18 +6,25 @@ run is complete (finished results are never overwritten) or whose job is still q
 submitted before that did not complete is resubmitted with ``--resume`` (it continues from its checkpoint).
 
 The ``local`` scheduler runs each job's script directly, one after another, waiting for each; a progress
-callback hears after every run how many points are done, running and failed.
+callback hears after every run how many points are done, running and failed, and while a point trains, where
+it is (``state == "training"``: step, images/s, ETA from its step log). ``wait`` does the same for a scheduler.
+Each point's attempts (retries inside the allocation, requeues) come from the script's records
+(jobs/attempts.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from jobs.attempts import last_note, merge_from_files, read_launches, records_path
 from jobs.manifest import (
     ACTIVE_STATES,
     Attempt,
@@ -26,7 +33,8 @@ from jobs.manifest import (
     load_manifest,
     now,
 )
-from jobs.scripts import SCHEDULERS, render, submit_command
+from jobs.progress import RunProgress, read_progress
+from jobs.scripts import SCHEDULERS, check_launch, render, submit_command
 from jobs.sweep import Plan, job_groups
 from larscale.runformat import EXIT_RESUMABLE
 
@@ -37,7 +45,8 @@ class SubmitError(RuntimeError):
 
 @dataclass(frozen=True)
 class Progress:
-    """What a progress callback receives: counts over the submitted points, and the point that changed."""
+    """What a progress callback receives: counts over the submitted points, and the point that changed.
+    ``state == "training"``: ``run`` says where the point is (from its step log), ``attempt`` which launch."""
 
     total: int
     done: int
@@ -45,6 +54,8 @@ class Progress:
     failed: int
     point_id: str
     state: str
+    run: RunProgress | None = None
+    attempt: int | None = None
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -169,13 +180,15 @@ def refresh(manifest: Manifest, env: Mapping[str, str] | None = None) -> Manifes
     pending = [rec for rec in manifest.points.values() if rec.job_id and rec.state not in ("complete",)]
     live = scheduler_states(manifest.scheduler, sorted({rec.job_id for rec in pending if rec.job_id}), env)
     for rec in pending:
+        merge_from_files(output_dir, rec)
         active, word = live.get(rec.job_id, (None, "UNKNOWN")) if rec.job_id else (None, "")
         if active is not None:
             rec.state, rec.reason = active, f"{manifest.scheduler} job {rec.job_id} {word}"
             continue
         state, reason, exit_status = run_state(output_dir, rec)
         if state is not None:
-            rec.state, rec.reason, rec.exit_status = state, reason, exit_status
+            note = last_note(rec) if state == "failed" else None
+            rec.state, rec.reason, rec.exit_status = state, f"{reason}: {note}" if note else reason, exit_status
         elif rec.state in ACTIVE_STATES:
             started = (output_dir / "status" / f"{rec.point_id}.started").exists()
             rec.state = "missing"
@@ -217,11 +230,13 @@ def submit(plan: Plan, scheduler: str | None = None, points: list[str] | None = 
     if plan.refused and not skip_refused:
         reasons = "; ".join(f"{p.point_id}: {p.refused}" for p in plan.refused)
         raise ValueError(f"{len(plan.refused)} point(s) refused: {reasons}")
+    check_launch(plan)
     wanted = set(points) if points is not None else None
     if wanted is not None:
         unknown = wanted - {p.point_id for p in plan.points}
         if unknown:
-            raise ValueError(f"unknown point id(s): {', '.join(sorted(unknown))}")
+            raise ValueError(f"--points: unknown point id(s) {', '.join(sorted(unknown))}; the plan has "
+                             f"{', '.join(p.point_id for p in plan.points)}")
     out = plan.output_dir
     for sub in ("scripts", "logs", "status", "runs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -253,7 +268,9 @@ def submit(plan: Plan, scheduler: str | None = None, points: list[str] | None = 
     groups = job_groups(plan, to_run)
     scripts = []
     for group in groups:
-        attempt = 1 + max((len(manifest.points[p.point_id].attempts) for p in group.points), default=0)
+        # The n-th submission of a point (its attempts' distinct jobs + 1; retries and requeues share a job).
+        attempt = 1 + max((len({a.job_id for a in manifest.points[p.point_id].attempts}) for p in group.points),
+                          default=0)
         path = out / "scripts" / (f"{group.job_name}.sh" if attempt == 1 else f"{group.job_name}.try{attempt}.sh")
         path.write_text(render(plan, group, resume))
         path.chmod(0o755)
@@ -275,32 +292,36 @@ def submit(plan: Plan, scheduler: str | None = None, points: list[str] | None = 
                               running=running, failed=sum(1 for s in finished.values() if s != "complete"),
                               point_id=point_id, state=state))
 
+    def report_training(point_id: str, run: RunProgress, attempt: int | None) -> None:
+        assert progress is not None
+        progress(Progress(total=total, done=sum(1 for s in finished.values() if s == "complete"), running=1,
+                          failed=sum(1 for s in finished.values() if s != "complete"), point_id=point_id,
+                          state="training", run=run, attempt=attempt))
+
     for group, path in zip(groups, scripts, strict=True):
         job_name = group.job_name
         if scheduler == "local":
-            for p in group.points:
-                manifest.points[p.point_id].state = "running"
-            job_id = f"local-{now()}"
+            job_id = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
             for p in group.points:
                 rec = manifest.points[p.point_id]
-                rec.job_id = job_id
+                rec.state, rec.job_id = "running", job_id
                 rec.attempts.append(Attempt(job_id=job_id, script=str(path), submitted_at=now(),
                                             resume=p.point_id in resume, job_name=job_name))
             manifest.save()
             report(group.points[0].point_id, "running")
             log = out / "logs" / f"{job_name}-local.out"
             base_env = dict(env) if env is not None else _local_env()
-            with open(log, "a") as fh:
-                try:
-                    subprocess.run(["bash", str(path)], cwd=out, env=base_env, stdout=fh,
-                                   stderr=subprocess.STDOUT, timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    fh.write(f"larscale: job {job_name} killed after {timeout} s\n")
+            base_env["LARSCALE_JOB_ID"] = job_id      # the script's attempt records name this job
+            finished_early = _run_local_job(path, out, base_env, log, timeout, group_points=group.points,
+                                            plan=plan, on_training=report_training if progress else None)
             for p in group.points:
                 rec = manifest.points[p.point_id]
+                merge_from_files(out, rec)
                 state, reason, exit_status = run_state(out, rec)
+                note = last_note(rec) if state == "failed" else None
                 rec.state = state or "failed"
-                rec.reason = reason if state else f"no exit status (see {log})"
+                rec.reason = (f"{reason}: {note}" if note else reason) if state else (
+                    finished_early or f"no exit status (see {log})")
                 rec.exit_status = exit_status
                 finished[p.point_id] = rec.state
                 manifest.save()
@@ -328,6 +349,84 @@ def submit(plan: Plan, scheduler: str | None = None, points: list[str] | None = 
     return manifest
 
 
+def _running_point(out: Path, points, since: float):
+    """The point of a local job that is running now: started by this job (its ``.started`` is newer than
+    ``since``) and not finished (no ``.exit``: the script removes a stale one when it starts a point)."""
+    for p in points:
+        started = out / "status" / f"{p.point_id}.started"
+        try:
+            fresh = started.stat().st_mtime >= since - 1
+        except FileNotFoundError:
+            continue
+        if fresh and not (out / "status" / f"{p.point_id}.exit").exists():
+            return p
+    return None
+
+
+def attempt_number(output_dir: Path, point_id: str) -> int | None:
+    """The number of the point's newest launch in the script's records (None before the first)."""
+    launches = read_launches(records_path(output_dir, point_id))
+    return launches[-1].attempt if launches else None
+
+
+# Seconds a local job gets to checkpoint and stop after SIGTERM (timeout, Ctrl-C) before it is killed.
+LOCAL_STOP_GRACE_S = 60.0
+
+
+def _run_local_job(path: Path, out: Path, env: dict[str, str], log: Path, timeout: float | None,
+                   group_points, plan: Plan, on_training, poll_s: float = 1.0) -> str | None:
+    """Run one local job script to its end, reporting the running point's progress every ``poll_s``.
+
+    The script runs in its own session, so its launcher and ranks form one process group that we alone
+    signal: on the timeout or Ctrl-C the script gets SIGTERM (it asks the trainer to checkpoint and stop, as
+    at a walltime) and the group is killed only if it is still there ``LOCAL_STOP_GRACE_S`` later. Returns a
+    reason when the job was stopped that way, else None."""
+    started = time.time()
+    deadline = time.monotonic() + timeout if timeout else None
+    steps_planned = plan.spec.training.steps
+    reason = None
+    with open(log, "a") as fh:
+        proc = subprocess.Popen(["bash", str(path)], cwd=out, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=poll_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if deadline is not None and time.monotonic() > deadline:
+                    reason = f"stopped after the --timeout of {timeout:.0f} s (see {log})"
+                    fh.write(f"larscale: job {path.stem} {reason}\n")
+                    fh.flush()
+                    _stop_local(proc)
+                    break
+                if on_training is not None:
+                    point = _running_point(out, group_points, started)
+                    if point is not None:
+                        run = read_progress(plan.run_dir(point), steps_planned)
+                        if run is not None:
+                            on_training(point.point_id, run, attempt_number(out, point.point_id))
+        except BaseException:       # Ctrl-C: let the trainer checkpoint, then pass the interrupt on
+            _stop_local(proc)
+            raise
+    return reason
+
+
+def _stop_local(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=LOCAL_STOP_GRACE_S)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):   # out of time, or a second Ctrl-C: kill now
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def _local_env() -> dict[str, str]:
     """The environment local runs need (Open MPI as root, tf-keras): scaling.launch.local_env."""
     try:
@@ -340,18 +439,22 @@ def _local_env() -> dict[str, str]:
 def wait(output_dir: str | Path, timeout: float = 3600, poll_s: float = 2.0,
          env: Mapping[str, str] | None = None, progress: ProgressCallback | None = None) -> Manifest:
     """Poll the scheduler until no point of the sweep is queued or running (or ``timeout`` passes)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         manifest = status(output_dir, env)
         active = [r for r in manifest.points.values() if r.state in ACTIVE_STATES]
         if progress is not None:
             counts = manifest.counts()
-            progress(Progress(total=len(manifest.points), done=counts.get("complete", 0),
-                              running=counts.get("running", 0),
-                              failed=sum(counts.get(s, 0) for s in ("failed", "missing", "interrupted")),
-                              point_id="", state="poll"))
+            tally = {"total": len(manifest.points), "done": counts.get("complete", 0),
+                     "running": counts.get("running", 0),
+                     "failed": sum(counts.get(s, 0) for s in ("failed", "missing", "interrupted"))}
+            progress(Progress(**tally, point_id="", state="poll"))
+            steps_planned = (manifest.spec.get("training") or {}).get("steps")
+            for rec in active:
+                run = read_progress(rec.run_dir, steps_planned) if rec.state == "running" else None
+                if run is not None:
+                    progress(Progress(**tally, point_id=rec.point_id, state="training", run=run,
+                                      attempt=attempt_number(Path(manifest.output_dir), rec.point_id)))
         if not active:
             return manifest
         if time.monotonic() > deadline:

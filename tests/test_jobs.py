@@ -207,8 +207,91 @@ def test_golden_scripts(scheduler: str, launcher: str, flavor: str) -> None:
         assert {"slurm": "--time=01:30:00", "pbs": "walltime=01:30:00", "lsf": "-W 1:30"}[scheduler] in text
 
 
+# training.backend: ddp (torch.distributed): (golden name, scheduler, profile launcher, job.launcher, job index).
+DDP_GOLDENS = [("slurm-srun-ddp", "slurm", "srun", None, 1),
+               ("slurm-mpirun-openmpi-ddp", "slurm", "mpirun", None, 1),
+               ("slurm-torchrun", "slurm", "srun", "torchrun", 1),      # 2 nodes: one torchrun per node by srun
+               ("pbs-torchrun", "pbs", "mpirun", "torchrun", 0),        # 1 node: torchrun itself
+               ("local-torchrun", "local", "mpirun", "torchrun", 0)]
+
+
+def ddp_plan(scheduler: str, launcher: str, job_launcher: str | None, flavor: str = "openmpi",
+             backend: str = "ddp", one_node: bool = False):
+    machine = replace(load_machine("stampede2-knl"), scheduler=scheduler, launcher=launcher, mpi_flavor=flavor,
+                      launcher_flags=["--verbose"] if launcher == "srun" else [])
+    job = {"launcher": job_launcher} if job_launcher else {}
+    spec = base_spec(training={"backend": backend}, job=job, sweep={"nodes": [1] if one_node else [1, 2, 4]})
+    return plan(spec, machine=machine, output_dir="/scratch/sweeps/golden", python="/opt/py/bin/python")
+
+
+@pytest.mark.parametrize(("name", "scheduler", "launcher", "job_launcher", "index"), DDP_GOLDENS,
+                         ids=[g[0] for g in DDP_GOLDENS])
+def test_golden_ddp_scripts(name: str, scheduler: str, launcher: str, job_launcher: str | None,
+                            index: int) -> None:
+    # torchrun outside Slurm starts one node's workers only: those sweeps stay on one node.
+    one_node = job_launcher == "torchrun" and scheduler != "slurm"
+    the_plan = ddp_plan(scheduler, launcher, job_launcher, one_node=one_node)
+    text = render(the_plan, job_groups(the_plan)[index])
+    golden = GOLDEN / f"{name}.sh"
+    if os.environ.get("LARSCALE_UPDATE_GOLDEN") == "1":
+        golden.write_text(text)
+    assert text == golden.read_text(), f"{name}.sh differs from its golden file"
+    syntax = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    assert "--backend ddp" in text
+    # The walltime and the plan do not depend on the backend.
+    horovod = ddp_plan(scheduler, launcher, None, backend="horovod", one_node=one_node)
+    assert [p.params() for p in the_plan.points] == [p.params() for p in horovod.points]
+    if launcher == "srun" or job_launcher == "torchrun":
+        assert "export MASTER_ADDR=" in text and "export MASTER_PORT=" in text
+    if job_launcher == "torchrun":
+        assert "larscale_signal=TERM" in text and "-m torch.distributed.run" in text
+        assert '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"' in text
+
+
+@pytest.mark.parametrize(("setup", "path", "words"), [
+    (("slurm", "horovodrun", None), "training.backend", "horovodrun cannot start training.backend 'ddp'"),
+    (("slurm", "ibrun", None), "training.backend", "ibrun cannot start"),
+    (("slurm", "jsrun", None), "training.backend", "jsrun cannot start"),
+    (("slurm", "mpirun", None, "intelmpi"), "training.backend", "mpi_flavor 'intelmpi'"),
+    (("lsf", "mpirun", "torchrun"), "job.launcher", "torchrun on 2 nodes needs one agent per node"),
+    (("slurm", "mpirun", "horovodrun"), "job.launcher", "horovodrun cannot start"),
+])
+def test_launchers_that_cannot_start_ddp_are_refused(setup: tuple, path: str, words: str, tmp_path: Path) -> None:
+    the_plan = ddp_plan(*setup)
+    with pytest.raises(SchemaError) as info:
+        render(the_plan, job_groups(the_plan)[1])
+    assert info.value.path == path and words in info.value.reason, str(info.value)
+    with pytest.raises(SchemaError, match=words):     # nothing is written or submitted
+        submit(the_plan, dry_run=True)
+
+
+@pytest.mark.parametrize(("change", "path", "words"), [
+    ({"framework": "tensorflow", "training": {"backend": "ddp"}}, "training.backend", "PyTorch models only"),
+    ({"job": {"launcher": "torchrun"}}, "job.launcher", "needs training.backend: ddp"),
+    ({"training": {"backend": "nccl"}}, "training.backend", "one of 'horovod', 'ddp'"),
+    ({"job": {"max_retries": -1}}, "job.max_retries", ">= 0"),
+    ({"job": {"retry_backoff_s": -5}}, "job.retry_backoff_s", ">= 0"),
+])
+def test_backend_and_retry_fields_name_the_culprit(change: dict, path: str, words: str) -> None:
+    with pytest.raises(SchemaError) as info:
+        parse_spec(base_spec(**change))
+    assert info.value.path == path and words in info.value.reason, str(info.value)
+
+
+def test_cli_plan_refuses_a_launcher_that_cannot_start_ddp(tmp_path: Path) -> None:
+    import yaml
+
+    spec = tmp_path / "ddp.yaml"
+    spec.write_text(yaml.safe_dump(base_spec(training={"backend": "ddp"}, job={"launcher": "horovodrun"})))
+    proc = run_cli("sweep", "plan", str(spec), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "job.launcher: horovodrun cannot start" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
 def test_golden_directory_has_no_stale_files() -> None:
     names = {f"{s}-{l}" + (f"-{f}" if l == "mpirun" else "") + ".sh" for s in SCHEDULERS for l, f in LAUNCHERS}
+    names |= {f"{g[0]}.sh" for g in DDP_GOLDENS}
     assert {p.name for p in GOLDEN.glob("*.sh")} == names
 
 
@@ -273,7 +356,7 @@ def test_local_submit_manifest_and_collect(tmp_path: Path) -> None:
     spec = base_spec(machine="local", sweep={"kind": "grid", "nodes": [1], "global_batch": None,
                                              "global_batches": [2, 4, 999], "ranks_per_node": 1,
                                              "threads_per_rank": 1},
-                     training={"steps": 3, "image_size": 32, "warmup_steps": 0})
+                     training={"steps": 3, "image_size": 32, "warmup_steps": 0}, job={"retry_backoff_s": 0})
     the_plan = plan(spec, output_dir=tmp_path / "sweep")
     events = []
     manifest = submit(the_plan, env=env, progress=events.append)
@@ -283,12 +366,16 @@ def test_local_submit_manifest_and_collect(tmp_path: Path) -> None:
     assert {pid: r.state for pid, r in again.points.items()} == {
         "n1-p1-b2": "complete", "n1-p1-b4": "complete", "n1-p1-b999": "failed"}
     assert again.points["n1-p1-b999"].exit_status == 3
+    # Exit 3 before any step: retried once in the job, then "no progress" (tests/test_jobs_retry.py has the rules).
+    assert [a.cause for a in again.points["n1-p1-b999"].attempts] == ["submitted", "retry"]
+    assert "no progress" in again.points["n1-p1-b999"].reason
     summary_before = Path(again.points["n1-p1-b2"].run_dir, "summary.json").stat().st_mtime_ns
     # Resubmitting runs only the failed point, with --resume; finished results stay untouched.
     manifest = submit(the_plan, env=env)
     failed = manifest.points["n1-p1-b999"]
-    assert len(failed.attempts) == 2 and failed.attempts[-1].resume
-    assert "--resume" in Path(failed.script).read_text()
+    assert [(a.cause, a.resume) for a in failed.attempts] == [("submitted", False), ("retry", True),
+                                                               ("submitted", True), ("retry", True)]
+    assert f'larscale_run n1-p1-b999 {failed.run_dir} resume "${{larscale_argv[@]}}"' in Path(failed.script).read_text()
     assert len(manifest.points["n1-p1-b2"].attempts) == 1
     assert Path(again.points["n1-p1-b2"].run_dir, "summary.json").stat().st_mtime_ns == summary_before
 

@@ -122,6 +122,7 @@ def run_sweeps(cfg: DemoConfig) -> tuple[list[Any], Any]:
     import pandas as pd
 
     from jobs.collect import collect
+    from jobs.progress import ProgressDisplay, describe_progress
     from jobs.submit import Progress, submit
     from jobs.sweep import describe, plan
 
@@ -134,11 +135,18 @@ def run_sweeps(cfg: DemoConfig) -> tuple[list[Any], Any]:
 
     _step(2, f"run the sweeps as real Horovod jobs (scheduler: {cfg.scheduler})")
     counts = {"done": 0, "failed": 0}
+    # Point states as lines; a training point's step, images/s and ETA as one updating line on a terminal.
+    display = ProgressDisplay()
 
     def show(name: str) -> Callable[[Progress], None]:
         def progress(event: Progress) -> None:
-            _say(f"  [{name}] {event.point_id}: {event.state:<9} | points done {counts['done'] + event.done}"
-                 f"/{total_points}, running {event.running}, failed {counts['failed'] + event.failed}")
+            if event.state == "training" and event.run is not None:
+                display.update(event.point_id, f"  [{name}] {event.point_id}: "
+                               f"{describe_progress(event.run, event.attempt)}")
+            elif event.state != "poll":
+                display.say(f"  [{name}] {event.point_id}: {event.state:<9} | points done "
+                            f"{counts['done'] + event.done}/{total_points}, running {event.running}, "
+                            f"failed {counts['failed'] + event.failed}")
         return progress
 
     tables = []
@@ -147,7 +155,8 @@ def run_sweeps(cfg: DemoConfig) -> tuple[list[Any], Any]:
         if cfg.scheduler != "local":
             from jobs.submit import wait
 
-            manifest = wait(the_plan.output_dir, timeout=3600)
+            manifest = wait(the_plan.output_dir, timeout=3600, progress=show(the_plan.spec.name))
+        display.clear()
         states = [rec.state for rec in manifest.points.values()]
         counts["done"] += states.count("complete")
         counts["failed"] += sum(s not in ("complete", "refused") for s in states)

@@ -41,20 +41,31 @@ PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 DEFAULT_STEP_FRACTIONS = (30 / 90, 60 / 90, 80 / 90)
 
 
+# The `larscale train` option behind each checked value: errors name both, so a command-line user sees the
+# option to change and a Python caller the argument.
+OPTIONS = {"base_lr": "--lr", "total_steps": "--steps", "warmup_steps": "--warmup-steps",
+           "warmup_start_lr": "--warmup-start-lr", "end_lr": "--end-lr", "power": "--power",
+           "epochs": "--epochs", "warmup_epochs": "--warmup-epochs", "global_batch": "--global-batch"}
+
+
+def _label(name: str) -> str:
+    return f"{name} ({OPTIONS[name]})" if name in OPTIONS else name
+
+
 def _number(name: str, value: Any, low: float | None = None, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(float(value)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{_label(name)} must be a number, got {value!r}")
     value = float(value)
     if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+        raise ValueError(f"{_label(name)} must be {'>' if low_open else '>='} {low:g}, got {value!r}")
     return value
 
 
 def _integer(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{_label(name)} must be an integer, got {value!r}")
     if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+        raise ValueError(f"{_label(name)} must be >= {low}, got {value!r}")
     return int(value)
 
 
@@ -77,11 +88,13 @@ class LRSchedule:
         _integer("total_steps", self.total_steps, 1)
         _integer("warmup_steps", self.warmup_steps, 0)
         if self.warmup_steps > self.total_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed total_steps ({self.total_steps})")
+            raise ValueError(f"{_label('warmup_steps')} = {self.warmup_steps} must not exceed "
+                             f"{_label('total_steps')} = {self.total_steps}")
         _number("warmup_start_lr", self.warmup_start_lr, 0.0)
         _number("end_lr", self.end_lr, 0.0)
         if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"schedule kind must be one of {', '.join(SCHEDULE_KINDS)}, got {self.kind!r}")
+            raise ValueError(f"schedule kind (--schedule) must be one of {', '.join(SCHEDULE_KINDS)}, "
+                             f"got {self.kind!r}")
         _number("power", self.power, 0.0, low_open=True)
         _number("gamma", self.gamma, 0.0)
         milestones = tuple(_integer("milestone", m, 0) for m in self.milestones)
@@ -289,8 +302,9 @@ def preset(model: str, global_batch: int, *, table: str = "paper", extrapolate: 
 
     legible = f"rows with a legible LR: {', '.join(str(r['batch']) for r in usable)}"
     if not extrapolate:
-        raise PresetRangeError(f"global batch {batch} is outside the {table} table for {name} ({legible}); pass "
-                               f"extrapolate=True to scale the nearest row (linearly below, held above)")
+        raise PresetRangeError(f"global batch {batch} is outside the {table} table for {name} ({legible}); "
+                               "give the learning rate yourself with --lr (training.lr in a sweep spec) instead "
+                               "of the preset, or use a global batch inside the table")
     if batch < lowest["batch"]:
         values = {**lowest, "base_lr": lowest["base_lr"] * batch / lowest["batch"], "top1": None,
                   "top1_extended_aug": None}

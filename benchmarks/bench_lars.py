@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(device: str, reps: int, warmup: int = 2, threads: int = 1, chunk_bytes: list[int] | None = None,
-        shapes: list[tuple[int, ...]] | None = None) -> dict:
-    """Time the contenders, print the summary and the RESULT line, and return the RESULT object."""
+        shapes: list[tuple[int, ...]] | None = None, result_line: bool = True) -> dict:
+    """Time the contenders, print the summary (and the RESULT line), and return the RESULT object."""
     torch.set_num_threads(threads)
     source = "given shapes"
     if shapes is None:
@@ -260,7 +260,8 @@ def run(device: str, reps: int, warmup: int = 2, threads: int = 1, chunk_bytes: 
         "tensors": len(shapes), "values": numel, "threads": threads, "reps": reps, "torch": torch.__version__,
         "load_average": load, "median_s": medians, "not_timed": left_out, **values, "targets": targets, "ok": ok,
     }
-    print("RESULT " + json.dumps(result))
+    if result_line:
+        print("RESULT " + json.dumps(result))
     return result
 
 

@@ -13,11 +13,12 @@ runs once per round, in a shuffled order; the report gives the median over round
 
     images/s of the loader, and images/s per loader process (÷ N; N = 0: the main process decodes)
 
-and, from the best per-process rate of each augmentation, the loader cores one GPU needs at 4,650 img/s (eager
-ResNet-50, bf16, H200), 6,720 (the same compiled) and 25,700 (AlexNet-BN eager; it crops 227 px, measured
-here at --image-size). The files sit in the page cache after the first read: this measures decoding and
+and images per CPU-second (CPU time of the main process and the workers, which a busy machine's neighbours move
+far less than the wall rate); from the one-worker CPU rate of each augmentation, the loader cores one GPU needs
+at 4,650 img/s (eager ResNet-50, bf16, H200), 6,720 (the same compiled) and 25,700 (AlexNet-BN eager; it crops
+227 px, measured here at --image-size). The files sit in the page cache after the first read: this measures decoding and
 augmentation, not the file system. A second table splits one image's cost into its stages (decode, crop and
-resize, flip, jitter, normalise) in this process, to show where a faster loader would save. Prints one
+resize, flip, jitter, normalise) on one thread's CPU clock, to show where a faster loader would save. Prints one
 ``RESULT {json}`` line. No target: the figures feed benchmarks/README.md and the machine profiles'
 ``compute.data_images_per_s``.
 """
@@ -62,8 +63,9 @@ class TreeSpec:
 class LoaderRate:
     augmentation: str
     workers: int
-    images_per_s: float        # median over rounds
+    images_per_s: float        # median over rounds, wall clock
     per_process: float         # images_per_s ÷ max(workers, 1)
+    per_cpu_second: float      # median over rounds: images ÷ CPU seconds of the main process and the workers
     rounds: list[float]
 
 
@@ -92,58 +94,94 @@ def write_jpeg_tree(root: Path, spec: TreeSpec) -> dict[str, float]:
     return {"files": len(sizes), "mean_kb": float(np.mean(sizes)) / 1e3}
 
 
-def loader_batches(dataset: data.ImageFolderData, batch: int, workers: int, epoch: int) -> Iterator[object]:
-    """One epoch of batches, read as ``larscale train`` reads them (one rank, no accumulation)."""
+def loader_batches(dataset: data.ImageFolderData, batch: int, workers: int, epoch: int) -> tuple[int, Iterator]:
+    """The number of batches of one epoch and the batches, read as ``larscale train`` reads them (one rank, no
+    accumulation)."""
     import torch
 
     sampler = data.ShardBatchSampler(len(dataset), batch, batch, 1, rank=0, seed=0, epoch=epoch)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
-    yield from loader
+    return len(sampler), iter(loader)
 
 
-def time_loader(dataset: data.ImageFolderData, batch: int, workers: int, epoch: int) -> float:
-    """Images per second over one epoch, the clock started once every worker has delivered a batch."""
-    skip = max(workers, 1)  # worker start-up (fork, imports) is not the steady rate
-    start, images = None, 0
-    for index, (images_batch, _) in enumerate(loader_batches(dataset, batch, workers, epoch)):
+class CpuClock:
+    """CPU seconds (user + system) this process and its children (the loader workers) spent since ``start``."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.me = psutil.Process()
+        self.start: dict[int, float] = {}
+
+    def _now(self) -> dict[int, float]:
+        import psutil
+
+        seconds = {}
+        for process in [self.me, *self.me.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            seconds[process.pid] = times.user + times.system
+        return seconds
+
+    def begin(self) -> None:
+        self.start = self._now()
+
+    def elapsed(self) -> float:
+        return sum(total - self.start.get(pid, 0.0) for pid, total in self._now().items())
+
+
+def time_loader(dataset: data.ImageFolderData, batch: int, workers: int, epoch: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second) over one epoch, the clocks started once every worker has
+    delivered a batch (worker start-up is not the steady rate) and read when the last batch arrives, before
+    the workers exit. CPU seconds count this process and the workers: on a busy machine the wall rate measures
+    the neighbours too, the CPU rate much less so."""
+    skip = max(workers, 1)
+    count, batches = loader_batches(dataset, batch, workers, epoch)
+    if count <= skip:
+        raise SystemExit(f"bench_data: {len(dataset)} training images give {count} batches of {batch}, too few for "
+                         f"{workers} workers; raise --train-images")
+    cpu, start, images = CpuClock(), 0.0, 0
+    for index, (images_batch, _) in enumerate(batches):
         if index == skip - 1:
+            cpu.begin()
             start = time.perf_counter()
         elif index >= skip:
             images += images_batch.shape[0]
-    if start is None or images == 0:
-        raise SystemExit(f"bench_data: {len(dataset)} training images give too few batches of {batch} for "
-                         f"{workers} workers; raise --train-images")
-    return images / (time.perf_counter() - start)
+        if index == count - 1:
+            wall, cpu_seconds = time.perf_counter() - start, cpu.elapsed()
+    return images / wall, images / cpu_seconds
 
 
 def stage_breakdown(dataset: data.ImageFolderData, samples: int) -> dict[str, float]:
-    """Mean milliseconds per image of each stage of ``ImageFolderData.__getitem__`` (training transform),
-    the same PIL and numpy calls timed one by one in this process."""
+    """Mean CPU milliseconds per image of each stage of ``ImageFolderData.__getitem__`` (training transform),
+    the same PIL and numpy calls timed one by one on this thread's CPU clock (the neighbours do not count)."""
     from PIL import Image, ImageEnhance
 
     stages = {"decode": 0.0, "crop_resize": 0.0, "flip": 0.0, "colour_jitter": 0.0, "normalise": 0.0}
     size = dataset.image_size
     for index in range(min(samples, len(dataset))):
         rng = np.random.default_rng([dataset.seed, 0, index, 0xA06])
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         with Image.open(dataset.samples[index][0]) as handle:
             image = handle.convert("RGB")
-        t1 = time.perf_counter()
+        t1 = time.thread_time()
         scale = (0.25, 1.0) if dataset.augmentation == "minimal" else (0.08, 1.0)
         left, top, w, h = data.random_resized_box(image.width, image.height, rng, scale)
         image = image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
-        t2 = time.perf_counter()
+        t2 = time.thread_time()
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        t3 = time.perf_counter()
+        t3 = time.thread_time()
         if dataset.augmentation == "extended":
             for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
                 image = enhance(image).enhance(float(rng.uniform(0.6, 1.4)))
-        t4 = time.perf_counter()
+        t4 = time.thread_time()
         array = (np.asarray(image, dtype=np.float32) / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD
         np.ascontiguousarray(array.transpose(2, 0, 1))
-        t5 = time.perf_counter()
+        t5 = time.thread_time()
         for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             stages[name] += seconds
     count = min(samples, len(dataset))
@@ -187,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             for path, _ in dataset.samples:
                 Path(path).read_bytes()
         configs = [(aug, w) for aug in args.augmentation for w in args.workers]
-        measured: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+        measured: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
         shuffler = random.Random(0)
         for round_index in range(args.rounds):
             order = list(configs)
@@ -200,22 +238,30 @@ def main(argv: list[str] | None = None) -> int:
     rates = []
     print(f"\n{args.image_size} px crops, batch {args.batch}, {args.rounds} interleaved rounds, torch "
           f"{torch.__version__}, {os.cpu_count()} cores, load average {load:.1f}")
-    print(f"  {'augmentation':<12} {'workers':>7} {'images/s':>10} {'per process':>12}   rounds")
+    print(f"  {'augmentation':<12} {'workers':>7} {'images/s':>10} {'per process':>12} {'per CPU-s':>10}   "
+          "wall rate per round")
     for aug, workers in configs:
-        median = statistics.median(measured[(aug, workers)])
-        rate = LoaderRate(aug, workers, median, median / max(workers, 1), measured[(aug, workers)])
+        walls = [wall for wall, _ in measured[(aug, workers)]]
+        median = statistics.median(walls)
+        per_cpu = statistics.median(cpu for _, cpu in measured[(aug, workers)])
+        rate = LoaderRate(aug, workers, median, median / max(workers, 1), per_cpu, walls)
         rates.append(rate)
-        print(f"  {aug:<12} {workers:>7} {median:>10.1f} {rate.per_process:>12.1f}   "
+        print(f"  {aug:<12} {workers:>7} {median:>10.1f} {rate.per_process:>12.1f} {per_cpu:>10.1f}   "
               + " ".join(f"{r:.1f}" for r in rate.rounds))
-    per_core = {aug: max(r.per_process for r in rates if r.augmentation == aug) for aug in args.augmentation}
+    # A core's rate: images per CPU-second with one worker (the trainer's setting: workers do the work, the
+    # training process only receives batches), which the neighbours on a shared machine move little.
+    per_core = {aug: next((r.per_cpu_second for r in rates if r.augmentation == aug and r.workers == 1),
+                          max(r.per_cpu_second for r in rates if r.augmentation == aug))
+                for aug in args.augmentation}
     cores = {aug: {gpu: math.ceil(rate / per_core[aug]) for gpu, rate in GPU_RATES.items()}
              for aug in args.augmentation}
-    print("\nLoader cores one GPU needs (at the best per-process rate above; the training process needs its own):")
+    print("\nLoader cores one GPU needs (images per CPU-second with one worker; the training process needs its "
+          "own core):")
     print(f"  {'augmentation':<12} {'img/s per core':>15} " + " ".join(f"{g:>24}" for g in GPU_RATES))
     for aug in args.augmentation:
         print(f"  {aug:<12} {per_core[aug]:>15.1f} "
               + " ".join(f"{cores[aug][g]:>13} at {GPU_RATES[g]:>7,.0f}/s" for g in GPU_RATES))
-    print("\nOne image's training transform by stage (ms, this process):")
+    print("\nOne image's training transform by stage (CPU ms, one thread):")
     print(f"  {'augmentation':<12} " + " ".join(f"{s:>13}" for s in next(iter(stages.values()))) + "      total")
     for aug, by_stage in stages.items():
         print(f"  {aug:<12} " + " ".join(f"{v:>13.2f}" for v in by_stage.values())

@@ -51,8 +51,9 @@ def test_bench_data_reports_rates_per_process_and_cores_per_gpu(tmp_path):
     rates = {r["workers"]: r for r in result["rates"]}
     assert set(rates) == {0, 1} and all(r["images_per_s"] > 0 for r in rates.values())
     assert rates[1]["per_process"] == rates[1]["images_per_s"]
+    assert all(r["per_cpu_second"] > 0 for r in rates.values())
     per_core = result["images_per_s_per_core"]["minimal"]
-    assert per_core == max(r["per_process"] for r in rates.values())
+    assert per_core == rates[1]["per_cpu_second"]          # one worker's images per CPU-second
     for gpu, rate in bench_data.GPU_RATES.items():
         assert result["cores_per_gpu"]["minimal"][gpu] == math.ceil(rate / per_core)
     assert set(result["stage_ms"]["minimal"]) == {"decode", "crop_resize", "flip", "colour_jitter", "normalise"}

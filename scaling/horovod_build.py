@@ -135,6 +135,7 @@ class Toolchain:
     gcc_major: int | None             # None when the compiler is not GCC
     make: str | None
     mpicc: str | None
+    ninja: str | None = None          # used by CMake when there is no make
 
 
 @dataclass(frozen=True)
@@ -318,10 +319,10 @@ def plan_build(request: Request, interp: Interpreter, tools: Toolchain, cuda: Cu
                link_dir: Path, system_nccl_roots: Sequence[Path] = (Path("/usr"), Path("/usr/local"))) -> Plan:
     """The variables, patches and cache key of the build ``request`` asks for on this machine."""
     missing = [name for name, path in (("cmake", tools.cmake), ("a C++ compiler (c++)", tools.cxx),
-                                       ("make", tools.make)) if path is None]
+                                       ("make or ninja", tools.make or tools.ninja)) if path is None]
     if missing:
-        raise BuildError(f"building Horovod needs cmake, a C++ compiler and make: {', '.join(missing)} not found "
-                         "on the PATH")
+        raise BuildError(f"building Horovod needs cmake, a C++ compiler and make (or ninja): {', '.join(missing)} "
+                         "not found on the PATH")
     if interp.torch_version is None:
         raise BuildError(f"{interp.executable} cannot import torch, which Horovod is built against")
     if request.with_tensorflow and interp.tensorflow_version is None:
@@ -387,6 +388,9 @@ def plan_build(request: Request, interp: Interpreter, tools: Toolchain, cuda: Cu
                                  f"libnccl.so under {', '.join(map(str, roots))}): set HOROVOD_NCCL_HOME")
             derived["HOROVOD_NCCL_HOME"] = str(found)
             notes.append(f"NCCL from the system: {found}")
+    if tools.make is None:  # CMake's default generator needs make; ninja runs in parallel by itself
+        derived["CMAKE_GENERATOR"] = "Ninja"
+        notes.append(f"no make: CMake generates for ninja ({tools.ninja})")
     if tools.cmake_version and tools.cmake_version[0] >= 4:
         # CMake 4 refuses cmake_minimum_required below 3.5, which third_party/gloo still declares.
         derived["CMAKE_POLICY_VERSION_MINIMUM"] = "3.5"
@@ -469,7 +473,8 @@ def probe_toolchain(env: Mapping[str, str]) -> Toolchain:
     cxx = shutil.which(env.get("CXX") or "c++", path=path) or shutil.which("g++", path=path)
     return Toolchain(cmake=cmake, cmake_version=parse_cmake_version(_run([cmake, "--version"])) if cmake else (),
                      cxx=cxx, gcc_major=parse_gcc_major(_run([cxx, "--version"])) if cxx else None,
-                     make=shutil.which("make", path=path), mpicc=shutil.which("mpicc", path=path))
+                     make=shutil.which("make", path=path), mpicc=shutil.which("mpicc", path=path),
+                     ninja=shutil.which("ninja", path=path) or shutil.which("ninja", path=beside_python))
 
 
 def find_nvcc(env: Mapping[str, str]) -> str | None:

@@ -114,6 +114,15 @@ def test_cpu_plan_keeps_the_existing_variables_patches_and_cache_key():
     assert request.features == ("torch", "gloo", "tensorflow", "mpi")
 
 
+def test_ninja_builds_where_there_is_no_make():
+    tools = hb.Toolchain(cmake="/usr/bin/cmake", cmake_version=(4, 0, 3), cxx="/usr/bin/c++", gcc_major=13,
+                         make=None, mpicc=None, ninja="/usr/bin/ninja")
+    plan = hb.plan_build(hb.make_request("pin", {}, None), CPU_INTERP, tools, NO_CUDA, {}, Path("/x"))
+    assert plan.env["CMAKE_GENERATOR"] == "Ninja"
+    assert "CMAKE_GENERATOR" not in hb.plan_build(hb.make_request("pin", {}, None), CPU_INTERP, DEBIAN12_TOOLS,
+                                                  NO_CUDA, {}, Path("/x")).env
+
+
 def test_toolchain_patches_only_where_gcc13_and_cmake4_need_them():
     request = hb.make_request("pin", {}, mpicc="/usr/bin/mpicc")
     plan = hb.plan_build(request, CPU_INTERP, H200_TOOLS, NO_CUDA, {"CXXFLAGS": "-O2"}, Path("/unused"))
@@ -215,7 +224,7 @@ def test_compute_capability_falls_back_to_torch_arch_list_then_fails_clearly(tmp
      "/usr/bin/python3 has no torch"),
     (lambda: hb.plan_build(hb.make_request("pin", {}, None), CPU_INTERP,
                            hb.Toolchain(None, (), "/usr/bin/c++", 12, None, None), NO_CUDA, {}, Path("/x")),
-     "cmake, make not found"),
+     "cmake, make or ninja not found"),
 ])
 def test_bad_requests_are_refused_in_one_line_naming_the_culprit(make, culprit):
     with pytest.raises(hb.BuildError) as error:

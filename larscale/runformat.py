@@ -30,7 +30,9 @@ from typing import Any
 
 SCHEMA = "larscale.run/1"
 STATUSES = ("complete", "interrupted", "failed")
-CONTROLLERS = ("mpi", "gloo", "none")
+# Who moved the gradients: Horovod's controllers (mpi, gloo) or torch.distributed's process group (gloo, nccl).
+CONTROLLERS = ("mpi", "gloo", "nccl", "none")
+COMMUNICATIONS = ("horovod", "ddp")
 # Warm-up steps left out of the summary throughput unless the run is shorter (see summarize_steps).
 DEFAULT_WARMUP_STEPS = 5
 # Exit statuses of `larscale train` (every rank), read by the job scripts and `sweep collect`.
@@ -154,9 +156,14 @@ def validate_summary(summary: Mapping[str, Any]) -> Mapping[str, Any]:
     if summary["global_batch"] % (summary["batch_per_rank"] * summary["ranks"]):
         raise RunFormatError("summary: global_batch is not a multiple of batch_per_rank × ranks")
     versions = summary["versions"]
-    if not isinstance(versions.get("python"), str) or not isinstance(versions.get("horovod"), str) or not (
+    if not isinstance(versions.get("python"), str) or not (
             isinstance(versions.get("torch"), str) or isinstance(versions.get("tensorflow"), str)):
-        raise RunFormatError("summary: versions needs python, horovod and torch or tensorflow strings")
+        raise RunFormatError("summary: versions needs python and torch or tensorflow strings")
+    communication = summary.get("communication", "horovod")  # runs before --backend existed were Horovod's
+    if communication not in COMMUNICATIONS:
+        raise RunFormatError(f"summary: communication must be one of {COMMUNICATIONS}, got {communication!r}")
+    if communication == "horovod" and not isinstance(versions.get("horovod"), str):
+        raise RunFormatError("summary: a Horovod run's versions need a horovod string")
     throughput = summary["throughput"]
     for key in ("images_per_s", "ci95_low", "ci95_high"):
         if key not in throughput:

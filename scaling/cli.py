@@ -27,12 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     bench_cli.register(subparsers)
 
-    from scaling.train import add_arguments  # stdlib-only module: torch/TF/Horovod load in the handler
+    from scaling.config import add_arguments  # stdlib-only module: torch/TF/Horovod load in the handler
 
     train = subparsers.add_parser(
         "train",
-        help="Horovod data-parallel training (PyTorch or TensorFlow), measured step by step",
-        description="Run on every rank (mpirun/srun/horovodrun, or alone as 1 rank). Writes DIR/steps/"
+        help="data-parallel training (Horovod or DDP; PyTorch or TensorFlow), measured step by step",
+        description="Run on every rank (mpirun/srun/horovodrun/torchrun, or alone as 1 rank). Writes DIR/steps/"
         "rank-NNNNN.jsonl, DIR/summary.json and DIR/checkpoints/ (schema: larscale/RUN_FORMAT.md). "
         "Exit 0 when complete, 75 when stopped by SIGTERM/SIGUSR1 after a checkpoint (resume with --resume).",
     )
@@ -75,6 +75,12 @@ def run_smoke(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from scaling.train import run
+    from larscale import UsageError
+    from larscale.runformat import EXIT_USAGE
+    from scaling.train import report_usage_error, run
 
-    return run(args)
+    try:
+        return run(args)
+    except UsageError as err:  # printed once per job, not once per rank
+        report_usage_error("larscale train", err)
+        return EXIT_USAGE

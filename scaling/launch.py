@@ -13,7 +13,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-CONTROLLERS = ("mpi", "gloo")
+# How local ranks are started: mpirun (Horovod then uses its MPI controller; DDP agrees on an address through MPI),
+# horovodrun --gloo (Horovod's Gloo controller), or torchrun --standalone (DDP, --backend ddp).
+CONTROLLERS = ("mpi", "gloo", "torchrun")
 
 # glibc malloc keeps freed memory for reuse instead of unmapping it (mallopt(3): M_MMAP_THRESHOLD,
 # M_TRIM_THRESHOLD, M_ARENA_MAX, read from these variables at start-up). By default blocks above 128 KiB (up to
@@ -67,8 +69,9 @@ def rank_command(
 ) -> list[str]:
     """argv that starts ``program`` (a full argv, interpreter included) on ``ranks`` local ranks.
 
-    ``controller`` picks Horovod's controller through the launcher: ``mpi`` starts the ranks with
-    ``mpirun`` (Horovod then uses MPI), ``gloo`` with ``horovodrun --gloo``.
+    ``controller`` picks the launcher: ``mpi`` starts the ranks with ``mpirun`` (Horovod then uses MPI), ``gloo``
+    with ``horovodrun --gloo``, ``torchrun`` with ``torchrun --standalone`` (for ``--backend ddp``; ``program``
+    must then be ``[python, -m, module, ...]`` or ``[python, script, ...]``).
     """
     if ranks < 1:
         raise ValueError(f"ranks must be >= 1, got {ranks}")
@@ -83,4 +86,8 @@ def rank_command(
     if controller == "gloo":
         return [venv_tool("horovodrun"), "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}",
                 *extra_launcher_args, *program]
+    if controller == "torchrun":
+        # torchrun runs the module with its own interpreter: the program's interpreter is dropped.
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                "--nproc-per-node", str(ranks), *extra_launcher_args, *program[1:]]
     raise ValueError(f"unknown controller {controller!r}; choose one of {', '.join(CONTROLLERS)}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from scaling.launch import local_env, rank_command
@@ -30,3 +33,27 @@ def run_ranks(ranks: int, program: list[str], controller: str = "mpi", timeout: 
 def tagged_json(stdout: str, tag: str) -> list[dict]:
     """The JSON objects printed on lines ``TAG {...}`` (one per rank, usually)."""
     return [json.loads(line.split(tag + " ", 1)[1]) for line in stdout.splitlines() if (tag + " {") in line]
+
+
+def rank_of(process: psutil.Process) -> int | None:
+    try:
+        env = process.environ()
+    except psutil.Error:
+        return None
+    value = env.get("OMPI_COMM_WORLD_RANK", env.get("HOROVOD_RANK", env.get("RANK")))  # mpirun, horovodrun, torchrun
+    return int(value) if value is not None else None
+
+
+def rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
+    """Rank number → the Python process of that rank among the launcher's descendants."""
+    found = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "python" not in os.path.basename(child.cmdline()[0]):
+                    continue
+                rank = rank_of(child)
+                # horovodrun may interpose a Python wrapper with the same environment: keep the deepest one.
+                if rank is not None and (rank not in found or child.ppid() == found[rank].pid):
+                    found[rank] = child
+    return found

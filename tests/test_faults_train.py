@@ -1,15 +1,17 @@
-"""Faults during training lose nothing (issue #9): real 2-rank Horovod runs on CPU, killed for real.
+"""Faults during training lose nothing (issue #9): real 2-rank runs on CPU, killed for real.
 
-- rank death: SIGKILL one rank of a running job under each controller (mpirun → MPI, horovodrun --gloo → Gloo);
-  the survivor and the launcher must exit non-zero within 60 s, and ``--resume`` must then finish with weights
-  bitwise equal to an uninterrupted run (``--deterministic``, CPU);
+- rank death: SIGKILL one rank of a running job under every framework and backend — PyTorch + Horovod under each
+  controller (mpirun → MPI, horovodrun --gloo → Gloo), TensorFlow + Horovod, PyTorch + DDP under torchrun; the
+  survivor and the launcher must exit non-zero within 60 s, and ``--resume`` must then finish with weights bitwise
+  equal to an uninterrupted run (``--deterministic``, CPU);
 - kill during a checkpoint write: rank 0 is frozen half-way through writing a checkpoint (its ``torch.save`` is
   slowed by a wrapper program, so a real half-written temporary file lies in ``checkpoints/``) and SIGKILLed;
   the previous checkpoint stays whole and loadable, the temporary file is never taken as the latest, and
   ``--resume`` finishes bitwise equal to the uninterrupted run;
 - output problems: ``--out`` on a read-only mount or under a regular file, or on a file system too small for
   the checkpoints, is refused at start with one line (exit 2) before any training step; a checkpoint write
-  that runs out of space mid-run fails with a clear message and leaves the previous checkpoint intact.
+  that runs out of space mid-run fails with a clear message and leaves the previous checkpoint intact (both
+  frameworks: the lifecycle that checks and writes is shared).
 
 Figures (exit latencies) are printed on ``FAULTS`` lines: run with ``-s`` to see them.
 """
@@ -34,7 +36,7 @@ import pytest
 from larscale.runformat import read_steps, step_log_path, validate_summary
 from scaling import checkpoint as ckpt
 from scaling.launch import local_env, rank_command
-from tests.conftest import REPO, run_ranks
+from tests.conftest import REPO, rank_processes, run_ranks
 
 TINY = ["--model", "tiny", "--dataset", "digits", "--image-size", "16", "--no-eval", "--threads", "1"]
 STEPS = 120
@@ -42,6 +44,13 @@ EVERY = 20
 # LARS with warm-up and decay, deterministic kernels: the run whose weights must survive every fault bit for bit.
 COMMON = [*TINY, "--batch-per-rank", "4", "--steps", str(STEPS), "--optimizer", "lars", "--lr", "0.2",
           "--warmup-steps", "10", "--deterministic", "--checkpoint-every", str(EVERY), "--keep", "2"]
+# (framework, backend, launcher): every way a run can be made; the launcher "mpi" is mpirun, "gloo" horovodrun.
+VARIANTS = [("torch", "horovod", "mpi"), ("torch", "horovod", "gloo"), ("tensorflow", "horovod", "mpi"),
+            ("torch", "ddp", "torchrun")]
+
+
+def variant_args(framework: str, backend: str) -> list[str]:
+    return [*COMMON, "--framework", framework, "--backend", backend]
 
 # Rank 0 runs the trainer with torch.save slowed down: the checkpoint of step FAULTS_PAUSE_AT_STEP is written
 # half, fsync'ed, and then the process sleeps (the test kills it there). Everything else is the real trainer.
@@ -81,34 +90,18 @@ def torch_weights(run_dir: Path) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in found[1]["model"].items()}
 
 
+def final_weights(run_dir: Path, framework: str) -> dict[str, np.ndarray]:
+    if framework == "torch":
+        return torch_weights(run_dir)
+    found = ckpt.latest(run_dir)  # TensorFlow checkpoints are pickled NumPy arrays
+    assert found is not None, f"no complete checkpoint in {run_dir}"
+    return {str(i): w for i, w in enumerate(found[1]["model"])}
+
+
 def start(ranks: int, program: list[str], controller: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     argv = rank_command(ranks, [sys.executable, *program], controller=controller)
     return subprocess.Popen(argv, env=local_env({**os.environ, **(env or {})}, threads_per_rank=1), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def rank_of(process: psutil.Process) -> int | None:
-    try:
-        env = process.environ()
-    except psutil.Error:
-        return None
-    value = env.get("OMPI_COMM_WORLD_RANK", env.get("HOROVOD_RANK"))
-    return int(value) if value is not None else None
-
-
-def rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
-    """Rank number → the Python process of that rank among the launcher's descendants."""
-    found = {}
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for child in psutil.Process(launcher.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if "python" not in os.path.basename(child.cmdline()[0]):
-                    continue
-                rank = rank_of(child)
-                # horovodrun may interpose a Python wrapper with the same environment: keep the deepest one.
-                if rank is not None and (rank not in found or child.ppid() == found[rank].pid):
-                    found[rank] = child
-    return found
 
 
 def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
@@ -151,7 +144,7 @@ def kill_all(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-_REFERENCE: dict[str, Path] = {}
+_REFERENCE: dict[tuple[str, str, str], Path] = {}
 
 
 @pytest.fixture(scope="module")
@@ -160,20 +153,23 @@ def reference_root() -> Iterator[Path]:
         yield Path(root)
 
 
-def reference_run(root: Path, controller: str) -> Path:
-    """The uninterrupted run (one per controller and module)."""
-    if controller not in _REFERENCE or not _REFERENCE[controller].exists():
-        out = root / f"straight-{controller}"
-        run_ranks(2, ["-m", "scaling.train", *COMMON, "--out", str(out)], controller=controller, timeout=300)
-        _REFERENCE[controller] = out
-    return _REFERENCE[controller]
+def reference_run(root: Path, variant: tuple[str, str, str] = ("torch", "horovod", "mpi")) -> Path:
+    """The uninterrupted run (one per variant and module)."""
+    if variant not in _REFERENCE or not _REFERENCE[variant].exists():
+        framework, backend, launcher = variant
+        out = root / f"straight-{'-'.join(variant)}"
+        run_ranks(2, ["-m", "scaling.train", *variant_args(framework, backend), "--out", str(out)],
+                  controller=launcher, timeout=300)
+        _REFERENCE[variant] = out
+    return _REFERENCE[variant]
 
 
-def assert_resumed_equals_reference(run_dir: Path, reference: Path, resumed_from_step: int) -> None:
+def assert_resumed_equals_reference(run_dir: Path, reference: Path, resumed_from_step: int,
+                                    framework: str = "torch") -> None:
     summary = validate_summary(json.loads((run_dir / "summary.json").read_text()))
     assert summary["status"] == "complete" and summary["steps_done"] == STEPS
     assert summary["resumed_from"].endswith(f"ckpt-{resumed_from_step:08d}.pt"), summary["resumed_from"]
-    a, b = torch_weights(reference), torch_weights(run_dir)
+    a, b = final_weights(reference, framework), final_weights(run_dir, framework)
     assert a.keys() == b.keys()
     for name in a:
         assert np.array_equal(a[name], b[name]), f"{name} differs after the resume"  # bitwise
@@ -186,12 +182,13 @@ def assert_resumed_equals_reference(run_dir: Path, reference: Path, resumed_from
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("controller", ["mpi", "gloo"])
-def test_sigkill_one_rank_then_resume_is_bitwise_equal(tmp_path: Path, reference_root: Path,
-                                                        controller: str) -> None:
-    reference = reference_run(reference_root, controller)
+@pytest.mark.parametrize(("framework", "backend", "controller"), VARIANTS)
+def test_sigkill_one_rank_then_resume_is_bitwise_equal(tmp_path: Path, reference_root: Path, framework: str,
+                                                        backend: str, controller: str) -> None:
+    reference = reference_run(reference_root, (framework, backend, controller))
+    args = variant_args(framework, backend)
     out = tmp_path / "killed"
-    proc = start(2, ["-m", "scaling.train", *COMMON, "--out", str(out)], controller)
+    proc = start(2, ["-m", "scaling.train", *args, "--out", str(out)], controller)
     try:
         # Past the second checkpoint and a few steps into the next interval: the steps after it are lost work.
         wait_until(lambda: ckpt.checkpoint_path(out, 2 * EVERY).exists()
@@ -205,8 +202,9 @@ def test_sigkill_one_rank_then_resume_is_bitwise_equal(tmp_path: Path, reference
         out_text, err_text = proc.communicate(timeout=30) if launcher_s is not None else ("", "")
     finally:
         kill_all(proc)
-    figure(f"{controller}: survivor rank 0 exit after SIGKILL of rank 1", survivor_s if survivor_s else -1)
-    figure(f"{controller}: launcher exit after SIGKILL of rank 1", launcher_s if launcher_s else -1)
+    name = f"{framework}/{backend}/{controller}"
+    figure(f"{name}: survivor rank 0 exit after SIGKILL of rank 1", survivor_s if survivor_s else -1)
+    figure(f"{name}: launcher exit after SIGKILL of rank 1", launcher_s if launcher_s else -1)
     assert survivor_s is not None and survivor_s < 60, "the surviving rank hung"
     assert launcher_s is not None and launcher_s < 60, "the launcher hung"
     assert proc.returncode != 0, (out_text[-2000:], err_text[-2000:])
@@ -215,17 +213,17 @@ def test_sigkill_one_rank_then_resume_is_bitwise_equal(tmp_path: Path, reference
     newest = max(s for s, _ in ckpt.listed(out))
     assert newest >= 2 * EVERY
 
-    run_ranks(2, ["-m", "scaling.train", *COMMON, "--out", str(out), "--resume"], controller=controller,
+    run_ranks(2, ["-m", "scaling.train", *args, "--out", str(out), "--resume"], controller=controller,
               timeout=300)
-    assert_resumed_equals_reference(out, reference, newest)
+    assert_resumed_equals_reference(out, reference, newest, framework)
 
 
 @pytest.mark.slow
 def test_kill_rank0_during_checkpoint_write(tmp_path: Path, reference_root: Path) -> None:
-    reference = reference_run(reference_root, "mpi")
+    reference = reference_run(reference_root)
     out, marker = tmp_path / "torn", tmp_path / "paused"
     pause_step = 2 * EVERY
-    proc = start(2, ["-c", SLOW_SAVE, *COMMON, "--out", str(out)], "mpi",
+    proc = start(2, ["-c", SLOW_SAVE, *variant_args("torch", "horovod"), "--out", str(out)], "mpi",
                  env={"FAULTS_PAUSE_AT_STEP": str(pause_step), "FAULTS_MARKER": str(marker)})
     try:
         wait_until(marker.exists, proc, f"the paused write of checkpoint {pause_step}")
@@ -257,7 +255,8 @@ def test_kill_rank0_during_checkpoint_write(tmp_path: Path, reference_root: Path
     assert path == ckpt.checkpoint_path(out, EVERY) and state["complete"] is True and state["step"] == EVERY
     assert set(state["model"]) == set(torch_weights(reference))
 
-    run_ranks(2, ["-m", "scaling.train", *COMMON, "--out", str(out), "--resume"], controller="mpi", timeout=300)
+    run_ranks(2, ["-m", "scaling.train", *variant_args("torch", "horovod"), "--out", str(out), "--resume"],
+              controller="mpi", timeout=300)
     assert_resumed_equals_reference(out, reference, EVERY)
     assert not list(ckpt.checkpoint_dir(out).glob(".ckpt-*.tmp")), "the next save removes the torn file"
 
@@ -344,24 +343,27 @@ def test_out_under_a_regular_file_is_refused_at_start(tmp_path: Path) -> None:
     assert_refused_at_start(proc, str(tmp_path / "file" / "run"), "Not a directory")
 
 
-def test_out_with_too_little_space_for_the_checkpoints_is_refused_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_out_with_too_little_space_for_the_checkpoints_is_refused_at_start(tmp_path: Path, framework: str) -> None:
     # The tiny model's checkpoint (weights + LARS momentum + RNG states) is > 64 KiB: a 64 KiB file system can
     # never hold one, so the run would fail at its first checkpoint (with --checkpoint-every 0: at the end).
     with small_tmpfs(tmp_path, "64k") as disk:
-        proc = train_cli([*SMALL, "--steps", "100000", "--out", str(disk / "run")])
+        proc = train_cli([*SMALL, "--framework", framework, "--steps", "100000", "--out", str(disk / "run")])
         assert_refused_at_start(proc, str(disk / "run"), "free")
         assert not (disk / "run" / "steps" / "rank-00000.jsonl").exists() or not (
             disk / "run" / "steps" / "rank-00000.jsonl").read_text()
 
 
 @pytest.mark.slow
-def test_checkpoint_write_hitting_enospc_keeps_the_previous_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_checkpoint_write_hitting_enospc_keeps_the_previous_one(tmp_path: Path, framework: str) -> None:
     """The file system fills up while the run goes (another job's file): the next checkpoint write fails with a
     clear message, the previous checkpoint stays whole, and the run resumes once space is free again."""
     # 1000 classes make a checkpoint ~4 MiB, so 1 MiB left free holds the step logs' few hundred lines but never
     # a checkpoint. --keep 8 (no pruning in this run): no older checkpoint is deleted to make room.
     args = ["--model", "tiny", "--dataset", "synthetic", "--image-size", "16", "--num-classes", "1000",
-            "--batch-per-rank", "2", "--no-eval", "--threads", "1", "--checkpoint-every", "50", "--keep", "8"]
+            "--batch-per-rank", "2", "--no-eval", "--threads", "1", "--checkpoint-every", "50", "--keep", "8",
+            "--framework", framework]
     with small_tmpfs(tmp_path, "64m") as disk:
         out = disk / "run"
         proc = start(2, ["-m", "scaling.train", *args, "--steps", "400", "--out", str(out)], "mpi")
@@ -388,12 +390,15 @@ def test_checkpoint_write_hitting_enospc_keeps_the_previous_one(tmp_path: Path) 
             and "previous checkpoints are untouched" in message[0], err_text[-3000:]
         assert "Traceback" not in err_text.split("larscale train: rank 0: failed")[0][-2000:]
         print(f"FAULTS ENOSPC message: {message[0]}", flush=True)
-        import torch
-
         assert not list(ckpt.checkpoint_dir(out).glob(".ckpt-*.tmp")), "the failed write left its temporary file"
         steps = [s for s, _ in ckpt.listed(out)]
         assert steps and all(s % 50 == 0 for s in steps) and max(steps) < 400
-        path, state = ckpt.latest(out, load=lambda f: torch.load(f, map_location="cpu", weights_only=False))
+        if framework == "torch":
+            import torch
+
+            path, state = ckpt.latest(out, load=lambda f: torch.load(f, map_location="cpu", weights_only=False))
+        else:
+            path, state = ckpt.latest(out)
         assert state["step"] == max(steps) and state["complete"] is True
         newest = max(steps)
 
@@ -403,3 +408,41 @@ def test_checkpoint_write_hitting_enospc_keeps_the_previous_one(tmp_path: Path) 
         summary = validate_summary(json.loads((out / "summary.json").read_text()))
         assert summary["status"] == "complete" and summary["steps_done"] == newest + 5, resumed.stdout[-2000:]
         assert summary["resumed_from"].endswith(f"ckpt-{newest:08d}.pt")
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_the_workers_and_they_resume_by_themselves(tmp_path: Path, reference_root: Path) -> None:
+    """Under ``torchrun --max-restarts 1`` a SIGKILLed rank makes torchrun restart both workers; they continue
+    from the newest checkpoint without being told (TORCHELASTIC_RESTART_COUNT) and end bitwise equal to an
+    uninterrupted run, the job exiting 0."""
+    reference = reference_run(reference_root, ("torch", "ddp", "torchrun"))
+    args = variant_args("torch", "ddp")
+    out = tmp_path / "restarted"
+    argv = rank_command(2, [sys.executable, "-m", "scaling.train", *args, "--out", str(out)], controller="torchrun",
+                        extra_launcher_args=["--max-restarts", "1"])
+    proc = subprocess.Popen(argv, env=local_env(threads_per_rank=1), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: ckpt.checkpoint_path(out, EVERY).exists()
+                   and len(read_steps(step_log_path(out, 1), validate=False)) >= EVERY + 3, proc, f"checkpoint {EVERY}")
+        ranks = rank_processes(proc)
+        assert sorted(ranks) == [0, 1], ranks
+        ranks[1].send_signal(signal.SIGKILL)
+        killed_at, killed_wall = time.monotonic(), time.time()
+
+        def training_again() -> bool:
+            records = read_steps(step_log_path(out, 0), validate=False) if step_log_path(out, 0).exists() else []
+            return any(r["time"] > killed_wall for r in records)
+
+        wait_until(training_again, proc, "a step after the restart", timeout=240)
+        back_s = time.monotonic() - killed_at
+        out_text, err_text = proc.communicate(timeout=600)
+    finally:
+        kill_all(proc)
+    figure("torch/ddp/torchrun: from SIGKILL of rank 1 to the restarted workers' first step", back_s)
+    assert proc.returncode == 0, (out_text[-2000:], err_text[-3000:])
+    assert "torchrun restart 1: resuming from the newest checkpoint" in out_text
+    summary = validate_summary(json.loads((out / "summary.json").read_text()))
+    resumed_step = int(Path(summary["resumed_from"]).name[5:13])
+    assert resumed_step >= EVERY
+    assert_resumed_equals_reference(out, reference, resumed_step)

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from larscale.runformat import EXIT_RESUMABLE, read_steps, step_log_path, validate_step, validate_summary
 from scaling import checkpoint as ckpt
 from scaling.launch import local_env, rank_command
-from tests.conftest import REPO, run_ranks
+from tests.conftest import REPO, rank_processes, run_ranks
 
 PROGRAM = os.environ.get("LARSCALE_TEST_TRAIN_PROGRAM", "-m scaling.train").split()
 TINY = ["--model", "tiny", "--dataset", "digits", "--image-size", "16", "--no-eval"]
@@ -116,24 +115,8 @@ def test_validators_reject_broken_records() -> None:
         validate_summary({"schema": "larscale.run/1"})
 
 
-def rank_pids(launcher: subprocess.Popen, marker: str = PROGRAM[-1]) -> list[int]:
-    """PIDs of the rank processes started by ``launcher`` (its descendants running the trainer)."""
-    try:
-        children = psutil.Process(launcher.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    pids = []
-    for child in children:
-        try:
-            cmdline = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if marker in cmdline and "python" in os.path.basename(child.cmdline()[0]):
-            pids.append(child.pid)
-    return pids
-
-
 def start_ranks(ranks: int, args: list[str], controller: str = "mpi") -> subprocess.Popen:
+    """The ranks of a training run, started in their own session (so the test can kill the whole job)."""
     argv = rank_command(ranks, [sys.executable, *PROGRAM, *args], controller=controller)
     return subprocess.Popen(argv, env=local_env(threads_per_rank=1), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -151,37 +134,53 @@ def wait_for_steps(out: Path, rank: int, steps: int, proc: subprocess.Popen, tim
     raise AssertionError(f"no step {steps} within {timeout} s")
 
 
+# (framework, backend, launcher): the stop and the watchdog live in the shared lifecycle; each way of running proves it.
+VARIANTS = [("torch", "horovod", "mpi"), ("tensorflow", "horovod", "mpi"), ("torch", "ddp", "torchrun")]
+
+
+def assert_launcher_reports_resumable(proc: subprocess.Popen, controller: str, out: str, err: str) -> None:
+    """mpirun passes the ranks' 75 on; torchrun turns any worker's non-zero exit into its own 1, naming it."""
+    if controller == "torchrun":
+        assert proc.returncode != 0 and f"exitcode  : {EXIT_RESUMABLE}" in out + err, (out[-2000:], err[-3000:])
+    else:
+        assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
+
+
 @pytest.mark.slow
-def test_sigterm_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("framework", "backend", "controller"), VARIANTS)
+def test_sigterm_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path: Path, framework: str, backend: str,
+                                                               controller: str) -> None:
     """Stop a 2-rank run by SIGTERM (sent to one rank, as a scheduler may), resume, compare to a straight run."""
     steps = 60
     common = [*TINY, "--batch-per-rank", "4", "--steps", str(steps), "--optimizer", "lars", "--lr", "0.2",
-              "--warmup-steps", "10", "--deterministic", "--threads", "1", "--checkpoint-every", "25"]
+              "--warmup-steps", "10", "--deterministic", "--threads", "1", "--checkpoint-every", "25",
+              "--framework", framework, "--backend", backend]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train(2, [*common, "--out", str(straight)])
+    train(2, [*common, "--out", str(straight)], controller=controller)
 
-    proc = start_ranks(2, [*common, "--out", str(stopped)])
+    proc = start_ranks(2, [*common, "--out", str(stopped)], controller=controller)
     try:
         wait_for_steps(stopped, 1, 12, proc)
-        pids = rank_pids(proc)
-        assert len(pids) == 2, pids
-        os.kill(max(pids), signal.SIGTERM)  # one rank only: the flag allreduce must stop both
+        ranks = rank_processes(proc)
+        assert sorted(ranks) == [0, 1], ranks
+        ranks[1].send_signal(signal.SIGTERM)  # one rank only: the stop vote must stop both
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
+    assert_launcher_reports_resumable(proc, controller, out, err)
     summary = validate_summary(json.loads((stopped / "summary.json").read_text()))
     assert summary["status"] == "interrupted"
     stopped_at = summary["steps_done"]
     assert 12 <= stopped_at < steps, stopped_at
     assert summary["checkpoint"].endswith(f"ckpt-{stopped_at:08d}.pt")
 
-    train(2, [*common, "--out", str(stopped), "--resume"])
+    train(2, [*common, "--out", str(stopped), "--resume"], controller=controller)
     resumed = validate_summary(json.loads((stopped / "summary.json").read_text()))
     assert resumed["status"] == "complete" and resumed["steps_done"] == steps
     assert resumed["resumed_from"].endswith(f"ckpt-{stopped_at:08d}.pt")
-    a, b = torch_weights(straight), torch_weights(stopped)
+    load = torch_weights if framework == "torch" else tf_weights
+    a, b = load(straight), load(stopped)
     for name in a:
         assert np.array_equal(a[name], b[name]), name  # bitwise
     for rank in (0, 1):
@@ -206,15 +205,18 @@ def test_digits_two_ranks_learns(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_hung_rank_trips_the_watchdog(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("framework", "backend", "controller"), VARIANTS)
+def test_hung_rank_trips_the_watchdog(tmp_path: Path, framework: str, backend: str, controller: str) -> None:
     """SIGSTOP one rank (alive but silent; no launcher notices): the other exits 70 after --stall-timeout."""
     out = tmp_path / "hung"
     proc = start_ranks(2, [*TINY, "--batch-per-rank", "4", "--steps", "100000", "--optimizer", "sgd",
-                           "--stall-timeout", "5", "--out", str(out)])
+                           "--stall-timeout", "5", "--out", str(out), "--framework", framework, "--backend", backend],
+                       controller=controller)
     try:
         wait_for_steps(out, 0, 5, proc)
-        pids = rank_pids(proc)
-        os.kill(max(pids), signal.SIGSTOP)
+        ranks = rank_processes(proc)
+        assert sorted(ranks) == [0, 1], ranks
+        ranks[1].send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         _, err = proc.communicate(timeout=60)
         elapsed = time.monotonic() - stopped_at

@@ -1,0 +1,62 @@
+"""The communication seam of the rank lifecycle: who this rank is, and the collectives the lifecycle needs.
+
+A communicator is built by :func:`scaling.train.build_communicator` from ``--backend`` and ``--framework``:
+
+==========================  =======================================================================
+``horovod`` + ``torch``      :class:`scaling.comm_horovod.HorovodTorch` (mpirun, srun, horovodrun)
+``horovod`` + ``tensorflow`` :class:`scaling.comm_horovod.HorovodTensorFlow`
+``ddp`` + ``torch``          :class:`scaling.comm_ddp.DistributedDataParallel` (torchrun, srun, mpirun)
+==========================  =======================================================================
+
+What the lifecycle (scaling/loop.py) uses is framework-neutral and listed in :class:`Communicator`. Averaging the
+gradients is not: it meets the framework's model and optimizer, so each communicator also offers its framework's
+hook (``torch_gradients`` for PyTorch, ``average`` and ``broadcast_variables`` for TensorFlow), which the framework
+adapter calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from scaling.rank import RankInfo
+
+
+class Communicator(Protocol):
+    """The collectives of the rank lifecycle. Every call is made by all ranks, in the same order."""
+
+    name: str  # "horovod" or "ddp": the summary's "communication"
+
+    def start(self) -> RankInfo:
+        """Join the job (the launcher said who is in it) and say who this process is."""
+
+    def broadcast_object(self, obj: Any, name: str) -> Any:
+        """Rank 0's ``obj`` on every rank (pickled)."""
+
+    def allgather_object(self, obj: Any, name: str) -> list[Any]:
+        """Every rank's ``obj``, in rank order."""
+
+    def begin_stop_vote(self, stop: bool) -> Any:
+        """Start summing the ranks' stop flags; overlaps the next step where the backend allows it."""
+
+    def end_stop_vote(self, pending: Any) -> bool:
+        """Whether any rank's flag was set, from a vote begun at the previous step boundary."""
+
+    def sum(self, values: Sequence[float], name: str) -> list[float]:
+        """Element-wise sum over the ranks, in float64 (exact for counts)."""
+
+    def barrier(self) -> None:
+        """Return once every rank got here."""
+
+    def watch(self, watchdog: Any, timeout: float) -> None:
+        """Collectives the lifecycle does not call itself (DDP's, inside backward) arm ``watchdog`` for ``timeout``."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the summary says of the communication (library, transport, how allreduce time is measured)."""
+
+    def versions(self) -> dict[str, str]:
+        """Library versions for the summary (e.g. Horovod's)."""
+
+    def close(self) -> None:
+        """Leave the job (after the last collective)."""
+

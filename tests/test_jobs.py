@@ -127,8 +127,9 @@ def test_bad_inputs_give_clear_errors() -> None:
     assert len(too_long.refused) == 3 and "exceeds the queue limit 48:00:00" in too_long.refused[0].refused
 
 
-def run_cli(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "larscale", *argv], capture_output=True, text=True, cwd=cwd)
+def run_cli(*argv: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "larscale", *argv], capture_output=True, text=True, cwd=cwd,
+                          env=env)
 
 
 def test_cli_plan_prints_cost_and_refuses_cleanly(tmp_path: Path) -> None:

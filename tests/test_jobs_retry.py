@@ -60,14 +60,15 @@ log = out + "/steps/rank-00000.jsonl"
 kept = [l for l in open(log).read().splitlines() if json.loads(l)["step"] < start] if os.path.exists(log) else []
 with open(log, "w") as fh:
     fh.writelines(l + "\n" for l in kept)
+step_s = float(os.environ.get("STANDIN_STEP_S", "0.002"))
 with open(log, "a", buffering=1) as fh:
     for step in range(start, steps):
         if step == fail_step:
             sys.exit(fail_exit)
-        time.sleep(0.002)
+        time.sleep(step_s)
         fh.write(json.dumps({"step": step, "epoch": 0, "rank": 0, "ranks": 1, "batch_per_rank": gb,
                              "global_batch": gb, "data_s": 0.0, "compute_s": 0.001, "allreduce_s": 0.0,
-                             "optimizer_s": 0.0, "step_s": 0.002, "images_per_s": gb / 0.002, "lr": 0.1,
+                             "optimizer_s": 0.0, "step_s": step_s, "images_per_s": gb / step_s, "lr": 0.1,
                              "loss": 1.0, "time": time.time()}, separators=(",", ":")) + "\n")
         if (step + 1) % every == 0:
             open(out + "/checkpoints/ckpt-%08d.pt" % (step + 1), "w").close()

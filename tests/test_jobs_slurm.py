@@ -4,7 +4,10 @@
 - a real 2-point sweep (1 and 2 ranks, tiny synthetic training through mpirun inside sbatch) is submitted,
   waited for and collected into a table with measured throughput for both points;
 - a job whose ``--time`` is shorter than its work gets Slurm's pre-timeout ``SIGUSR1`` (``--signal=B:USR1@N``),
-  the trainer checkpoints and exits 75, and resubmitting the point (with ``--resume``) completes it.
+  the trainer checkpoints and exits 75, and resubmitting the point (with ``--resume``) completes it;
+- the batch script heals its point: rank 1 SIGKILLed twice after a checkpoint inside sbatch, the point ends
+  complete after 3 attempts with the weights of an uninterrupted run, bit for bit;
+- a job requeued by ``scontrol requeue`` resumes from its checkpoint and completes once.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +161,103 @@ def test_walltime_signal_checkpoint_and_resubmission(slurm_cluster: SlurmCluster
     # One complete point: one row, no problem, every step once per rank (the redone steps replaced, not doubled).
     assert len(result.table) == 1 and result.problems == [], [str(p) for p in result.problems]
     assert result.table.loc[0, "steps_done"] == steps and result.table.loc[0, "step_records"] == 2 * steps
+
+
+# ------------------------------------------------------------------------------------------ healing (issue #17)
+
+
+@pytest.fixture(scope="module")
+def slurm_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not trainer_available():
+        pytest.skip("the trainer (python -m scaling.train) does not run yet")
+    path = tmp_path_factory.mktemp("profile") / "test-slurm.yaml"
+    path.write_text(PROFILE)
+    return path
+
+
+@pytest.mark.slow
+def test_rank_killed_twice_inside_sbatch_heals_bitwise(slurm_cluster: SlurmCluster, slurm_profile: Path,
+                                                       tmp_path: Path) -> None:
+    """The retry loop of the batch script itself: rank 1 SIGKILLed twice after a checkpoint, inside sbatch."""
+    from tests.test_jobs_faults import STEPS, Killer, assert_same_training, fault_spec, reference_run, report_figures
+
+    reference = reference_run({"root": tmp_path / "reference"}, "horovod")
+    the_plan = plan(fault_spec("heal-slurm", machine=str(slurm_profile)), output_dir=tmp_path / "sweep")
+    (point,) = the_plan.points
+    killer = Killer(the_plan.run_dir(point), the_plan.output_dir, point.point_id)
+    killer.start()
+    manifest = submit(the_plan, env=job_env(slurm_cluster))
+    job_id = manifest.points[point.point_id].job_id
+    rec = wait(the_plan.output_dir, timeout=900, poll_s=1, env=slurm_cluster.env).points[point.point_id]
+    log = "\n".join(p.read_text() for p in (the_plan.output_dir / "logs").glob("*.out"))
+    assert killer.error is None and len(killer.killed_at) == 2, (killer, log[-6000:])
+    assert rec.state == "complete" and rec.exit_status == 0, (rec, log[-6000:])
+    # Three launches, all inside the one Slurm job.
+    assert [(a.number, a.cause, a.job_id) for a in rec.attempts] == [(1, "submitted", job_id), (2, "retry", job_id),
+                                                                      (3, "retry", job_id)]
+    assert rec.attempts[-1].steps_reached == STEPS and all(a.time_lost_s > 0 for a in rec.attempts[:2])
+    assert slurm_cluster.job_state(job_id) == ("COMPLETED", "0:0")
+    assert_same_training(the_plan.run_dir(point), reference)
+    report_figures("slurm horovod", killer, the_plan.output_dir, point.point_id)
+
+
+def _requeue(cluster: SlurmCluster, job_id: str, timeout: float = 120) -> None:
+    """`scontrol requeue`, then make the requeued job eligible at once (Slurm holds a requeued job back for
+    about two minutes: its BeginTime is set ahead)."""
+    cluster.run(["scontrol", "requeue", job_id])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state, _ = cluster.job_state(job_id)
+        if state == "PENDING":
+            if cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False).returncode == 0:
+                return
+        elif state == "RUNNING" and cluster.run(["scontrol", "-o", "show", "job", job_id]).stdout.count(
+                "Restarts=1"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} was not requeued\n{cluster.logs()}")
+
+
+@pytest.mark.slow
+def test_scontrol_requeue_resumes_and_completes_once(slurm_cluster: SlurmCluster, slurm_profile: Path,
+                                                     tmp_path: Path) -> None:
+    from jobs.attempts import read_launches, records_path
+    from larscale.runformat import read_steps, step_log_path
+    from scaling import checkpoint as ckpt
+    from tests.test_jobs_faults import fault_spec
+
+    steps, every = 1500, 50
+    spec = fault_spec("requeue", machine=str(slurm_profile))
+    spec["training"].update(steps=steps, checkpoint_every=every)
+    the_plan = plan(spec, output_dir=tmp_path / "sweep")
+    (point,) = the_plan.points
+    run_dir = the_plan.run_dir(point)
+    manifest = submit(the_plan, env=job_env(slurm_cluster))
+    job_id = manifest.points[point.point_id].job_id
+    deadline = time.monotonic() + 300
+    while not ckpt.checkpoint_path(run_dir, 2 * every).exists():
+        assert time.monotonic() < deadline and slurm_cluster.job_state(job_id)[0] in ("PENDING", "RUNNING")
+        time.sleep(0.05)
+    _requeue(slurm_cluster, job_id)
+    rec = wait(the_plan.output_dir, timeout=900, poll_s=1, env=slurm_cluster.env).points[point.point_id]
+    log = "\n".join(p.read_text() for p in (the_plan.output_dir / "logs").glob("*.out"))
+    assert rec.state == "complete" and rec.exit_status == 0, (rec, log[-6000:])
+    # Two launches in one Slurm job: the first cut by the requeue, the second resumed and finished.
+    launches = read_launches(records_path(the_plan.output_dir, point.point_id))
+    assert [(x.attempt, x.job, x.requeue, x.resume) for x in launches] == [(1, job_id, False, False),
+                                                                          (2, job_id, True, True)], log[-6000:]
+    assert launches[0].exit_status != 0 and launches[1].exit_status == 0
+    assert [(a.number, a.cause) for a in rec.attempts] == [(1, "submitted"), (2, "requeue")]
+    assert "DUE TO JOB REQUEUE" in log and log.count("complete: 1500 steps") == 1     # the log kept both runs
+    # Resumed from a checkpoint, not rerun: every step once per rank; the summary names the checkpoint.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps_done"] == steps
+    assert summary.get("resumed_from"), summary
+    for rank in (0, 1):
+        assert [r["step"] for r in read_steps(step_log_path(run_dir, rank))] == list(range(steps))
+    assert "Restarts=1" in slurm_cluster.run(["scontrol", "-o", "show", "job", job_id]).stdout
+    status = subprocess.run([sys.executable, "-m", "larscale", "sweep", "status", str(the_plan.output_dir)],
+                            capture_output=True, text=True, env=slurm_cluster.env)
+    assert "2 (1 requeue)" in status.stdout, status.stdout
+    result = collect(the_plan.output_dir)
+    assert result.problems == [] and int(result.table.loc[0, "requeues"]) == 1, [str(p) for p in result.problems]

@@ -261,3 +261,26 @@ def test_scontrol_requeue_resumes_and_completes_once(slurm_cluster: SlurmCluster
     assert "2 (1 requeue)" in status.stdout, status.stdout
     result = collect(the_plan.output_dir)
     assert result.problems == [] and int(result.table.loc[0, "requeues"]) == 1, [str(p) for p in result.problems]
+
+
+@pytest.mark.slow
+def test_ddp_points_start_under_srun_and_torchrun(slurm_cluster: SlurmCluster, slurm_profile: Path,
+                                                  tmp_path: Path) -> None:
+    """training.backend: ddp in a real sbatch: ranks placed by srun (SLURM_PROCID, MASTER_ADDR/MASTER_PORT from
+    the script) and by torchrun (its own rendezvous on the allocation's first host)."""
+    from tests.test_jobs_faults import fault_spec
+
+    plans = []
+    for launcher in ("srun", "torchrun"):
+        spec = fault_spec(f"ddp-{launcher}", machine=str(slurm_profile), backend="ddp", launcher=launcher)
+        spec["training"].update(steps=12, checkpoint_every=4)
+        the_plan = plan(spec, output_dir=tmp_path / launcher)
+        script = Path(submit(the_plan, env=job_env(slurm_cluster)).points[the_plan.points[0].point_id].script)
+        assert "--backend ddp" in script.read_text() and "export MASTER_PORT=" in script.read_text()
+        plans.append(the_plan)
+    for the_plan in plans:
+        (rec,) = wait(the_plan.output_dir, timeout=600, poll_s=1, env=slurm_cluster.env).points.values()
+        log = "\n".join(p.read_text() for p in (the_plan.output_dir / "logs").glob("*.out"))
+        assert rec.state == "complete" and len(rec.attempts) == 1, (rec, log[-6000:])
+        summary = json.loads((Path(rec.run_dir) / "summary.json").read_text())
+        assert (summary["status"], summary["ranks"], summary["steps_done"]) == ("complete", 2, 12), log[-3000:]

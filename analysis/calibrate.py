@@ -79,7 +79,7 @@ import datetime as _dt
 import json
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -471,6 +471,9 @@ class RunMeasurement:
     started_at: str | None = None
     finished_at: str | None = None
     steps: tuple[dict[str, float], ...] = field(default=(), repr=False, compare=False)
+    # What the trainer saw (summary backend.allreduce_overlap): "layerwise", "none" (a compiled backward
+    # handed every gradient over at its end) or None (not recorded).
+    allreduce_overlap: str | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -633,7 +636,8 @@ def read_run(run_dir: str | Path, warmup_steps: int | None = None,
         threads_per_rank=summary.get("threads_per_rank"), steps_measured=0, step_s=math.nan, step_s_mean=math.nan,
         busy_s=math.nan, allreduce_s=math.nan, compute_s=math.nan, optimizer_s=math.nan, data_s=math.nan,
         hosts=tuple(sorted(str(h) for h in summary.get("hosts") or ())), started_at=summary.get("started_at"),
-        finished_at=summary.get("finished_at"))
+        finished_at=summary.get("finished_at"),
+        allreduce_overlap=(summary.get("backend") or {}).get("allreduce_overlap"))
     return _with_steps(blank, _slowest_per_step(per_rank, _step_log_time))
 
 
@@ -652,32 +656,70 @@ def read_runs(run_dirs: Sequence[str | Path], warmup_steps: int | None = None
 
 
 @dataclass(frozen=True)
+class RooflinePoint:
+    """The roofline model's seconds for one run's step, unfitted: ``device_s`` at efficiency_scale 1 without
+    small-batch starvation, ``host_s`` of host time that adds to it (CPU), ``batch_per_device`` x."""
+
+    device_s: float
+    host_s: float
+    batch_per_device: float
+
+
+@dataclass(frozen=True)
 class ComputeFit:
     sustained_fraction: float
     half_efficiency_batch: float
     measured_images_per_s: dict[str, dict[int, float]]
     runs: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    # The roofline model's fit (when the base profile uses it): measured ÷ modelled rate, and the per-device
+    # batch at which small batches halve the rate.
+    efficiency_scale: float | None = None
+    roofline_half_batch: float | None = None
 
     def rms_relative(self) -> float:
         values = [r["relative"] for r in self.runs]
         return math.sqrt(statistics.fmean(v * v for v in values)) if values else math.nan
 
     def summary(self) -> dict[str, Any]:
-        return _plain({"sustained_fraction": self.sustained_fraction,
-                       "half_efficiency_batch": self.half_efficiency_batch,
-                       "rms_relative_residual": self.rms_relative(),
-                       "max_relative_residual": max((abs(r["relative"]) for r in self.runs), default=math.nan),
-                       "runs": self.runs, "notes": list(self.notes)})
+        out = {"sustained_fraction": self.sustained_fraction,
+               "half_efficiency_batch": self.half_efficiency_batch,
+               "rms_relative_residual": self.rms_relative(),
+               "max_relative_residual": max((abs(r["relative"]) for r in self.runs), default=math.nan),
+               "runs": self.runs, "notes": list(self.notes)}
+        if self.efficiency_scale is not None:
+            out["roofline"] = {"efficiency_scale": self.efficiency_scale,
+                               "half_efficiency_batch": self.roofline_half_batch}
+        return _plain(out)
+
+
+def _line_through(x: np.ndarray, y: np.ndarray, default_intercept_over_slope: float, what: str,
+                  notes: list[str]) -> tuple[float, float]:
+    """``(1/slope, intercept/slope)`` of a relative-error line ``y = x/k + h/k`` through the points (k, h);
+    with one x only, h is kept at the default and k fitted."""
+    if len(set(x.tolist())) >= 2:
+        slope, intercept = _fit_relative_to(np.column_stack([x, np.ones_like(x)]), y, y)
+        if slope <= 0:
+            raise CalibrationError("compute fit gave a non-positive slope: step time does not grow with batch")
+        return 1.0 / slope, intercept / slope
+    half = default_intercept_over_slope
+    notes.append(f"one per-rank batch only: {what} half-efficiency batch kept at {half:g}, the rate fitted")
+    return float(np.median((x + half) / y)), half
 
 
 def fit_compute(runs: Sequence[RunMeasurement], peak_flops_per_device: float, cores_per_device: float = 1.0,
-                default_half_efficiency_batch: float = 4.0, notes: Sequence[str] = ()) -> ComputeFit:
+                default_half_efficiency_batch: float = 4.0, notes: Sequence[str] = (),
+                roofline: Callable[[RunMeasurement], RooflinePoint] | None = None,
+                default_roofline_half_batch: float = 0.0) -> ComputeFit:
     """Measured images/s per (model, batch) and the FLOP model's s and h fitted to all runs at once.
 
     ``cores_per_device`` turns a run's threads into the devices it drove (CPU profiles count cores or
     sockets as devices); a run without a thread count drives one device. ``notes`` (e.g. from
     :func:`pace_side_by_side`) head the fit's notes.
+
+    With ``roofline`` (the base profile's model, one :class:`RooflinePoint` per run) the roofline model is
+    fitted too: ``t − H = R·(1 + h/x)/k`` is a line in x, ``(t − H)·x/R = x/k + h/k``, giving the
+    efficiency scale k and the half-efficiency batch h per device.
     """
     from analysis.workload import load_workload
 
@@ -696,24 +738,33 @@ def fit_compute(runs: Sequence[RunMeasurement], peak_flops_per_device: float, co
     notes = list(notes)
     b = np.array([float(p[0].batch_per_rank) for p in points])
     y = np.array([p[4] for p in points])
-    if len(set(b.tolist())) >= 2:
-        slope, intercept = _fit_relative_to(np.column_stack([b, np.ones_like(b)]), y, y)
-        if slope <= 0:
-            raise CalibrationError("compute fit gave a non-positive slope: step time does not grow with batch")
-        sustained, half = 1.0 / slope, intercept / slope
-    else:
-        half = default_half_efficiency_batch
-        sustained = float(np.median((b + half) / y))
-        notes.append(f"one per-rank batch only: half_efficiency_batch kept at {half:g}, sustained fraction fitted")
+    sustained, half = _line_through(b, y, default_half_efficiency_batch, "FLOP model", notes)
+    scale = roofline_half = None
+    modelled: dict[int, RooflinePoint] = {}
+    if roofline is not None:
+        modelled = {id(run): roofline(run) for run in runs}
+        x = np.array([modelled[id(p[0])].batch_per_device for p in points])
+        busy = np.array([p[0].busy_s - modelled[id(p[0])].host_s for p in points])
+        if np.any(busy <= 0):
+            raise CalibrationError("the roofline model's host time alone exceeds a measured step")
+        yr = busy * x / np.array([modelled[id(p[0])].device_s for p in points])
+        scale, roofline_half = _line_through(x, yr, default_roofline_half_batch, "roofline", notes)
+        roofline_half = max(roofline_half, 0.0)
     records = []
     for run, key, flops, devices, _ in points:
         model_s = flops * (run.batch_per_rank + half) / (devices * peak_flops_per_device * sustained)
-        records.append({"run": run.path, "model": run.model, "key": key, "image_size": run.image_size,
-                        "batch_per_rank": run.batch_per_rank, "threads_per_rank": run.threads_per_rank,
-                        "steps_measured": run.steps_measured, "busy_s": run.busy_s, "step_s": run.step_s,
-                        "compute_s": run.compute_s, "optimizer_s": run.optimizer_s, "data_s": run.data_s,
-                        "images_per_s": run.images_per_s, "flops_per_image": flops, "flop_model_s": model_s,
-                        "relative": model_s / run.busy_s - 1.0})
+        record = {"run": run.path, "model": run.model, "key": key, "image_size": run.image_size,
+                  "batch_per_rank": run.batch_per_rank, "threads_per_rank": run.threads_per_rank,
+                  "steps_measured": run.steps_measured, "busy_s": run.busy_s, "step_s": run.step_s,
+                  "compute_s": run.compute_s, "optimizer_s": run.optimizer_s, "data_s": run.data_s,
+                  "images_per_s": run.images_per_s, "flops_per_image": flops, "flop_model_s": model_s,
+                  "relative": model_s / run.busy_s - 1.0}
+        if scale is not None:
+            point = modelled[id(run)]
+            roofline_s = point.device_s * (1 + roofline_half / point.batch_per_device) / scale + point.host_s
+            record.update(roofline_model_s=roofline_s, roofline_relative=roofline_s / run.busy_s - 1.0,
+                          relative=roofline_s / run.busy_s - 1.0)
+        records.append(record)
     if not 0 < sustained <= 1:
         notes.append(f"fitted sustained fraction {sustained:.3g} is outside (0, 1]: the profile's peak is too low; "
                      "clipped to 1")
@@ -723,14 +774,35 @@ def fit_compute(runs: Sequence[RunMeasurement], peak_flops_per_device: float, co
     table = {key: {batch: statistics.harmonic_mean(values) for batch, values in sorted(by_batch.items())}
              for key, by_batch in measured.items()}
     return ComputeFit(sustained_fraction=float(sustained), half_efficiency_batch=float(max(half, 0.0)),
-                      measured_images_per_s=table, runs=records, notes=notes)
+                      measured_images_per_s=table, runs=records, notes=notes,
+                      efficiency_scale=None if scale is None else float(scale),
+                      roofline_half_batch=None if roofline_half is None else float(roofline_half))
+
+
+def roofline_point_of(base, cores_per_device: float = 1.0) -> Callable[[RunMeasurement], RooflinePoint]:
+    """The unfitted roofline model of ``base`` (a MachineProfile) for runs: what :func:`fit_compute` fits."""
+    from analysis.params import PerfParams
+    from analysis.roofline import roofline_curves
+    from analysis.workload import load_workload
+
+    params = PerfParams.from_machine(base).replace(efficiency_scale=1.0)
+
+    def point(run: RunMeasurement) -> RooflinePoint:
+        curves = roofline_curves(load_workload(run.model, run.image_size).layers, params.rates)
+        devices = max(1.0, (run.threads_per_rank or cores_per_device) / cores_per_device)
+        x = run.batch_per_rank / devices
+        device_s = float(curves.forward(x) + curves.backward(x)) + curves.fixed_s
+        host_s = 0.0 if params.host_overlapped else curves.host_ops * params.host_s_per_op
+        return RooflinePoint(device_s=device_s, host_s=host_s, batch_per_device=x)
+    return point
 
 
 # ------------------------------------------------------------------------------------------------- profile
 
 
 def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | None = None,
-                       name: str | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+                       name: str | None = None, inputs: dict[str, Any] | None = None,
+                       overlap: tuple[str, str] | None = None) -> dict[str, Any]:
     """The base profile (a MachineProfile) with ``network`` and ``compute`` replaced by the fits.
 
     Returns a plain mapping in the profile schema (validated by :func:`larscale.machine.parse_machine`);
@@ -764,7 +836,14 @@ def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | 
     if compute is not None:
         section = data.setdefault("compute", {})
         section["sustained_fraction"] = compute.sustained_fraction
-        section["half_efficiency_batch"] = compute.half_efficiency_batch
+        if compute.efficiency_scale is not None:
+            # The roofline model stays the model: its scale and small-batch point fitted to the runs.
+            section["model"] = "roofline"
+            section["efficiency_scale"] = compute.efficiency_scale
+            section["half_efficiency_batch"] = compute.roofline_half_batch
+        else:
+            section["model"] = "sustained"
+            section["half_efficiency_batch"] = compute.half_efficiency_batch
         section.pop("half_efficiency_gflop", None)          # h is fitted in images; a work-based h would win
         section["step_overhead_s"] = 0.0                    # measured throughput includes the optimizer step
         merged = {k: dict(v) for k, v in (section.get("measured_images_per_s") or {}).items()}
@@ -772,6 +851,9 @@ def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | 
             merged.setdefault(key, {}).update(table)
         section["measured_images_per_s"] = merged
         block["compute"] = compute.summary()
+    if overlap is not None:
+        data["network"]["overlap"] = overlap[0]
+        block["overlap"] = {"network.overlap": overlap[0], "source": overlap[1]}
     # Not identifiable from the inputs: 1-rank runs have no communication and bench-comm has no compute, so
     # how much of the allreduce hides behind the backward pass is the base profile's physical statement.
     block["from_base_profile"] = overlap_fractions(base)
@@ -822,14 +904,33 @@ def format_report(comm: CommFit | None, compute: ComputeFit | None) -> str:
                          f"{link.bandwidth_gbps or math.inf:.3g} Gb/s")
         lines.extend(f"  note: {note}" for note in comm.notes)
     if compute is not None:
-        lines.append(f"compute: sustained fraction {compute.sustained_fraction:.3f}, half-efficiency batch "
-                     f"{compute.half_efficiency_batch:.2f} (FLOP model rms residual {compute.rms_relative():.1%})")
-        lines.append(f"  {'run key':<16}{'batch':>6}{'steps':>6}{'busy s':>10}{'images/s':>10}{'FLOP model':>11}")
+        if compute.efficiency_scale is not None:
+            lines.append(f"compute: roofline efficiency scale {compute.efficiency_scale:.3f}, half-efficiency batch "
+                         f"{compute.roofline_half_batch:.2f} per device (rms residual {compute.rms_relative():.1%})")
+        else:
+            lines.append(f"compute: sustained fraction {compute.sustained_fraction:.3f}, half-efficiency batch "
+                         f"{compute.half_efficiency_batch:.2f} (FLOP model rms residual {compute.rms_relative():.1%})")
+        lines.append(f"  {'run key':<16}{'batch':>6}{'steps':>6}{'busy s':>10}{'images/s':>10}{'model':>11}")
         for r in compute.runs:
             lines.append(f"  {r['key']:<16}{r['batch_per_rank']:>6}{r['steps_measured']:>6}{r['busy_s']:>10.4f}"
                          f"{r['images_per_s']:>10.2f}{r['relative']:>+11.1%}")
         lines.extend(f"  note: {note}" for note in compute.notes)
     return "\n".join(lines)
+
+
+def overlap_mode(runs: Sequence[RunMeasurement], base, given: str | None = None) -> tuple[str, str]:
+    """``(network.overlap, why)`` for the calibrated profile: ``given`` (--overlap), else what the runs
+    recorded (backend.allreduce_overlap: a compiled backward that hands every gradient over at its end
+    records "none"), else the base profile's. Runs that disagree are an error: one profile, one mode."""
+    if given is not None:
+        return given, "given with --overlap"
+    seen = sorted({r.allreduce_overlap for r in runs if r.allreduce_overlap})
+    if len(seen) > 1:
+        raise CalibrationError(f"the runs recorded different allreduce overlaps ({', '.join(seen)}): calibrate "
+                               "compiled and eager runs into separate profiles, or give --overlap")
+    if seen:
+        return seen[0], f"recorded by the runs (backend.allreduce_overlap: {seen[0]})"
+    return base.network.overlap, f"the base profile's ({base.name}); the runs did not record it"
 
 
 def overlap_fractions(profile) -> dict[str, float]:

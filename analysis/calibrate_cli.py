@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "host are combined step by step, the slowest per step, as a synchronous step waits for it)")
     cal.add_argument("--warmup-steps", type=int, default=None,
                      help="steps to drop at the start of each run (default: the run's warmup_steps_excluded)")
+    cal.add_argument("--overlap", choices=("layerwise", "none"), default=None,
+                     help="whether allreduces overlap the backward pass (none: a compiled backward hands every "
+                     "gradient over at its end); default: what the runs recorded, else the base profile's")
     cal.add_argument("--strict", action="store_true",
                      help="exit 1 without writing the profile when any run or step-log line had to be skipped "
                      "(default: skip it, list it with file and line, and fit the rest)")
@@ -54,9 +57,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
         format_base_properties,
         format_report,
         horovod_cycle_wait_s,
+        overlap_mode,
         pace_side_by_side,
         profile_yaml,
         read_runs,
+        roofline_point_of,
     )
     from larscale import UsageError
     from larscale.benchformat import parse_bytes, read_csv
@@ -73,6 +78,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     try:
         base = load_machine(args.machine)
         comm = compute = None
+        overlap = None if args.overlap is None else (args.overlap, "given with --overlap")
         if args.bench:
             rows = [row for path in args.bench for row in read_csv(path)]
             operations = default_operations(rows) + (("pingpong",) if args.with_pingpong else ())
@@ -98,15 +104,19 @@ def run_calibrate(args: argparse.Namespace) -> int:
             if not runs:
                 raise UsageError(f"none of the {len(args.runs)} run(s) given with --runs is usable (see above)")
             paced: list[str] = []
+            overlap = overlap_mode(runs, base, args.overlap)
             if not args.runs_apart:
                 runs, paced = pace_side_by_side(runs)
             devices = base.node.devices
             cores_per_device = base.node.cores / devices.count if devices.kind == "cpu" else 1.0
+            roofline = (roofline_point_of(base, cores_per_device) if base.compute.model == "roofline" else None)
+            half = base.compute.half_efficiency_batch
             compute = fit_compute(runs, devices.peak_tflops["fp32"] * 1e12, cores_per_device=cores_per_device,
-                                  default_half_efficiency_batch=base.compute.half_efficiency_batch, notes=paced)
+                                  default_half_efficiency_batch=4.0 if half is None else half, notes=paced,
+                                  roofline=roofline, default_roofline_half_batch=half or 0.0)
         data = calibrated_profile(base, comm, compute, name=args.name,
                                   inputs={"bench": list(args.bench), "runs": list(args.runs),
-                                          "skipped": [str(p) for p in skipped]})
+                                          "skipped": [str(p) for p in skipped]}, overlap=overlap)
     except ValueError as err:
         raise UsageError(str(err)) from None
     from pathlib import Path
@@ -116,5 +126,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     out.write_text(profile_yaml(data))
     print(format_report(comm, compute))
     print(format_base_properties(base))
+    if overlap is not None:
+        print(f"network.overlap: {overlap[0]} ({overlap[1]})")
     print(f"wrote {out} (profile {data['name']!r})")
     return 0

@@ -21,6 +21,16 @@ Costs per algorithm (single link, q = 1, L = ⌈log2 p⌉):
 - hierarchical (reduce to one leader per node by a binomial tree, ring allreduce among the ``nodes`` leaders,
   binomial broadcast inside the node), with ``l = ⌈log2 q⌉`` and m = nodes:
   ``2l(α_i + nβ_i) + l·nγ + 2(m−1)α_e + 2(m−1)/m·nβ_e + (m−1)/m·nγ``
+- nccl (NCCL on GPU nodes: every rank works, none leads): a ring reduce-scatter over the node's NVLink/NVSwitch
+  leaves each of the q GPUs 1/q of the vector; the q GPUs then allreduce their shards across nodes at the same
+  time, each over its own share of the node's network interfaces (rail-optimised nodes have one NIC per GPU);
+  a ring allgather inside the node completes it. Across nodes NCCL runs double binary trees for latency and
+  rings for bandwidth, so the model takes the tree's ``2⌈log2 m⌉`` latencies and the ring's bytes:
+  ``2(q−1)α_i + 2(q−1)/q·nβ_i + 2⌈log2 m⌉α_e + 2(m−1)/m·nβ_e + ((q−1)/q + (m−1)/(m·q))·nγ``
+  (β_e of the node's total inter-node bandwidth: the q shards of n/q share it). Against the leader-based
+  hierarchical form it moves 2(q−1)/q·n instead of 2⌈log2 q⌉·n bytes inside the node, and its latency grows with
+  log2 of the nodes, not with their number: the difference that matters at thousands of GPUs with 16-64 images
+  each, where a step is short and every bucket pays α.
 
 How the flat algorithms use two links (m = nodes > 1):
 
@@ -44,7 +54,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-Algorithm = Literal["ring", "recursive_doubling", "rabenseifner", "binomial_tree", "hierarchical"]
+Algorithm = Literal["ring", "recursive_doubling", "rabenseifner", "binomial_tree", "hierarchical", "nccl"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 
 
@@ -132,6 +142,11 @@ def allreduce_terms(algorithm: str, nbytes, nodes, ranks_per_node=1) -> Collecti
         l_nodes = _ceil_log2(m)
         return CollectiveTerms(alpha_intra=2 * lq, alpha_inter=2 * l_nodes, beta_intra=2 * lq * n,
                                beta_inter=2 * l_nodes * n, gamma=(lq + l_nodes) * n)
+    if algorithm == "nccl":
+        l_nodes = _ceil_log2(m)
+        return CollectiveTerms(alpha_intra=2 * (q - 1), alpha_inter=2 * l_nodes,
+                               beta_intra=2 * (q - 1) / q * n, beta_inter=2 * (m - 1) / m * n,
+                               gamma=((q - 1) / q + (m - 1) / (m * q)) * n)
     # hierarchical: binomial reduce to the node leader, ring among leaders, binomial broadcast.
     return CollectiveTerms(alpha_intra=2 * lq, alpha_inter=2 * (m - 1), beta_intra=2 * lq * n,
                            beta_inter=2 * (m - 1) / m * n,

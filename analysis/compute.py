@@ -1,4 +1,17 @@
-"""Seconds of computation per training step on one rank: from FLOPs and an efficiency, or from measurements.
+"""Seconds of computation per training step on one rank: from the hardware, from FLOPs, or from measurements.
+
+Three models, in order of precedence:
+
+1. measured: the profile's ``measured_images_per_s`` for this workload (calibration or the user), below;
+2. roofline (``compute.model: roofline``, the default): layer by layer from the device's peaks, memory
+   bandwidth and the catalog's efficiency constants (:mod:`analysis.roofline`). A rank driving d devices at
+   per-rank batch b runs each device at x = b/d images; the device's forward, backward and per-step times
+   are divided by ``efficiency_scale`` (1 unless calibrated) and the forward and backward parts multiplied
+   by ``1 + h/x`` (h: images per device at which small batches halve efficiency — CPU core starvation; 0
+   for GPUs). The host dispatches ``host_ops`` framework operations a step at ``host_s_per_op`` each: on a
+   GPU it runs ahead of the device, so a step takes at least that long (below ~64 images a ResNet-50 step on
+   an H200 costs the same 17-22 ms whatever the batch); on a CPU the same cores do it, so it adds;
+3. sustained (``compute.model: sustained``): the FLOP model below.
 
 FLOP model. A rank drives ``d = devices_per_node / ranks_per_node`` devices of peak ``P`` FLOP/s. At a
 per-rank batch ``b`` it sustains a fraction of peak that falls at small batches, where there is too little
@@ -32,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis.params import PerfParams
+from analysis.roofline import roofline_curves
 from analysis.workload import Workload
 
 
@@ -92,9 +106,35 @@ def compute_times(workload: Workload, params: PerfParams, batch_per_rank, ranks_
     if measured:
         step = measured_step_seconds(dict(measured), b, half)
         overhead = np.zeros_like(step)
+    elif params.compute_model == "roofline":
+        return roofline_times(workload, params, b, devices_per_rank)
     else:
         rate = params.peak_flops_per_device * devices_per_rank * params.sustained_fraction
         step = workload.flops_per_image * (b + half) / rate
         overhead = np.full_like(step, params.step_overhead_s)
     return ComputeTimes(forward_s=step * forward_share, backward_s=step * (1.0 - forward_share),
                         overhead_s=overhead)
+
+
+def roofline_times(workload: Workload, params: PerfParams, batch_per_rank, devices_per_rank) -> ComputeTimes:
+    """The roofline model's forward, backward and per-step seconds of one rank (see the module docstring)."""
+    if not workload.layers:
+        raise ValueError(f"workload {workload.model!r} has no per-layer costs for the roofline compute model")
+    b, d = np.broadcast_arrays(np.asarray(batch_per_rank, dtype=float), np.asarray(devices_per_rank, dtype=float))
+    x = b / d
+    curves = roofline_curves(workload.layers, params.rates)
+    per_device_half = params.half_batch(workload.flops_per_image, 1.0)
+    starvation = 1.0 + per_device_half / x
+    scale = 1.0 / params.efficiency_scale
+    forward = curves.forward(x) * starvation * scale
+    backward = curves.backward(x) * starvation * scale
+    fixed = np.full_like(x, curves.fixed_s * scale)
+    host = curves.host_ops * params.host_s_per_op
+    if params.host_overlapped:
+        # The host runs ahead of the device: a step lasts the longer of the two, the device waiting for
+        # launches throughout (every part stretched alike).
+        stretch = np.maximum(1.0, host / (forward + backward + fixed))
+        forward, backward, fixed = forward * stretch, backward * stretch, fixed * stretch
+    else:
+        fixed = fixed + host
+    return ComputeTimes(forward_s=forward, backward_s=backward, overhead_s=fixed + params.step_overhead_s)

@@ -1,8 +1,10 @@
-"""The device catalog (``analysis/data/devices.yaml``): datasheet peaks, memory and links of common devices.
+"""The device catalog (``analysis/data/devices.yaml``): datasheet peaks, memory and links of common devices,
+and the few efficiency constants of the layer-by-layer compute model, one set per kind of device.
 
 Bundled machine profiles copy their device numbers from here (the tests check they agree), and
 :func:`machine_for_device` builds a profile for a cluster of a catalog device, for what-if predictions on
-hardware one has no profile for yet.
+hardware one has no profile for yet. :func:`efficiency` returns the constants that
+:mod:`analysis.roofline` turns into seconds.
 """
 
 from __future__ import annotations
@@ -26,13 +28,33 @@ class Device:
     memory_bandwidth_gbytes_per_s: float
     sources: list[str]
     cores: int | None = None
+    compute_units: int | None = None
+    memory_latency_ns: float | None = None
     memory_gb: float | None = None
     nvlink_gbytes_per_s: float | None = None
 
 
 @dataclass(frozen=True)
+class KindEfficiency:
+    """The compute model's constants for one kind of device (meaning and sources: devices.yaml comments)."""
+
+    matrix_efficiency: dict[str, float]     # share of the precision's peak in convolutions and FC layers
+    channels_half: float                    # channels per group at which a convolution runs at half that
+    grouped_conv_efficiency: float          # share of the dense rate a grouped convolution reaches
+    memory_efficiency: float                # share of the datasheet bandwidth with enough bytes in flight
+    bytes_in_flight_per_unit: float         # bytes one SM / core keeps in flight in memory-bound kernels
+    memory_latency_ns: float                # default loaded memory latency
+    host_us_per_op: float                   # host time per framework operation
+    host_overlapped: bool                   # GPU: host runs ahead of the device; CPU: same cores, adds up
+    kernel_us: float                        # device time every kernel costs however small
+    default_flop_per_byte: float            # fp32 peak / this = bandwidth when a profile gives none
+    half_efficiency_gflop_per_unit: float | None = None   # CPU core starvation (None: none)
+
+
+@dataclass(frozen=True)
 class Catalog:
     devices: dict[str, Device] = field(default_factory=dict)
+    efficiency: dict[str, KindEfficiency] = field(default_factory=dict)
 
 
 @cache
@@ -44,6 +66,15 @@ def devices(path: Path = CATALOG) -> dict[str, Device]:
     return dict(_catalog(str(path)).devices)
 
 
+def efficiency(kind: str, path: Path = CATALOG) -> KindEfficiency:
+    """The compute model's constants for a kind of device ("cpu" or "gpu")."""
+    constants = _catalog(str(path)).efficiency
+    if kind not in constants:
+        raise ValueError(f"the device catalog has no efficiency constants for kind {kind!r}; it has: "
+                         f"{', '.join(constants)}")
+    return constants[kind]
+
+
 def device(name: str, path: Path = CATALOG) -> Device:
     catalog = devices(path)
     if name not in catalog:
@@ -52,12 +83,12 @@ def device(name: str, path: Path = CATALOG) -> Device:
 
 
 def machine_for_device(name: str, devices_per_node: int, inter_node_gbps: float, max_nodes: int,
-                       sustained_fraction: float = 0.4, half_efficiency_gflop: float = 400.0,
                        inter_node_latency_us: float = 2.0, max_walltime: str = "24:00:00") -> MachineProfile:
     """A profile of ``max_nodes`` nodes with ``devices_per_node`` catalog devices each (one rank per device).
 
     Intra-node links: NVLink per direction for GPUs (half the catalog's both-ways figure), shared memory for
-    CPUs. Compute efficiency is an estimate to calibrate, given by the caller.
+    CPUs. Compute: the layer-by-layer model with the catalog's bandwidth and constants (calibrate it).
+    GPU nodes communicate with NCCL's hierarchical rings (``inter_node_gbps``: all of a node's interfaces).
     """
     d = device(name)
     if d.kind == "gpu" and d.nvlink_gbytes_per_s:
@@ -73,13 +104,17 @@ def machine_for_device(name: str, devices_per_node: int, inter_node_gbps: float,
                  "memory_gb": 64.0 * devices_per_node,
                  "devices": {"kind": d.kind, "model": d.model, "count": devices_per_node,
                              "peak_tflops": dict(d.peak_tflops),
+                             "memory_bandwidth_gbytes_per_s": d.memory_bandwidth_gbytes_per_s,
+                             **({"compute_units": d.compute_units} if d.compute_units else {}),
+                             **({"memory_latency_ns": d.memory_latency_ns} if d.memory_latency_ns else {}),
                              **({"memory_gb": d.memory_gb} if d.memory_gb else {})}},
         "network": {"intra_node": intra,
                     "inter_node": {"bandwidth_gbps": inter_node_gbps, "latency_us": inter_node_latency_us,
                                    "topology": "fat-tree"},
-                    "algorithm": "hierarchical" if devices_per_node > 1 else "ring"},
+                    "algorithm": "nccl" if d.kind == "gpu" else "rabenseifner",
+                    # The reduction's adds stream two inputs and one output through the device's memory.
+                    "reduce_gbytes_per_s": d.memory_bandwidth_gbytes_per_s / 3},
         "limits": {"max_nodes": max_nodes, "max_walltime": max_walltime},
-        "compute": {"sustained_fraction": sustained_fraction, "half_efficiency_gflop": half_efficiency_gflop},
         "sources": list(d.sources) + ["analysis/data/devices.yaml"],
     }
     return parse_machine(doc, f"device catalog: {name}")

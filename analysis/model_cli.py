@@ -14,6 +14,15 @@ import sys
 from collections.abc import Iterator
 
 
+def print_profile_notes(machine: str, precision: str = "fp32") -> None:
+    """One line on stderr per field the profile leaves to the compute model's defaults."""
+    from analysis.params import profile_notes
+    from analysis.predict import resolve_machine
+
+    for note in profile_notes(resolve_machine(machine), precision):
+        print(f"larscale: note: {note}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def _usage_errors() -> Iterator[None]:
     from larscale import UsageError
@@ -41,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", help="peak to use from the profile (default fp32)")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the model's native one)")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--overlap", choices=("layerwise", "none"), default=None,
+                   help="allreduces overlap the backward pass layer by layer, or start after it (a compiled "
+                   "backward); default: the profile's network.overlap")
     p.add_argument("--format", choices=("text", "json", "csv"), default="text")
     p.set_defaults(handler=run_predict)
 
@@ -105,7 +117,7 @@ def _fmt_seconds(seconds: float) -> str:
 def describe(record: dict) -> str:
     """A prediction as a readable breakdown (``larscale predict`` text format)."""
     r = record
-    hidden = 1 - r["comm_exposed_s"] / r["comm_total_s"] if r["comm_total_s"] > 0 else 1.0
+    hidden = r["comm_hidden_s"] / r["comm_total_s"] if r["comm_total_s"] > 0 else 1.0
     lines = [
         f"{r['model']} on {r['machine']}: {r['nodes']} nodes x {r['ranks_per_node']} ranks, global batch "
         f"{r['global_batch']} ({r['batch_per_rank']} per rank), {r['epochs']:g} epochs",
@@ -133,9 +145,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
     nodes, batch = np.meshgrid(np.array(args.nodes), np.array(args.global_batch), indexing="ij")
     with _usage_errors():
+        print_profile_notes(args.machine, args.precision)
         result = predict(args.model, args.machine, nodes.reshape(-1), batch.reshape(-1), args.epochs,
                          args.ranks_per_node, args.dataset_size or IMAGENET_TRAIN_IMAGES, args.precision,
-                         image_size=args.image_size, num_classes=args.num_classes)
+                         image_size=args.image_size, num_classes=args.num_classes, overlap=args.overlap)
     records = result.records()
     if args.format == "json":
         json.dump(records[0] if len(records) == 1 else records, sys.stdout, indent=2)
@@ -189,6 +202,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
         raise UsageError(f"--top must be >= 1, got {args.top}")
     with _usage_errors():
+        print_profile_notes(args.machine)
         result = plan(args.model, args.machine, target_top1=args.target_top1, epochs=args.epochs,
                       budget_node_hours=args.budget_node_hours, max_nodes=args.max_nodes,
                       max_walltime=args.max_walltime, deadline=args.deadline, ranks_per_node=args.ranks_per_node,

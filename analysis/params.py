@@ -16,9 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from analysis.comm import LinkCost, check_algorithm
+from analysis.roofline import DeviceRates, memory_rate
 from larscale.machine import MachineProfile
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "fp8")
+# Precisions whose activations are stored in 16 bits (fp8 training keeps 16-bit activations).
+HALF_WIDTH = ("bf16", "fp16", "fp8")
+COMPUTE_MODELS = ("roofline", "sustained")
+OVERLAP_MODES = ("layerwise", "none")
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,32 @@ class PerfParams:
     max_nodes: int | None = None
     default_ranks_per_node: int = 1
     machine: str = ""
+    # The compute model (analysis/compute.py): "sustained" = F·(b + h)/(d·P·s); "roofline" = layer by layer
+    # from ``rates`` (analysis/roofline.py), divided by ``efficiency_scale``, × (1 + h/x) at per-device batch x,
+    # and at least the host's launch time (``host_s_per_op`` per framework operation; on CPUs it adds).
+    compute_model: str = "sustained"
+    rates: DeviceRates | None = None
+    efficiency_scale: float = 1.0
+    host_s_per_op: float = 0.0
+    host_overlapped: bool = True
+    # "layerwise": gradients ready layer by layer in the backward pass; "none": all at its end.
+    overlap: str = "layerwise"
+    # What the profile did not say and the model assumed (one line each; the CLI prints them).
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         check_algorithm(self.algorithm)
+        if self.compute_model not in COMPUTE_MODELS:
+            raise ValueError(f"PerfParams.compute_model must be one of {', '.join(COMPUTE_MODELS)}, "
+                             f"got {self.compute_model!r}")
+        if self.compute_model == "roofline" and self.rates is None:
+            raise ValueError("PerfParams.compute_model 'roofline' needs rates (DeviceRates)")
+        if self.overlap not in OVERLAP_MODES:
+            raise ValueError(f"PerfParams.overlap must be one of {', '.join(OVERLAP_MODES)}, got {self.overlap!r}")
+        if not self.efficiency_scale > 0:
+            raise ValueError(f"PerfParams.efficiency_scale must be > 0, got {self.efficiency_scale!r}")
+        if not self.host_s_per_op >= 0:
+            raise ValueError(f"PerfParams.host_s_per_op must be >= 0, got {self.host_s_per_op!r}")
         for name in ("fusion_bytes", "peak_flops_per_device", "sustained_fraction", "data_images_per_s_per_node"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PerfParams.{name} must be > 0, got {getattr(self, name)!r}")
@@ -74,6 +102,12 @@ class PerfParams:
             precision = "fp32"
         net = machine.network
         compute = machine.compute
+        roofline = compute_settings(machine, precision) if compute.model == "roofline" else None
+        if compute.model == "roofline":
+            half_batch, half_flops = roofline.half_batch, roofline.half_flops
+        else:
+            half_batch = 4.0 if compute.half_efficiency_batch is None else compute.half_efficiency_batch
+            half_flops = None if compute.half_efficiency_gflop is None else compute.half_efficiency_gflop * 1e9
         return cls(
             link=LinkCost(alpha_intra_s=net.intra_node.alpha_s,
                           beta_intra_s_per_byte=net.intra_node.beta_s_per_byte,
@@ -86,9 +120,8 @@ class PerfParams:
             peak_flops_per_device=devices.peak_tflops[precision] * 1e12,
             devices_per_node=devices.count,
             sustained_fraction=compute.sustained_fraction_by_precision.get(precision, compute.sustained_fraction),
-            half_efficiency_batch=compute.half_efficiency_batch,
-            half_efficiency_flops=(None if compute.half_efficiency_gflop is None
-                                   else compute.half_efficiency_gflop * 1e9),
+            half_efficiency_batch=half_batch,
+            half_efficiency_flops=half_flops,
             step_overhead_s=compute.step_overhead_s,
             data_images_per_s_per_node=compute.data_images_per_s or math.inf,
             data_overlapped=compute.data_overlapped,
@@ -100,6 +133,13 @@ class PerfParams:
             max_nodes=machine.limits.max_nodes,
             default_ranks_per_node=machine.default_ranks_per_node,
             machine=machine.name,
+            compute_model=compute.model,
+            rates=None if roofline is None else roofline.rates,
+            efficiency_scale=compute.efficiency_scale,
+            host_s_per_op=0.0 if roofline is None else roofline.host_s_per_op,
+            host_overlapped=True if roofline is None else roofline.host_overlapped,
+            overlap=net.overlap,
+            notes=() if roofline is None else roofline.notes,
         )
 
     def half_batch(self, flops_per_image: float, devices_per_rank=1.0):
@@ -128,3 +168,70 @@ class PerfParams:
         if link_changes:
             changes["link"] = dataclasses.replace(self.link, **link_changes)
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RooflineSettings:
+    """What the roofline compute model takes from a profile and the device catalog's constants."""
+
+    rates: DeviceRates
+    host_s_per_op: float
+    host_overlapped: bool
+    half_batch: float
+    half_flops: float | None
+    notes: tuple[str, ...]
+
+
+def compute_settings(machine: MachineProfile, precision: str) -> RooflineSettings:
+    """The roofline model's device rates for ``machine`` at ``precision`` (a precision the device has).
+
+    Fields the profile leaves out take a documented default, each named in ``notes`` (one line): the memory
+    bandwidth (fp32 peak / the kind's FLOP per byte), a GPU's SM count, the memory latency.
+    """
+    from analysis.devices import efficiency
+
+    devices = machine.node.devices
+    constants = efficiency(devices.kind)
+    where = f"machine {machine.name!r}: node.devices"
+    notes: list[str] = []
+    bandwidth = devices.memory_bandwidth_gbytes_per_s
+    if bandwidth is None:
+        bandwidth = devices.peak_tflops["fp32"] * 1e3 / constants.default_flop_per_byte
+        notes.append(f"{where}.memory_bandwidth_gbytes_per_s is not set: the compute model takes {bandwidth:.4g} "
+                     f"GB/s (fp32 peak / {constants.default_flop_per_byte:g} FLOP per byte); set it from the "
+                     "datasheet (analysis/data/devices.yaml lists common devices)")
+    units = devices.compute_units
+    if units is None:
+        if devices.kind == "cpu":
+            units = max(1, round(machine.node.cores / devices.count))     # a CPU device's cores
+        else:
+            units = 108
+            notes.append(f"{where}.compute_units (SMs per GPU) is not set: the compute model takes {units}")
+    latency_ns = devices.memory_latency_ns or constants.memory_latency_ns
+    matrix = constants.matrix_efficiency.get(precision, constants.matrix_efficiency.get("fp32", 0.5))
+    rates = DeviceRates(
+        matrix_flops_per_s=devices.peak_tflops[precision] * 1e12 * matrix,
+        channels_half=constants.channels_half, grouped_efficiency=constants.grouped_conv_efficiency,
+        memory_bytes_per_s=memory_rate(bandwidth * 1e9, constants.memory_efficiency, units,
+                                       constants.bytes_in_flight_per_unit, latency_ns * 1e-9),
+        library_memory_bytes_per_s=bandwidth * 1e9 * constants.memory_efficiency,
+        activation_bytes=2.0 if precision in HALF_WIDTH else 4.0, kernel_s=constants.kernel_us * 1e-6)
+    compute = machine.compute
+    host_us = constants.host_us_per_op if compute.host_us_per_op is None else compute.host_us_per_op
+    if compute.half_efficiency_gflop is not None:
+        half_flops: float | None = compute.half_efficiency_gflop * 1e9
+    elif compute.half_efficiency_batch is None and constants.half_efficiency_gflop_per_unit is not None:
+        half_flops = constants.half_efficiency_gflop_per_unit * 1e9 * units
+    else:
+        half_flops = None
+    half_batch = compute.half_efficiency_batch or 0.0
+    return RooflineSettings(rates=rates, host_s_per_op=host_us * 1e-6, host_overlapped=constants.host_overlapped,
+                            half_batch=half_batch, half_flops=half_flops, notes=tuple(notes))
+
+
+def profile_notes(machine: MachineProfile, precision: str = "fp32") -> tuple[str, ...]:
+    """The one-line notes of what ``machine`` leaves to defaults for the compute model (empty when complete)."""
+    if machine.compute.model != "roofline":
+        return ()
+    devices = machine.node.devices
+    return compute_settings(machine, precision if precision in devices.peak_tflops else "fp32").notes

@@ -5,7 +5,8 @@ For ``nodes`` nodes with ``ranks_per_node`` ranks each (p ranks), global batch `
     compute_s       = forward + backward + step overhead        (analysis.compute)
     comm_exposed_s  = allreduce time not hidden behind the backward pass (analysis.overlap, analysis.comm):
                       the schedule's wait after the backward pass, plus the part of all communication that
-                      needs the compute cores and so cannot hide (the profile's overlap fractions)
+                      needs the compute cores and so cannot hide (the profile's overlap fractions); with
+                      ``network.overlap: none`` every gradient is ready only when the backward pass ends
     data_s          = b·ranks_per_node / (node's decode rate)   (0 when the profile gives no rate)
     iteration_s     = max(compute_s + comm_exposed_s, data_s)   if data loading is prefetched, else the sum
     epoch_s         = iteration_s · N / B                       (N images per epoch, ImageNet-1k by default)
@@ -79,7 +80,8 @@ class Prediction:
         for name in ordered:
             value = np.asarray(getattr(self, name)).reshape(-1)[index]
             out[name] = int(value) if name in _INTEGER_FIELDS else float(value)
-        out["comm_hidden_s"] = out["comm_total_s"] - out["comm_exposed_s"]
+        # The exposed part may include the wait for Horovod's next cycle, which no collective hides.
+        out["comm_hidden_s"] = max(0.0, out["comm_total_s"] - out["comm_exposed_s"])
         return out
 
     def records(self) -> list[dict[str, Any]]:
@@ -160,7 +162,11 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     compute_s = times.total_s
     # Fusion copies only where there is a collective (one rank reduces nothing).
     copy = np.where(ranks > 1, params.copy_s_per_byte, 0.0)
-    overlap = simulate(workload.event_ready_fraction, workload.event_bytes, times.backward_s, latency, per_byte,
+    # Without layerwise overlap (a backward compiled as one graph hands every gradient over at its end),
+    # every gradient event is ready when the backward pass ends: the same schedule, nothing left to hide.
+    ready = (workload.event_ready_fraction if params.overlap == "layerwise"
+             else np.ones_like(workload.event_ready_fraction))
+    overlap = simulate(ready, workload.event_bytes, times.backward_s, latency, per_byte,
                        params.fusion_bytes, params.cycle_s, serial_latency, serial_per_byte,
                        copy, copy * (1.0 - params.overlap_reduce))
     data_s = b * rpn_a / params.data_images_per_s_per_node
@@ -188,7 +194,8 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
 
 def predict(model: str | Workload, machine: str | Path | MachineProfile, nodes, global_batch, epochs=90.0,
             ranks_per_node=None, dataset_size: int = IMAGENET_TRAIN_IMAGES, precision: str = "fp32",
-            params: PerfParams | None = None, image_size: int | None = None, num_classes: int = 1000) -> Prediction:
+            params: PerfParams | None = None, image_size: int | None = None, num_classes: int = 1000,
+            overlap: str | None = None) -> Prediction:
     """Vectorised prediction: ``nodes``, ``global_batch``, ``epochs`` and ``ranks_per_node`` broadcast.
 
     ``machine`` is a bundled profile name, a path to a profile YAML or a MachineProfile; ``params``
@@ -196,11 +203,14 @@ def predict(model: str | Workload, machine: str | Path | MachineProfile, nodes, 
     or machine, nodes beyond the machine, a batch not divisible by the ranks) raises ValueError.
     ``image_size``/``num_classes`` other than the native ones recompute the layer table (small test runs), and
     ``image_size`` selects the profile's measured images/s for that size (key ``model@size``); a Workload
-    given as ``model`` is used as it is, ``image_size`` then says which size it was built for.
+    given as ``model`` is used as it is, ``image_size`` then says which size it was built for. ``overlap``
+    ("layerwise" or "none") replaces the profile's ``network.overlap``.
     """
     workload = resolve_workload(model, image_size, num_classes)
     if params is None:
         params = PerfParams.from_machine(resolve_machine(machine), precision=precision)
+    if overlap is not None:
+        params = params.replace(overlap=overlap)
     return predict_from(workload, params, nodes, global_batch, epochs, ranks_per_node, dataset_size,
                         image_size=image_size)
 
@@ -208,10 +218,11 @@ def predict(model: str | Workload, machine: str | Path | MachineProfile, nodes, 
 def predict_point(model: str, machine: str | Path | MachineProfile, nodes: int, global_batch: int,
                   epochs: float = 90.0, ranks_per_node: int | None = None,
                   dataset_size: int = IMAGENET_TRAIN_IMAGES, precision: str = "fp32", image_size: int | None = None,
-                  num_classes: int = 1000, params: PerfParams | None = None) -> dict[str, Any]:
+                  num_classes: int = 1000, params: PerfParams | None = None,
+                  overlap: str | None = None) -> dict[str, Any]:
     """One configuration → a dict with the stable KEYS (seconds, images/s, efficiency) and the breakdown."""
     result = predict(model, machine, nodes, global_batch, epochs, ranks_per_node, dataset_size, precision,
-                     params=params, image_size=image_size, num_classes=num_classes)
+                     params=params, image_size=image_size, num_classes=num_classes, overlap=overlap)
     record = result.record(0)
     if not math.isfinite(record["iteration_s"]):
         raise ValueError(f"prediction for {model} on {record['machine']} is not finite")

@@ -25,7 +25,77 @@ from analysis.predict import predict, resolve_machine
 from analysis.workload import load_workload
 
 RESULTS = Path(__file__).with_name("data") / "seed_results.yaml"
+DEVICE_FIGURES = Path(__file__).with_name("data") / "device_throughput.yaml"
 TOLERANCE = 0.10
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """One device's published or measured training throughput beside the compute model's prediction."""
+
+    device: str
+    precision: str
+    model: str
+    batch: int
+    published_images_per_s: float
+    predicted_images_per_s: float
+    error: float                 # predicted / published − 1
+    forward_s: float
+    backward_s: float
+    overhead_s: float
+    host_bound: bool             # the host's launch time, not the device, sets the step
+    source: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceComparison:
+    rows: list[DeviceRow]
+    tolerance: float
+    sources: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return all(abs(r.error) <= self.tolerance for r in self.rows)
+
+
+def device_comparison(path: Path = DEVICE_FIGURES) -> DeviceComparison:
+    """Predict every single-device figure of ``device_throughput.yaml`` from the device catalog alone.
+
+    Each device becomes a one-device machine (:func:`analysis.devices.machine_for_device`): peaks, bandwidth
+    and SM count from the catalog, the kind's efficiency constants, nothing set for the device itself.
+    """
+    from analysis.devices import machine_for_device
+    from analysis.params import PerfParams
+    from analysis.roofline import roofline_curves
+
+    doc = yaml.safe_load(Path(path).read_text())
+    rows = []
+    for fig in doc["figures"]:
+        machine = machine_for_device(fig["device"], 1, 100.0, 1)
+        p = predict(fig["model"], machine, 1, int(fig["batch"]), 1, precision=fig["precision"]).record(0)
+        params = PerfParams.from_machine(machine, fig["precision"])
+        curves = roofline_curves(load_workload(fig["model"]).layers, params.rates)
+        host_s = curves.host_ops * params.host_s_per_op
+        rows.append(DeviceRow(
+            device=fig["device"], precision=fig["precision"], model=fig["model"], batch=int(fig["batch"]),
+            published_images_per_s=float(fig["images_per_s"]), predicted_images_per_s=p["images_per_s"],
+            error=p["images_per_s"] / float(fig["images_per_s"]) - 1, forward_s=p["forward_s"],
+            backward_s=p["backward_s"], overhead_s=p["overhead_s"],
+            host_bound=bool(host_s >= p["compute_s"] * (1 - 1e-9)), source=fig["source"], note=fig.get("note", "")))
+    return DeviceComparison(rows=rows, tolerance=float(doc.get("tolerance", 0.2)), sources=dict(doc["sources"]))
+
+
+def device_table(comparison: DeviceComparison) -> str:
+    """Markdown: predicted vs published single-device throughput, with what bounds each step."""
+    lines = ["| device | precision | model | batch | published img/s | predicted img/s | error | step (ms) | bound by "
+             "| source |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in comparison.rows:
+        step_ms = (r.forward_s + r.backward_s + r.overhead_s) * 1e3
+        lines.append(f"| {r.device} | {r.precision} | {r.model} | {r.batch} | {r.published_images_per_s:,.0f} "
+                     f"| {r.predicted_images_per_s:,.0f} | {r.error:+.1%} | {step_ms:.1f} "
+                     f"| {'host launches' if r.host_bound else 'device'} | {r.source} |")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

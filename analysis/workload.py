@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from analysis.roofline import LayerCost, layers_from_rows, traced_layers
+
 IMAGENET_TRAIN_IMAGES = 1_281_167
 MAX_EVENTS = 64
 
@@ -39,6 +41,9 @@ class Workload:
     event_ready_fraction: np.ndarray   # fraction of the backward pass done when each event's gradients are ready
     event_bytes: np.ndarray            # gradient bytes of each event
     event_layers: tuple[tuple[str, ...], ...]
+    # Per-layer costs in forward order for the roofline compute model (analysis/roofline.py): traced from the
+    # architecture by load_workload, approximated from the rows by workload_from_rows.
+    layers: tuple[LayerCost, ...] = ()
 
     @property
     def flops_per_image(self) -> float:
@@ -49,8 +54,12 @@ class Workload:
         return len(self.event_bytes)
 
 
-def workload_from_rows(model: str, rows, max_events: int = MAX_EVENTS) -> Workload:
-    """Build a Workload from ``LayerRow``-like objects in backward order (last layer first)."""
+def workload_from_rows(model: str, rows, max_events: int = MAX_EVENTS,
+                       layers: tuple[LayerCost, ...] | None = None) -> Workload:
+    """Build a Workload from ``LayerRow``-like objects in backward order (last layer first).
+
+    ``layers``: the roofline costs in forward order (default: approximated from the rows).
+    """
     rows = list(rows)
     if not rows:
         raise ValueError(f"model {model!r} has an empty layer table")
@@ -83,6 +92,7 @@ def workload_from_rows(model: str, rows, max_events: int = MAX_EVENTS) -> Worklo
         event_ready_fraction=np.array(fractions),
         event_bytes=np.array(sizes),
         event_layers=tuple(tuple(n) for n in names),
+        layers=layers if layers is not None else layers_from_rows(list(reversed(rows))),
     )
 
 
@@ -116,4 +126,5 @@ def load_workload(model: str, image_size: int | None = None, num_classes: int = 
         rows = load_table(model)
     else:
         rows = layer_table(model, image_size=image_size, num_classes=num_classes)
-    return workload_from_rows(model, rows, max_events=max_events)
+    return workload_from_rows(model, rows, max_events=max_events,
+                              layers=traced_layers(model, image_size, num_classes))

@@ -11,7 +11,8 @@ Walltime of a point: the user's ``job.walltime``, or ``(T_pred + startup_s) · w
 a whole minute, where ``T_pred`` is the analysis model's prediction (``iteration_s · steps`` or
 ``time_to_train_s`` for epochs). Cost: node-hours = N · walltime / 3600 summed over points (an upper bound:
 what the scheduler charges when every job runs to its limit). Points over the queue limits (nodes or
-walltime) are refused with the reason and never submitted.
+walltime), and points the model cannot predict without a ``job.walltime``, are refused one by one with the
+reason and never submitted; the other points plan as usual.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Point:
     seed: int
     lr: float | None
     walltime_s: int
-    walltime_source: str            # "user" | "predicted"
+    walltime_source: str            # "user" | "predicted" | "none" (refused before a walltime was known)
     predicted_s: float | None       # the model's time for the run itself, before margin and startup
     refused: str | None = None      # why the point cannot be submitted (queue limits), else None
 
@@ -172,7 +173,8 @@ def plan(spec: SweepSpec | str | Path | dict, machine: MachineProfile | str | Pa
 
     ``spec`` may be a SweepSpec, a YAML path or a mapping; ``machine`` overrides the spec's profile.
     Raises SchemaError (a ValueError) naming the field when the spec cannot work on this machine at all
-    (unknown machine, batch not divisible by the ranks); points over the queue limits are kept but refused.
+    (unknown machine, batch not divisible by the ranks); points over the queue limits, or that the model
+    cannot predict, are kept but refused, each with its reason.
     """
     if isinstance(spec, dict):
         spec = parse_spec(spec)
@@ -212,20 +214,27 @@ def plan(spec: SweepSpec | str | Path | dict, machine: MachineProfile | str | Pa
             batch_per_rank = global_batch // ranks
             lr = _scaled_lr(spec, global_batch)
             predicted = None
-            if user_walltime is not None:
-                walltime_s, source = user_walltime, "user"
-            else:
-                predicted = predict_seconds(spec, machine, nodes, ranks_per_node, global_batch)
-                if predicted is None:
-                    raise SchemaError("job.walltime", "required: no walltime prediction is available "
-                                      "(analysis.predict.predict_point is missing)")
-                walltime_s = 60 * math.ceil((predicted + spec.job.startup_s) * spec.job.walltime_margin / 60)
-                source = "predicted"
             refused = None
             if nodes > machine.limits.max_nodes:
+                # Refused whatever its walltime: the model does not predict beyond the machine either.
                 refused = (f"{nodes} nodes exceed the queue limit of {machine.limits.max_nodes} nodes on "
                            f"{machine.name!r}")
-            elif walltime_s > limit_s:
+                walltime_s, source = (user_walltime, "user") if user_walltime is not None else (0, "none")
+            elif user_walltime is not None:
+                walltime_s, source = user_walltime, "user"
+            else:
+                try:
+                    predicted = predict_seconds(spec, machine, nodes, ranks_per_node, global_batch)
+                except SchemaError as err:      # this point only: the others may still predict
+                    refused = err.reason
+                    walltime_s, source = 0, "none"
+                else:
+                    if predicted is None:
+                        raise SchemaError("job.walltime", "required: no walltime prediction is available "
+                                          "(analysis.predict.predict_point is missing)")
+                    walltime_s = 60 * math.ceil((predicted + spec.job.startup_s) * spec.job.walltime_margin / 60)
+                    source = "predicted"
+            if refused is None and walltime_s > limit_s:
                 refused = (f"walltime {format_walltime(walltime_s)} ({source}) exceeds the queue limit "
                            f"{machine.limits.max_walltime} on {machine.name!r}")
             for rep in range(spec.repetitions):

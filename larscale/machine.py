@@ -77,6 +77,15 @@ class Devices:
     peak_tflops: dict[str, float] = check(_peak_rule)
     count: int = check(positive, default=1)
     memory_gb: float | None = check(positive, default=None)
+    # What the layer-by-layer compute model (analysis/roofline.py) needs besides the peaks; analysis/data/
+    # devices.yaml has datasheet values. Unset: the model takes a default and says which, in one line.
+    # Memory bandwidth of one device, GB/s (datasheet; for a CPU device, all its memory channels).
+    memory_bandwidth_gbytes_per_s: float | None = check(positive, default=None)
+    # Streaming multiprocessors of a GPU, cores of a CPU device: with the memory latency they bound the bytes
+    # in flight, hence the bandwidth framework kernels reach (Little's law).
+    compute_units: int | None = check(positive, default=None)
+    # Loaded memory latency, ns (HBM ~600, DDR/MCDRAM ~150). Unset: 600 for a GPU, 150 for a CPU.
+    memory_latency_ns: float | None = check(positive, default=None)
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,8 @@ class Network:
     # 3.5 ms before 0.21): gradients are packed into buckets of at most this size every cycle.
     fusion_buffer_mb: float = check(positive, default=64.0)
     cycle_time_ms: float = check(non_negative, default=1.0)
-    algorithm: Literal["ring", "recursive_doubling", "rabenseifner", "binomial_tree", "hierarchical"] = "ring"
+    algorithm: Literal["ring", "recursive_doubling", "rabenseifner", "binomial_tree", "hierarchical",
+                       "nccl"] = "ring"
     # Share of the reduction (the γ term: adding the received vectors) that can run beside the backward pass,
     # 0..1. 1.0 (default): the reduction has hardware of its own — GPU SMs that NCCL takes beside the kernels,
     # or CPU cores reserved for communication (Intel MLSL / Caffe on KNL and SKX). 0.0: CPU ranks that compute
@@ -129,6 +139,11 @@ class Network:
     # modelled (GPU device copies at HBM speed are negligible); a CPU core copies at memcpy speed, a few GB/s.
     # `larscale calibrate` fits it from bench-hvd's horovod_allreduce_fused rows.
     fusion_copy_gbytes_per_s: float | None = check(positive, default=None)
+    # When Horovod's allreduces can start. "layerwise" (default): each gradient's hook fires as the backward
+    # pass produces it, so buckets overlap the rest of the backward pass. "none": every gradient becomes ready
+    # when the backward pass ends (a backward compiled as one graph by torch.compile returns all gradients at
+    # once), so all communication follows the backward pass.
+    overlap: Literal["layerwise", "none"] = "layerwise"
 
     @property
     def gamma_s_per_byte(self) -> float:
@@ -154,19 +169,35 @@ class Limits:
 class Compute:
     """How the analysis turns FLOPs into seconds when no measurement exists."""
 
-    # Fraction of fp32 peak sustained by training at a large per-device batch.
+    # "roofline" (default): each layer of the network takes the longer of its FLOPs at the precision's peak
+    # times an efficiency for its kind of layer and its bytes at the memory bandwidth reached, plus the
+    # optimizer's memory passes and the framework's per-operation costs (analysis/roofline.py; constants in
+    # analysis/data/devices.yaml). "sustained": the whole step at sustained_fraction of peak (the older model,
+    # kept for profiles fitted with it).
+    model: Literal["roofline", "sustained"] = "roofline"
+    # roofline: measured ÷ modelled rate, 1 unless calibration fitted it (`larscale calibrate`).
+    efficiency_scale: float = check(positive, default=1.0)
+    # roofline: host seconds per framework operation (µs) that launches the kernels; unset: the device kind's
+    # constant for eager PyTorch. A compiled step (CUDA graphs) pays far less.
+    host_us_per_op: float | None = check(non_negative, default=None)
+    # sustained: fraction of fp32 peak sustained by training at a large per-device batch.
     sustained_fraction: float = check(fraction, default=0.3)
     # The same for other precisions' peaks (tensor cores sustain a much smaller share of their peak);
     # a precision not listed uses sustained_fraction.
     sustained_fraction_by_precision: dict[str, float] = check(lambda v: next(
         (f"{k}: must be in (0, 1], got {x!r}" for k, x in v.items() if not 0 < x <= 1), None), default_factory=dict)
-    # Per-device batch at which efficiency is half of sustained_fraction: small batches starve the cores.
-    half_efficiency_batch: float = check(non_negative, default=4.0)
-    # The same point as work instead of images: GFLOP per device per step at which efficiency is half of
-    # sustained_fraction. When set it replaces half_efficiency_batch, as this value / the model's GFLOP per
+    # Per-device batch at which efficiency is half its large-batch value: small batches starve the cores.
+    # Unset: 4 images with model "sustained"; with "roofline", half_efficiency_gflop or the device kind's
+    # constant (CPU cores starve at a few GFLOP of work per core per step; a GPU's small-batch cost is its
+    # per-kernel and host launch time instead, so none).
+    half_efficiency_batch: float | None = check(non_negative, default=None)
+    # The same point as work instead of images: GFLOP per device per step at which efficiency is half its
+    # large-batch value. When set it replaces half_efficiency_batch, as this value / the model's GFLOP per
     # image, so one number serves networks of different per-image cost.
     half_efficiency_gflop: float | None = check(positive, default=None)
-    # Images per second one node can decode and augment (None: data loading is not a bottleneck).
+    # Images per second one node's data loaders deliver (decode + augment + copy), all its loader processes
+    # together. Unset: unlimited (data loading is never the bottleneck). benchmarks/bench_data.py measures
+    # the rate of one loader process; a node's rate is about that × the cores given to loading.
     data_images_per_s: float | None = check(positive, default=None)
     # Measured per-device images/s by model and per-device batch (from calibration or users).
     measured_images_per_s: dict[str, dict[int, float]] = field(default_factory=dict)

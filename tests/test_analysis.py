@@ -298,11 +298,17 @@ def test_data_loading_term() -> None:
 
 
 def test_fitted_parameters_flow_through_predict_from() -> None:
-    params = PerfParams.from_machine(load_machine("local"))
     w = load_workload("resnet50")
-    base = predict_from(w, params, 1, 8, 1).compute_s
-    faster = predict_from(w, params.replace(sustained_fraction=params.sustained_fraction * 2), 1, 8, 1).compute_s
+    sustained = PerfParams.from_machine(load_machine("local")).replace(compute_model="sustained")
+    base = predict_from(w, sustained, 1, 8, 1).compute_s
+    faster = predict_from(w, sustained.replace(sustained_fraction=sustained.sustained_fraction * 2), 1, 8, 1).compute_s
     assert float(faster) == pytest.approx(float(base) / 2)
+    # The roofline model: calibration's efficiency_scale divides the device's time (host time apart).
+    roofline = PerfParams.from_machine(load_machine("local")).replace(host_s_per_op=0.0)
+    base = predict_from(w, roofline, 1, 8, 1).compute_s
+    faster = predict_from(w, roofline.replace(efficiency_scale=2.0), 1, 8, 1).compute_s
+    assert float(faster) == pytest.approx(float(base) / 2)
+    params = PerfParams.from_machine(load_machine("local"))
     slower_net = predict_from(w, params.replace(beta_intra_s_per_byte=1e-6), 1, 8, 1)
     assert float(slower_net.comm_total_s) > float(predict_from(w, params, 1, 8, 1).comm_total_s)
 
@@ -332,7 +338,9 @@ def test_serial_collectives_still_fuse_and_fused_buckets_pay_the_copies() -> Non
     # full time, so gradients fuse as they would with full overlap (they once formed on the overlappable
     # timeline, where a serial collective takes no time, and every event went alone). A slow link makes it
     # visible: 200 ms of β per step against a ~170 ms backward pass.
-    params = PerfParams.from_machine(load_machine("local")).replace(beta_intra_s_per_byte=2e-9)
+    # (The FLOP model of compute, so that the backward pass is the ~170 ms this schedule was sized for.)
+    params = PerfParams.from_machine(load_machine("local")).replace(beta_intra_s_per_byte=2e-9,
+                                                                    compute_model="sustained")
     overlapping = params.replace(overlap_intra=1.0, overlap_reduce=1.0)
     assert params.copy_s_per_byte == pytest.approx(1 / 7e9)
     w = load_workload("resnet50", image_size=64)
@@ -629,9 +637,12 @@ def test_analysis_never_imports_torch_or_tensorflow() -> None:
 
 def test_small_image_runs_use_the_recomputed_table() -> None:
     # ResNet-50 at 32 px does (32/224)^2 of the 224-px convolution work, give or take the first layer's padding.
-    small = predict_point("resnet50", "local", 1, 8, 1, image_size=32)
-    native = predict_point("resnet50", "local", 1, 8, 1)
+    # (The FLOP model, proportional to the work; the roofline adds per-step costs that do not shrink.)
+    flops_only = PerfParams.from_machine(load_machine("local")).replace(compute_model="sustained")
+    small = predict_point("resnet50", "local", 1, 8, 1, image_size=32, params=flops_only)
+    native = predict_point("resnet50", "local", 1, 8, 1, params=flops_only)
     assert 30 < native["compute_s"] / small["compute_s"] < 60
+    assert 30 < load_workload("resnet50").flops_per_image / load_workload("resnet50", 32).flops_per_image < 60
     proc = _larscale("predict", "--model", "alexnet", "--machine", "local", "--nodes", "1", "--global-batch", "2",
                      "--image-size", "32")
     assert proc.returncode == 2 and "227" in proc.stderr

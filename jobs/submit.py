@@ -174,6 +174,12 @@ def run_state(output_dir: Path, rec: PointRecord) -> tuple[str | None, str | Non
     return None, None, None
 
 
+def _with_note(reason: str | None, rec: PointRecord, state: str) -> str | None:
+    """A failed point's reason, with why the job script stopped retrying it when it said."""
+    note = last_note(rec) if state == "failed" else None
+    return f"{reason}: {note}" if note and reason else reason
+
+
 def refresh(manifest: Manifest, env: Mapping[str, str] | None = None) -> Manifest:
     """Update every submitted point's state from its run files and the scheduler; saves the manifest."""
     output_dir = Path(manifest.output_dir)
@@ -187,8 +193,7 @@ def refresh(manifest: Manifest, env: Mapping[str, str] | None = None) -> Manifes
             continue
         state, reason, exit_status = run_state(output_dir, rec)
         if state is not None:
-            note = last_note(rec) if state == "failed" else None
-            rec.state, rec.reason, rec.exit_status = state, f"{reason}: {note}" if note else reason, exit_status
+            rec.state, rec.reason, rec.exit_status = state, _with_note(reason, rec, state), exit_status
         elif rec.state in ACTIVE_STATES:
             started = (output_dir / "status" / f"{rec.point_id}.started").exists()
             rec.state = "missing"
@@ -284,19 +289,16 @@ def submit(plan: Plan, scheduler: str | None = None, points: list[str] | None = 
     total = len(to_run)
     finished: dict[str, str] = {}
 
-    def report(point_id: str, state: str) -> None:
+    def report(point_id: str, state: str, run: RunProgress | None = None, attempt: int | None = None) -> None:
         if progress is not None:
             running = sum(1 for r in manifest.points.values() if r.point_id in {p.point_id for p in to_run}
                           and r.state in ("running",))
             progress(Progress(total=total, done=sum(1 for s in finished.values() if s == "complete"),
                               running=running, failed=sum(1 for s in finished.values() if s != "complete"),
-                              point_id=point_id, state=state))
+                              point_id=point_id, state=state, run=run, attempt=attempt))
 
     def report_training(point_id: str, run: RunProgress, attempt: int | None) -> None:
-        assert progress is not None
-        progress(Progress(total=total, done=sum(1 for s in finished.values() if s == "complete"), running=1,
-                          failed=sum(1 for s in finished.values() if s != "complete"), point_id=point_id,
-                          state="training", run=run, attempt=attempt))
+        report(point_id, "training", run, attempt)
 
     for group, path in zip(groups, scripts, strict=True):
         job_name = group.job_name
@@ -318,9 +320,8 @@ def submit(plan: Plan, scheduler: str | None = None, points: list[str] | None = 
                 rec = manifest.points[p.point_id]
                 merge_from_files(out, rec)
                 state, reason, exit_status = run_state(out, rec)
-                note = last_note(rec) if state == "failed" else None
                 rec.state = state or "failed"
-                rec.reason = (f"{reason}: {note}" if note else reason) if state else (
+                rec.reason = _with_note(reason, rec, state) if state else (
                     finished_early or f"no exit status (see {log})")
                 rec.exit_status = exit_status
                 finished[p.point_id] = rec.state

@@ -35,7 +35,7 @@ from tests.test_jobs import base_spec, fake_tool_dir, run_cli
 # "5:1,5:1" = launch 1 fails at step 5 with exit 1, launch 2 the same, later launches run to the end (only in
 # run directories whose path contains STANDIN_ONLY, when that is set).
 STAND_IN = r'''
-import json, os, sys, time
+import json, os, signal, sys, time
 args = sys.argv[1:]
 opt = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
 out, steps = opt["--out"], int(opt["--steps"])
@@ -61,6 +61,24 @@ kept = [l for l in open(log).read().splitlines() if json.loads(l)["step"] < star
 with open(log, "w") as fh:
     fh.writelines(l + "\n" for l in kept)
 step_s = float(os.environ.get("STANDIN_STEP_S", "0.002"))
+
+
+def finish(status, done):
+    t = {"images_per_s": 1.0, "ci95_low": 1.0, "ci95_high": 1.0, "per_rank_images_per_s": [1.0]}
+    summary = {"schema": "larscale.run/1", "status": status, "config": opt, "model": "tiny",
+        "framework": "torch", "dataset": "synthetic", "device": "cpu", "precision": "fp32", "ranks": 1,
+        "ranks_per_node": 1, "nodes": 1, "hosts": ["h"], "threads_per_rank": 1, "global_batch": gb,
+        "batch_per_rank": gb, "steps_done": done, "steps_planned": steps, "warmup_steps_excluded": 0,
+        "versions": {}, "controller": "none", "throughput": t,
+        "times": {"step_s": step_s, "data_s": 0.0, "compute_s": 0.001, "allreduce_s": 0.0, "optimizer_s": 0.0},
+        "eval": None, "started_at": "a", "finished_at": "b", "checkpoint": None}
+    json.dump(summary, open(out + "/summary.json", "w"), indent=2, sort_keys=True)
+
+
+# SIGTERM/SIGUSR1: checkpoint at the end of the step and exit 75, as the trainer does.
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
 with open(log, "a", buffering=1) as fh:
     for step in range(start, steps):
         if step == fail_step:
@@ -70,17 +88,12 @@ with open(log, "a", buffering=1) as fh:
                              "global_batch": gb, "data_s": 0.0, "compute_s": 0.001, "allreduce_s": 0.0,
                              "optimizer_s": 0.0, "step_s": step_s, "images_per_s": gb / step_s, "lr": 0.1,
                              "loss": 1.0, "time": time.time()}, separators=(",", ":")) + "\n")
-        if (step + 1) % every == 0:
+        if (step + 1) % every == 0 or stop:
             open(out + "/checkpoints/ckpt-%08d.pt" % (step + 1), "w").close()
-t = {"images_per_s": 1.0, "ci95_low": 1.0, "ci95_high": 1.0, "per_rank_images_per_s": [1.0]}
-summary = {"schema": "larscale.run/1", "status": "complete", "config": opt, "model": "tiny",
-    "framework": "torch", "dataset": "synthetic", "device": "cpu", "precision": "fp32", "ranks": 1,
-    "ranks_per_node": 1, "nodes": 1, "hosts": ["h"], "threads_per_rank": 1, "global_batch": gb,
-    "batch_per_rank": gb, "steps_done": steps, "steps_planned": steps, "warmup_steps_excluded": 0,
-    "versions": {}, "controller": "none", "throughput": t,
-    "times": {"step_s": 0.002, "data_s": 0.0, "compute_s": 0.001, "allreduce_s": 0.0, "optimizer_s": 0.0},
-    "eval": None, "started_at": "a", "finished_at": "b", "checkpoint": None}
-json.dump(summary, open(out + "/summary.json", "w"), indent=2, sort_keys=True)
+        if stop:
+            finish("interrupted", step + 1)
+            sys.exit(75)
+finish("complete", steps)
 '''
 
 
@@ -183,6 +196,25 @@ def test_walltime_stop_is_not_retried(tmp_path: Path, stand_in) -> None:
     manifest = submit(the_plan, env={**stand_in, "STANDIN_FAILS": "5:75"})
     (rec,) = manifest.points.values()
     assert rec.state == "interrupted" and len(rec.attempts) == 1 and rec.attempts[0].time_lost_s == 0
+
+
+def test_torchrun_walltime_stop_counts_as_interrupted(tmp_path: Path, stand_in) -> None:
+    """torchrun passes SIGTERM to its workers, which checkpoint and exit 75, then reports the signal as its own
+    failure (exit 1): the script records the trainer's stop (75), the point is interrupted, not failed. The
+    local runner's timeout sends the script that SIGTERM, as PBS does at the walltime."""
+    spec = base_spec(machine="local", sweep={"kind": "strong", "nodes": [1], "global_batch": 2,
+                                             "ranks_per_node": 1, "threads_per_rank": 1},
+                     training={"steps": 2000, "checkpoint_every": 1000, "image_size": 16, "warmup_steps": 0,
+                               "backend": "ddp"},
+                     job={"launcher": "torchrun", "retry_backoff_s": 0})
+    the_plan = plan(spec, output_dir=tmp_path / "sweep")
+    manifest = submit(the_plan, env={**stand_in, "STANDIN_STEP_S": "0.02"}, timeout=12)
+    (rec,) = manifest.points.values()
+    log = job_log(the_plan.output_dir)
+    assert "torch.distributed.run" in Path(rec.script).read_text()
+    assert rec.state == "interrupted" and rec.exit_status == 75, (rec, log[-3000:])
+    assert len(rec.attempts) == 1 and 0 < rec.attempts[0].checkpoint_step == rec.attempts[0].steps_reached < 2000
+    assert "SignalException" in log        # torchrun's own complaint, which the script saw through
 
 
 def run_script_again(the_plan, point_id: str, env: dict[str, str]) -> subprocess.CompletedProcess:

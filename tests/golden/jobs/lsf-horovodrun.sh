@@ -93,6 +93,10 @@ larscale_run() {
       "$attempt" "$larscale_job" "$mode" "$requeue" "$(date +%s.%N)" >> "$records"
     if [ "$mode" = resume ]; then larscale_launch "$@" --resume; else larscale_launch "$@"; fi
     rc=$larscale_rc
+    if [ "$larscale_stop" = 1 ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 75 ] && [ "$run_dir/summary.json" -nt "$records" ] &&
+       grep -Eqs '"status": *"interrupted"' "$run_dir/summary.json"; then
+      rc=75  # the ranks checkpointed and stopped; the launcher (torchrun) reported the signal as a failure
+    fi
     larscale_progress "$run_dir"
     case $rc in
       0|75) ;;

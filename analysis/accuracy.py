@@ -1,8 +1,11 @@
 """Time-to-accuracy from the seed tables: the epochs a network needs to reach a target top-1 at a batch size.
 
-Data: ``analysis/data/seed_accuracy.yaml`` (LARS paper, Tables 3-6), per network an *accuracy-vs-batch*
-table (each row: batch, epochs trained, top-1) and, for AlexNet-BN and ResNet-50, an *accuracy-vs-epochs*
-curve at one fixed batch ``B_c``. The method, stated in every answer:
+Data: ``analysis/data/seed_accuracy.yaml`` (LARS paper, Tables 3-6; ICPP 2018's 74.9 % in 64 epochs at 32K),
+per table an *accuracy-vs-batch* table (each row: batch, epochs trained, top-1) and, for AlexNet-BN and
+ResNet-50, an *accuracy-vs-epochs* curve at one fixed batch ``B_c``. Each table belongs to one data-augmentation
+regime; a model may have several (ResNet-50: ``minimal``, ``extended``, ``icpp2018``). A question about a model
+is answered in each of its regimes (or the one asked for) and the answer needing the fewest epochs is returned,
+naming its regime. The method, stated in every answer:
 
 1. Batch. ``B`` must lie within the table's batches (never extrapolated). Between two rows the base
    accuracy ``a₀(B)`` and base epochs ``E₀(B)`` are interpolated linearly in ``log2 B``.
@@ -59,6 +62,8 @@ class AccuracyTable:
     epochs_batch: int | None = None
     epochs_rows: tuple[EpochsRow, ...] = ()
     ocr_notes: tuple[str, ...] = ()
+    augmentation: str = "standard"
+    source: str = ""
 
     @property
     def known_rows(self) -> tuple[BatchRow, ...]:
@@ -82,10 +87,13 @@ class TimeToAccuracy:
     method: str
     points: list[dict[str, Any]] = field(default_factory=list)   # the table rows used: batch, epochs, top1
     curve: list[dict[str, Any]] = field(default_factory=list)    # a(B, E) along the epochs curve, if used
+    augmentation: str = "standard"                               # the regime of the table that answered
+    source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"network": self.network, "batch": self.batch, "target_top1": self.target_top1,
                 "epochs": self.epochs, "top1_at_epochs": self.top1_at_epochs, "bound": self.bound,
+                "augmentation": self.augmentation, "source": self.source,
                 "method": self.method, "points": self.points, "curve": self.curve}
 
 
@@ -103,7 +111,8 @@ def _parse(network: str, doc: dict[str, Any]) -> AccuracyTable:
         epochs_table=curve.get("table") if curve else None,
         epochs_batch=int(curve["batch"]) if curve else None,
         epochs_rows=tuple(EpochsRow(float(r["epochs"]), float(r["top1"])) for r in curve["rows"]) if curve else (),
-        ocr_notes=tuple(notes))
+        ocr_notes=tuple(notes), augmentation=str(doc.get("augmentation", "standard")),
+        source=str(doc.get("source", "")))
 
 
 @cache
@@ -117,16 +126,29 @@ def accuracy_tables(path: Path = DATA) -> dict[str, AccuracyTable]:
     return dict(_load(str(path)))
 
 
-def table_for(name: str, path: Path = DATA) -> AccuracyTable:
-    """The table of a network name (``resnet50_min_aug``) or of a model name (``resnet50_v1`` → resnet50)."""
+def tables_for(name: str, path: Path = DATA, augmentation: str | None = None) -> list[AccuracyTable]:
+    """Every table of a model name (``resnet50_v1``: its extended, minimal and icpp2018 regimes) in file order,
+    or the one table of a table name that is no model's (``resnet50_min_aug``); only ``augmentation``'s when
+    given."""
     tables = accuracy_tables(path)
-    if name in tables:
-        return tables[name]
-    for table in tables.values():
-        if name in table.models:
-            return table
-    known = sorted(set(tables) | {m for t in tables.values() for m in t.models})
-    raise AccuracyError(f"no seed accuracy table for {name!r}; tables exist for: {', '.join(known)}")
+    found = [t for t in tables.values() if name in t.models]
+    if not found and name in tables:
+        found = [tables[name]]
+    if not found:
+        known = sorted(set(tables) | {m for t in tables.values() for m in t.models})
+        raise AccuracyError(f"no seed accuracy table for {name!r}; tables exist for: {', '.join(known)}")
+    if augmentation is not None:
+        regimes = sorted({t.augmentation for t in found})
+        found = [t for t in found if t.augmentation == augmentation]
+        if not found:
+            raise AccuracyError(f"no seed accuracy table for {name!r} with augmentation {augmentation!r}; "
+                                f"it has: {', '.join(regimes)}")
+    return found
+
+
+def table_for(name: str, path: Path = DATA) -> AccuracyTable:
+    """The first table of a table or model name (``resnet50_v1`` → resnet50, the extended-augmentation one)."""
+    return tables_for(name, path)[0]
 
 
 def _lerp(x: float, x0: float, x1: float, y0: float, y1: float) -> float:
@@ -158,25 +180,53 @@ def _curve_value(rows: tuple[EpochsRow, ...], epochs: float) -> float:
     raise AccuracyError(f"{epochs} epochs is outside the epochs curve ({rows[0].epochs}..{rows[-1].epochs})")
 
 
-def epochs_to_accuracy(name: str, batch: int, target_top1: float, path: Path = DATA) -> TimeToAccuracy:
-    """Epochs needed to reach ``target_top1`` (%) at global ``batch`` (see the module docstring)."""
-    table = table_for(name, path)
+def epochs_to_accuracy(name: str, batch: int, target_top1: float, path: Path = DATA,
+                       augmentation: str | None = None) -> TimeToAccuracy:
+    """Epochs needed to reach ``target_top1`` (%) at global ``batch`` (see the module docstring): in each of
+    the name's augmentation regimes (or ``augmentation``'s), the fewest epochs of those that answer."""
+    tables = tables_for(name, path, augmentation)
     target = float(target_top1)
     if not 0 < target <= 100:
         raise AccuracyError(f"target top-1 must be a percentage in (0, 100], got {target_top1!r}")
-    if target > table.best_top1:
-        raise AccuracyError(f"target top-1 {target:g}% is above every value in the {table.network} tables "
-                            f"(best {table.best_top1:g}%)")
+    best = max(tables, key=lambda t: t.best_top1)
+    if target > best.best_top1:
+        names = ", ".join(t.network for t in tables)
+        raise AccuracyError(f"target top-1 {target:g}% is above every value in the {names} tables "
+                            f"(best {best.best_top1:g}%, {best.augmentation} augmentation)")
+    answers: list[TimeToAccuracy] = []
+    errors: list[tuple[AccuracyTable, AccuracyError]] = []
+    for table in tables:
+        if target > table.best_top1:
+            errors.append((table, AccuracyError(f"target above the table's best {table.best_top1:g}%")))
+            continue
+        try:
+            answers.append(_epochs_in_table(table, batch, target))
+        except AccuracyError as err:
+            errors.append((table, err))
+    if answers:
+        return min(answers, key=lambda a: a.epochs)      # file order breaks ties
+    if len(errors) == 1:
+        raise errors[0][1]
+    raise AccuracyError(f"target top-1 {target:g}% is not reached at B={batch} in any augmentation regime of "
+                        f"{name}: " + "; ".join(f"{t.augmentation} ({t.network}): {e}" for t, e in errors))
+
+
+def _epochs_in_table(table: AccuracyTable, batch: int, target: float) -> TimeToAccuracy:
+    """The answer from one table (one augmentation regime); AccuracyError when that table cannot say."""
+    regime = {"augmentation": table.augmentation, "source": table.source}
     e0, a0, used, bound = base_point(table, batch)
     points = [{"batch": r.batch, "epochs": r.epochs, "top1": r.top1, "table": table.batch_table} for r in used]
     where = ("the table row" if bound == "exact" else
              f"linear in log2(batch) between B={used[0].batch} and B={used[1].batch}")
     if target <= a0:
+        reached = bound == "exact" and math.isclose(target, a0)      # the table's own result, exactly
         return TimeToAccuracy(
-            network=table.network, batch=batch, target_top1=target, epochs=e0, top1_at_epochs=a0, bound="at_most",
-            method=(f"{table.batch_table}: {a0:.2f}% after {e0:g} epochs at B={batch} ({where}); the target is at "
-                    f"or below it, so at most {e0:g} epochs (no shorter run in the tables)"),
-            points=points)
+            network=table.network, batch=batch, target_top1=target, epochs=e0, top1_at_epochs=a0,
+            bound="exact" if reached else "at_most",
+            method=(f"{table.batch_table}: {a0:.2f}% after {e0:g} epochs at B={batch} ({where}); "
+                    + ("the published result itself" if reached else
+                       f"the target is at or below it, so at most {e0:g} epochs (no shorter run in the tables)")),
+            points=points, **regime)
     curve = table.epochs_rows
     if not curve:
         raise AccuracyError(f"target top-1 {target:g}% needs more than the {e0:g} epochs of {table.batch_table} "
@@ -204,7 +254,7 @@ def epochs_to_accuracy(name: str, batch: int, target_top1: float, path: Path = D
                 method=(f"a(B,E) = a0(B) + c(E) - c({e0:g}): a0 = {a0:.2f}% from {table.batch_table} ({where}), "
                         f"c = {table.epochs_table} at B={table.epochs_batch}, piecewise linear in epochs"
                         f"{transfer}"),
-                points=points, curve=path_points)
+                points=points, curve=path_points, **regime)
     best = max(values)
     raise AccuracyError(f"target top-1 {target:g}% is not reached at B={batch} within the {table.network} tables: "
                         f"best {best:.2f}% at {knots[values.index(best)]:g} epochs")

@@ -99,6 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--model", required=True, help="model or table name (alexnet, alexnet_bn, resnet50, ...)")
     t.add_argument("--global-batch", required=True, type=int)
     t.add_argument("--target-top1", required=True, type=float, help="%%")
+    t.add_argument("--augmentation", default=None,
+                   help="one data-augmentation regime of the seed tables (standard, minimal, extended, icpp2018); "
+                   "default: every regime of the model, the fewest epochs")
     t.add_argument("--machine", help="also predict the time to train on this machine")
     t.add_argument("--nodes", type=int, help="nodes for the time prediction (with --machine)")
     t.add_argument("--plot", help="write the accuracy-vs-epochs plot here (PNG + SVG)")
@@ -239,7 +242,8 @@ def run_time_to_accuracy(args: argparse.Namespace) -> int:
     from analysis.accuracy import epochs_to_accuracy, table_for
 
     with _usage_errors():
-        answer = epochs_to_accuracy(args.model, args.global_batch, args.target_top1)
+        answer = epochs_to_accuracy(args.model, args.global_batch, args.target_top1,
+                                    augmentation=args.augmentation)
         prediction = None
         if args.machine:
             if not args.nodes:
@@ -250,7 +254,7 @@ def run_time_to_accuracy(args: argparse.Namespace) -> int:
     if args.plot:
         from analysis import plots
 
-        table = table_for(args.model)
+        table = table_for(answer.network)
         series = {}
         if table.epochs_rows:
             series[f"{table.epochs_table}, B={table.epochs_batch}"] = (
@@ -271,7 +275,8 @@ def run_time_to_accuracy(args: argparse.Namespace) -> int:
         return 0
     bound = {"at_most": "at most ", "exact": "", "interpolated": "≈ "}[answer.bound]
     print(f"{answer.network}: top-1 {answer.target_top1:g}% at global batch {answer.batch} needs "
-          f"{bound}{answer.epochs:.1f} epochs")
+          f"{bound}{answer.epochs:.1f} epochs ({answer.augmentation} data augmentation)")
+    print(f"source: {answer.source}")
     print(f"method: {answer.method}")
     print("data points (batch, epochs, top-1 %, table):")
     for pt in answer.points:

@@ -3,12 +3,14 @@
 Candidates are every (nodes, global batch) pair of the grid below that the machine can hold:
 
 - nodes: powers of two up to ``max_nodes`` (the machine's limit unless lower), plus ``max_nodes`` itself;
-- global batch: with a target accuracy, the powers of two inside the seed table's batch range of the network
-  (time-to-accuracy does not extrapolate); with fixed epochs, powers of two from 256 to 32K, the range the
-  LARS results cover; ``batches`` overrides either;
+- global batch: with a target accuracy, the powers of two inside the batch ranges of the network's seed tables
+  (every augmentation regime's: time-to-accuracy does not extrapolate), and every batch those tables hold;
+  with fixed epochs, powers of two from 256 to 32K, the range the LARS results cover; ``batches`` overrides
+  either;
 - the batch must divide evenly over the ranks, and the per-rank memory estimate must fit.
 
-For each, the epochs come from :func:`analysis.accuracy.epochs_to_accuracy` (or are given), the time from
+For each, the epochs come from :func:`analysis.accuracy.epochs_to_accuracy` (the fewest over the network's
+augmentation regimes, the row saying which; or they are given), the time from
 :func:`analysis.predict.predict_from` (one vectorised call for the whole grid). A job may run at most the
 walltime limit ``W``; a longer training is a checkpoint/restart chain of ``⌈T / (W − o)⌉`` jobs, each paying a
 restart overhead ``o`` (start-up, reading the checkpoint), so the wall time is ``T + jobs·o`` (queue waits
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.accuracy import AccuracyError, epochs_to_accuracy, table_for
+from analysis.accuracy import AccuracyError, epochs_to_accuracy, tables_for
 from analysis.params import PerfParams
 from analysis.predict import predict_from, resolve_machine
 from analysis.workload import IMAGENET_TRAIN_IMAGES, load_workload
@@ -56,6 +58,7 @@ class PlanRow:
     node_hours: float
     memory_gb_per_rank: float
     pareto: bool = False
+    augmentation: str = ""       # the seed table's data-augmentation regime the epochs come from ("" if given)
 
     @property
     def label(self) -> str:
@@ -142,11 +145,13 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
     notes: list[str] = []
     if batches is None:
         if target_top1 is not None:
-            table = table_for(model)
-            known = [r.batch for r in table.known_rows]
-            batches = [b for b in DEFAULT_BATCHES + tuple(known) if min(known) <= b <= max(known)]
-            notes.append(f"batches limited to the {table.network} table range {min(known)}..{max(known)} "
-                         "(time-to-accuracy does not extrapolate)")
+            batches, ranges = [], []
+            for table in tables_for(model):
+                known = [r.batch for r in table.known_rows]
+                batches += [b for b in DEFAULT_BATCHES + tuple(known) if min(known) <= b <= max(known)]
+                ranges.append(f"{table.network} ({table.augmentation} augmentation) {min(known)}..{max(known)}")
+            notes.append("batches limited to the seed tables' ranges: " + ", ".join(ranges)
+                         + " (time-to-accuracy does not extrapolate)")
         else:
             batches = list(DEFAULT_BATCHES)
     batches = sorted(set(int(b) for b in batches))
@@ -155,10 +160,10 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
     def reject(reason: str, count: int = 1) -> None:
         rejected[reason] = rejected.get(reason, 0) + count
 
-    epochs_of: dict[int, tuple[float, str]] = {}
+    epochs_of: dict[int, tuple[float, str, str]] = {}
     for b in batches:
         if target_top1 is None:
-            epochs_of[b] = (float(epochs), "given")
+            epochs_of[b] = (float(epochs), "given", "")
             continue
         try:
             answer = epochs_to_accuracy(model, b, target_top1)
@@ -167,7 +172,7 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
                 raise
             reject(f"target not reached at this batch in the seed tables ({err})", len(_node_grid(limit)))
             continue
-        epochs_of[b] = (answer.epochs, answer.bound)
+        epochs_of[b] = (answer.epochs, answer.bound, answer.augmentation)
     if not epochs_of:
         raise ValueError(f"no batch reaches top-1 {target_top1}% in the seed tables: " + "; ".join(rejected))
 
@@ -207,7 +212,8 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
             epochs_bound=epochs_of[int(batch_a[i])][1], iteration_s=float(pred.iteration_s[i]),
             comm_exposed_s=float(pred.comm_exposed_s[i]), scaling_efficiency=float(pred.scaling_efficiency[i]),
             time_to_train_s=float(pred.time_to_train_s[i]), jobs=int(jobs[i]), wall_s=float(wall[i]),
-            node_hours=float(node_hours[i]), memory_gb_per_rank=float(memory[i])))
+            node_hours=float(node_hours[i]), memory_gb_per_rank=float(memory[i]),
+            augmentation=epochs_of[int(batch_a[i])][2]))
     if not rows:
         raise ValueError("no configuration fits: " + ", ".join(f"{k}: {v}" for k, v in rejected.items()))
     mask = pareto_mask([r.wall_s for r in rows], [r.node_hours for r in rows])
@@ -231,7 +237,7 @@ def _seconds(value: str | float, name: str) -> float:
 def format_plan(result: Plan, top: int = 15) -> str:
     """A text table of the ranked candidates (Pareto-optimal ones starred) and what was dropped."""
     head = (f"{'':1} {'nodes':>6} {'batch':>6} {'b/rank':>6} {'epochs':>7} {'iter s':>8} {'eff':>5} "
-            f"{'train h':>8} {'jobs':>4} {'wall h':>7} {'node-h':>9} {'mem GB':>7}")
+            f"{'train h':>8} {'jobs':>4} {'wall h':>7} {'node-h':>9} {'mem GB':>7}  augmentation")
     lines = [f"plan for {result.model} on {result.machine}"
              + (f", target top-1 {result.target_top1:g}%" if result.target_top1 is not None else "")
              + f"; walltime limit {result.max_walltime_s / 3600:g} h, restart overhead {result.restart_overhead_s:g} s",
@@ -241,7 +247,7 @@ def format_plan(result: Plan, top: int = 15) -> str:
         lines.append(f"{'*' if r.pareto else ' '} {r.nodes:>6} {r.global_batch:>6} {r.batch_per_rank:>6} "
                      f"{epochs:>7} {r.iteration_s:>8.3f} {r.scaling_efficiency:>5.2f} "
                      f"{r.time_to_train_s / 3600:>8.2f} {r.jobs:>4} {r.wall_s / 3600:>7.2f} {r.node_hours:>9.1f} "
-                     f"{r.memory_gb_per_rank:>7.1f}")
+                     f"{r.memory_gb_per_rank:>7.1f}  {r.augmentation or '-'}")
     lines.append(f"{len(result.rows)} feasible; * = Pareto front (time vs node-hours), {len(result.front)} points; "
                  "≤ = at most this many epochs (the tables hold no shorter run)")
     for reason, count in result.rejected.items():

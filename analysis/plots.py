@@ -39,18 +39,40 @@ def _save(plt, fig, path: str | Path) -> list[Path]:
     return written
 
 
+def _count_axis(ax, values, label: str) -> None:
+    """A log2 x axis of counts (nodes, ranks) ticked at the counts plotted, written as integers (2048, not 2^11)."""
+    import matplotlib.ticker as ticker
+
+    ticks = sorted({float(v) for v in values if v > 0})
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter([f"{int(round(t))}" for t in ticks]))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    if len(ticks) == 1:
+        ax.set_xlim(ticks[0] / 1.5, ticks[0] * 1.5)
+    ax.set_xlabel(label)
+
+
 def strong_scaling(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
-                   title: str = "Strong scaling", ylabel: str = "time per epoch (s)") -> list[Path]:
-    """Time vs nodes per series (log-log), each with its ideal line ``t₁·n₁/n`` from its first point."""
+                   title: str = "Strong scaling", ylabel: str = "time per epoch (s)", xlabel: str = "nodes",
+                   marks: Mapping[str, tuple[float, float]] | None = None) -> list[Path]:
+    """Time vs count per series (log-log), each with its ideal line ``t₁·n₁/n`` from its first point.
+
+    ``xlabel`` says what varies (``nodes``, ``ranks on one node``); ``marks`` adds labelled points (published).
+    """
     plt, fig, ax = _figure()
+    counts = []
     for label, (nodes, seconds) in series.items():
         nodes, seconds = np.asarray(nodes, float), np.asarray(seconds, float)
+        counts += nodes.tolist()
         (line,) = ax.plot(nodes, seconds, "o-", label=label)
         ax.plot(nodes, seconds[0] * nodes[0] / nodes, "--", color=line.get_color(), alpha=0.6,
                 label=f"{label}: ideal")
-    ax.set_xscale("log", base=2)
+    for label, (nodes, value) in (marks or {}).items():
+        ax.plot([nodes], [value], "k*", markersize=12)
+        ax.annotate(label, (nodes, value), textcoords="offset points", xytext=(-10, 8), fontsize="small", ha="right")
     ax.set_yscale("log")
-    ax.set_xlabel("nodes")
+    _count_axis(ax, counts, xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -59,15 +81,17 @@ def strong_scaling(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
 
 
 def weak_scaling_efficiency(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
-                            title: str = "Weak scaling efficiency (fixed batch per rank)") -> list[Path]:
-    """Efficiency (%) vs nodes per series, with the 100 % line."""
+                            title: str = "Weak scaling efficiency (fixed batch per rank)",
+                            xlabel: str = "nodes") -> list[Path]:
+    """Efficiency (%) vs count per series, with the 100 % line; ``xlabel`` says what varies."""
     plt, fig, ax = _figure()
+    counts = []
     for label, (nodes, efficiency) in series.items():
+        counts += list(np.asarray(nodes, float))
         ax.plot(np.asarray(nodes, float), 100 * np.asarray(efficiency, float), "o-", label=label)
     ax.axhline(100, color="grey", lw=1, ls="--")
-    ax.set_xscale("log", base=2)
+    _count_axis(ax, counts, xlabel)
     ax.set_ylim(0, 105)
-    ax.set_xlabel("nodes")
     ax.set_ylabel("scaling efficiency (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -104,14 +128,15 @@ def time_to_train_vs_nodes(series: Mapping[str, tuple[Sequence[float], Sequence[
                            marks: Mapping[str, tuple[float, float]] | None = None) -> list[Path]:
     """Time-to-train (minutes) vs nodes per model; ``marks`` adds labelled points (e.g. published values)."""
     plt, fig, ax = _figure()
+    counts = []
     for label, (nodes, seconds) in series.items():
+        counts += list(np.asarray(nodes, float))
         ax.plot(np.asarray(nodes, float), np.asarray(seconds, float) / 60, "o-", label=label)
     for label, (nodes, minutes) in (marks or {}).items():
         ax.plot([nodes], [minutes], "k*", markersize=12)
         ax.annotate(label, (nodes, minutes), textcoords="offset points", xytext=(6, 6), fontsize="small")
-    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("nodes")
+    _count_axis(ax, counts, "nodes")
     ax.set_ylabel("time to train (min)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

@@ -174,7 +174,8 @@ def accuracy_markdown() -> str:
     """The seed accuracy tables as Markdown, OCR notes included."""
     out = []
     for table in accuracy_tables().values():
-        out.append(f"**{table.network}** — {table.description} ({table.batch_table})\n")
+        out.append(f"**{table.network}** — {table.description} ({table.batch_table}; {table.augmentation} "
+                   f"augmentation; source: {table.source})\n")
         out.append("| batch | epochs | LR | top-1 (%) |\n|---|---|---|---|")
         for r in table.batch_rows:
             top1 = "unreadable" if r.top1 is None else f"{r.top1:g}"
@@ -242,6 +243,39 @@ def write_plots(rows: list[HeadlineRow], out_dir: Path, tolerance: float) -> lis
     files += plots.accuracy_vs_epochs(
         {f"{name}, B={t.epochs_batch}": ([r.epochs for r in t.epochs_rows], [r.top1 for r in t.epochs_rows])
          for name, t in tables.items() if t.epochs_rows}, out_dir / "lars_accuracy_vs_epochs")
+    return files
+
+
+def target_machine_scaling(out_dir: str | Path, path: Path = RESULTS) -> list[Path]:
+    """Predicted strong and weak scaling on the seed machines, 64 nodes up to the published runs, with them.
+
+    Strong: time to train at the published global batch and epochs vs nodes (powers of two from 64 to the
+    published node count), each published result a star. Weak: scaling efficiency at the published images per
+    node, over the same nodes. The same model and profiles as every other prediction; nothing fitted.
+    """
+    from analysis import plots
+
+    _, results = load_results(path)
+    out = Path(out_dir)
+    strong: dict[str, tuple[list[int], list[float]]] = {}
+    weak: dict[str, tuple[list[int], list[float]]] = {}
+    marks: dict[str, tuple[float, float]] = {}
+    for r in results:
+        machine = resolve_machine(r["machine"])
+        rpn = machine.default_ranks_per_node
+        nodes = [n for n in (2**k for k in range(6, 16)) if n <= r["nodes"] and r["global_batch"] % (n * rpn) == 0]
+        pred = predict(r["model"], machine, np.array(nodes), r["global_batch"], r["epochs"])
+        name = f"{r['model']} on {r['machine']}, B={r['global_batch']}, {r['epochs']:g} epochs"
+        strong[name] = (nodes, (pred.time_to_train_s / 60).tolist())
+        marks[f"{r['published_minutes']:g} min published"] = (r["nodes"], float(r["published_minutes"]))
+        per_node = r["global_batch"] // (r["nodes"] * rpn)
+        weak_pred = predict(r["model"], machine, np.array(nodes), np.array(nodes) * rpn * per_node, r["epochs"])
+        weak[f"{r['model']} on {r['machine']}, {per_node} images per node"] = (nodes,
+                                                                                weak_pred.scaling_efficiency.tolist())
+    files = plots.strong_scaling(strong, out / "target_strong_scaling", ylabel="time to train (min)",
+                                 title="Seed machines: predicted strong scaling (stars: published)", marks=marks)
+    files += plots.weak_scaling_efficiency(weak, out / "target_weak_scaling",
+                                           title="Seed machines: predicted weak scaling efficiency")
     return files
 
 

@@ -12,8 +12,12 @@ Who is in the job comes from the launcher's environment (:func:`launch_environme
   the others with an MPI broadcast (mpi4py);
 - no launcher: one rank on 127.0.0.1.
 
-``horovodrun`` starts Horovod jobs only and is refused. Ranks per node, when the launcher does not say, are counted
-from the gathered host names.
+``horovodrun`` starts Horovod jobs only and is refused. Under ``torchrun --max-restarts N`` launch with
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (larscale's launchers and job scripts set it): by default the restarted
+workers rendezvous in the store of the failed round, where a rank can read its peer's old address before the peer
+wrote the new one (PyTorch issue #135712); a restarted rank that finds the shared store in use says so.
+
+Ranks per node, when the launcher does not say, are counted from the gathered host names.
 
 Gradients: DDP's buckets (25 MiB by default) are allreduced as backward fills them, overlapping the rest of
 backward; DDP's ``backward()`` returns once they are all done. The allreduce is DDP's default (each rank divides
@@ -36,6 +40,7 @@ import datetime as _dt
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -216,6 +221,11 @@ class DistributedDataParallel:
         if self.process_group_backend == "nccl" and not dist.is_nccl_available():
             raise usage_error("--backend ddp --device cuda: this PyTorch has no NCCL; use --device cpu (gloo)")
         timeout = _dt.timedelta(seconds=max(300.0, 5 * self.config.stall_timeout))
+        if launch.rank == 0 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") \
+                and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            print("larscale train: warning: torchrun restarted the workers in its shared rendezvous store, where they "
+                  "may read the failed round's addresses; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                  file=sys.stderr, flush=True)
         dist.init_process_group(self.process_group_backend, init_method=rendezvous(launch), rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout)
         if self.process_group_backend != "gloo":

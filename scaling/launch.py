@@ -33,6 +33,9 @@ QUIET_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_"
                 "MALLOC_ARENA_MAX": "1"}
 
 
+TORCHRUN_FRESH_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
 def local_env(base: Mapping[str, str] | None = None, threads_per_rank: int | None = None) -> dict[str, str]:
     """The environment local ranks need on top of ``base`` (default: this process's)."""
     env = dict(os.environ if base is None else base)
@@ -45,6 +48,10 @@ def local_env(base: Mapping[str, str] | None = None, threads_per_rank: int | Non
     env.setdefault("PYTHONUNBUFFERED", "1")
     for name, value in QUIET_MALLOC.items():
         env.setdefault(name, value)
+    # torchrun: a fresh rendezvous store for every restart of the workers. Sharing the agent's store across
+    # restarts (PyTorch's default) leaves the last round's addresses in it, and a restarted rank can read its peer's
+    # old address before the peer has written the new one (Gloo/NCCL "connection refused"; PyTorch issue #135712).
+    env.setdefault(TORCHRUN_FRESH_STORE, "1")
     if threads_per_rank is not None:
         env["OMP_NUM_THREADS"] = str(threads_per_rank)
     return env

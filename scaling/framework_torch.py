@@ -355,7 +355,13 @@ class TorchTraining:
             scaled = loss / self.accumulation
             with self.probe.backward() if last else contextlib.nullcontext():
                 self.grads.backward(scaler.scale(scaled) if scaler is not None else scaled)
-        return loss.detach()
+        if self.backend.device.type != "cuda":
+            return loss.detach()
+        # Copied to pinned host memory in the stream: read once the step's last event has passed, it costs no
+        # synchronisation (``loss.item()`` on the device tensor would wait for the whole queue).
+        on_host = self.torch.empty((), dtype=loss.dtype, pin_memory=True)
+        on_host.copy_(loss.detach(), non_blocking=True)
+        return on_host
 
     def wait_gradients(self) -> float:
         return self.grads.wait()

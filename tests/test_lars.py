@@ -432,7 +432,9 @@ def test_fused_step_is_a_fixed_number_of_multi_tensor_ops():
 
 # ---------------------------------------------------------------- on a GPU (skipped elsewhere)
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def cuda_only(test):  # noqa: ANN001, ANN201 - a test decorator
+    """Marked ``gpu`` (benchmarks/gpu_check.sh selects them) and skipped where no CUDA device is visible."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 @cuda_only

@@ -194,10 +194,15 @@ if ! horovod_ok 2>/dev/null; then
 fi
 
 # ---- 4. larscale itself -------------------------------------------------------------------------
+# The editable install maps each package to its folder when it is made: a new package in setup.cfg (or a module
+# that became a package) needs it made again, so the stamp holds setup.cfg's hash.
+package_stamp="$venv/.larscale-package"
+package_want=$(sha256sum setup.cfg | cut -d' ' -f1)
 if ! "$venv/bin/python" -c 'import importlib.metadata as m; m.version("larscale")' >/dev/null 2>&1 \
-   || [[ ! -x "$venv/bin/larscale" ]]; then
+   || [[ ! -x "$venv/bin/larscale" ]] || [[ ! -f "$package_stamp" || $(cat "$package_stamp") != "$package_want" ]]; then
     log "installing larscale (editable)"
     "${pip[@]}" install -q --no-deps --no-build-isolation -e .
+    echo "$package_want" >"$package_stamp"
 fi
 if [[ -z "${LARSCALE_BOOTSTRAP_QUIET:-}" ]]; then
     # horovodrun is in the venv when the wheel was installed there, else beside PYTHON's Horovod.

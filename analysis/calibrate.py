@@ -474,6 +474,8 @@ class RunMeasurement:
     # What the trainer saw (summary backend.allreduce_overlap): "layerwise", "none" (a compiled backward
     # handed every gradient over at its end) or None (not recorded).
     allreduce_overlap: str | None = None
+    # Runs combined into this measurement by pace_side_by_side (1: it ran on its own or is one run).
+    side_by_side: int = 1
 
     @property
     def images_per_s(self) -> float:
@@ -547,7 +549,7 @@ def pace_side_by_side(runs: Sequence[RunMeasurement]) -> tuple[list[RunMeasureme
             steps = _slowest_per_step([r.steps for r in group])
             paths = " + ".join(r.path for r in group)
             out.append(_with_steps(run, steps, path=paths, started_at=min(r.started_at for r in group),
-                                   finished_at=max(r.finished_at for r in group)))
+                                   finished_at=max(r.finished_at for r in group), side_by_side=len(group)))
             rates = ", ".join(f"{r.images_per_s:.3g}" for r in group)
             notes.append(f"{len(group)} runs of {workload_key(run.model, run.image_size)} at b={run.batch_per_rank} "
                          f"ran side by side on {','.join(run.hosts)} ({paths}): combined step by step, the slowest "
@@ -556,6 +558,47 @@ def pace_side_by_side(runs: Sequence[RunMeasurement]) -> tuple[list[RunMeasureme
         elif id(run) not in grouped:
             out.append(run)
     return out, notes
+
+
+def runs_alone(runs: Sequence[RunMeasurement]) -> list[RunMeasurement]:
+    """The runs that overlapped no other run in time (start-finish), whatever the workload: each had its node to
+    itself, apart from what else the machine ran. Runs without times are never alone (unknown)."""
+    def span(run: RunMeasurement) -> tuple[_dt.datetime, _dt.datetime] | None:
+        if not (run.started_at and run.finished_at):
+            return None
+        return _dt.datetime.fromisoformat(run.started_at), _dt.datetime.fromisoformat(run.finished_at)
+
+    spans = [span(r) for r in runs]
+    alone = []
+    for i, (run, own) in enumerate(zip(runs, spans, strict=True)):
+        if own is None:
+            continue
+        if all(other is None or other[1] <= own[0] or own[1] <= other[0]
+               for j, other in enumerate(spans) if j != i):
+            alone.append(run)
+    return alone
+
+
+def partial_node_speedup(side_by_side: Sequence[RunMeasurement], alone: Sequence[RunMeasurement]
+                         ) -> tuple[float | None, list[str]]:
+    """How much faster a device runs alone than beside its busy neighbours: the geometric mean, over the
+    workloads and batches measured both ways, of (side-by-side step time / alone step time); None when no
+    workload was measured both ways. Notes name each pair."""
+    loaded = {(r.model, r.image_size, r.batch_per_rank): r for r in side_by_side if r.side_by_side > 1}
+    ratios, notes = [], []
+    for run in alone:
+        other = loaded.get((run.model, run.image_size, run.batch_per_rank))
+        if other is None:
+            continue
+        ratios.append(other.busy_s / run.busy_s)
+        notes.append(f"{workload_key(run.model, run.image_size)} b={run.batch_per_rank}: {run.busy_s:.4g} s a step "
+                     f"alone, {other.busy_s:.4g} s side by side ({ratios[-1]:.3g}x)")
+    if not ratios:
+        return None, notes
+    factor = math.exp(statistics.fmean(math.log(x) for x in ratios))
+    notes.append(f"partial_node_speedup {factor:.3g} (geometric mean of {len(ratios)}): a node's devices run this "
+                 "much faster when the others idle")
+    return factor, notes
 
 
 @dataclass(frozen=True)
@@ -676,6 +719,7 @@ class ComputeFit:
     # batch at which small batches halve the rate.
     efficiency_scale: float | None = None
     roofline_half_batch: float | None = None
+    partial_node_speedup: float | None = None     # measured from runs alone beside runs side by side
 
     def rms_relative(self) -> float:
         values = [r["relative"] for r in self.runs]
@@ -690,6 +734,8 @@ class ComputeFit:
         if self.efficiency_scale is not None:
             out["roofline"] = {"efficiency_scale": self.efficiency_scale,
                                "half_efficiency_batch": self.roofline_half_batch}
+        if self.partial_node_speedup is not None:
+            out["partial_node_speedup"] = self.partial_node_speedup
         return _plain(out)
 
 
@@ -748,7 +794,14 @@ def fit_compute(runs: Sequence[RunMeasurement], peak_flops_per_device: float, co
         if np.any(busy <= 0):
             raise CalibrationError("the roofline model's host time alone exceeds a measured step")
         yr = busy * x / np.array([modelled[id(p[0])].device_s for p in points])
-        scale, roofline_half = _line_through(x, yr, default_roofline_half_batch, "roofline", notes)
+        try:
+            scale, roofline_half = _line_through(x, yr, default_roofline_half_batch, "roofline", notes)
+        except CalibrationError:
+            # Noise inverted the batches' order against the model: keep h, fit the scale alone.
+            roofline_half = default_roofline_half_batch
+            scale = float(np.median((x + roofline_half) / yr))
+            notes.append(f"roofline: the runs' step times do not grow with batch as the model's do (noise): "
+                         f"half-efficiency batch kept at {roofline_half:g}, the scale fitted alone")
         roofline_half = max(roofline_half, 0.0)
     records = []
     for run, key, flops, devices, _ in points:
@@ -846,6 +899,8 @@ def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | 
             section["half_efficiency_batch"] = compute.half_efficiency_batch
         section.pop("half_efficiency_gflop", None)          # h is fitted in images; a work-based h would win
         section["step_overhead_s"] = 0.0                    # measured throughput includes the optimizer step
+        if compute.partial_node_speedup is not None:
+            section["partial_node_speedup"] = compute.partial_node_speedup
         merged = {k: dict(v) for k, v in (section.get("measured_images_per_s") or {}).items()}
         for key, table in compute.measured_images_per_s.items():
             merged.setdefault(key, {}).update(table)
@@ -914,6 +969,9 @@ def format_report(comm: CommFit | None, compute: ComputeFit | None) -> str:
         for r in compute.runs:
             lines.append(f"  {r['key']:<16}{r['batch_per_rank']:>6}{r['steps_measured']:>6}{r['busy_s']:>10.4f}"
                          f"{r['images_per_s']:>10.2f}{r['relative']:>+11.1%}")
+        if compute.partial_node_speedup is not None:
+            lines.append(f"  partial-node speed-up {compute.partial_node_speedup:.3f} (a device alone vs beside "
+                         "busy neighbours)")
         lines.extend(f"  note: {note}" for note in compute.notes)
     return "\n".join(lines)
 

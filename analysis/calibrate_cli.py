@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from analysis.calibrate import (
         calibrated_profile,
         default_operations,
@@ -59,9 +61,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
         horovod_cycle_wait_s,
         overlap_mode,
         pace_side_by_side,
+        partial_node_speedup,
         profile_yaml,
         read_runs,
         roofline_point_of,
+        runs_alone,
     )
     from larscale import UsageError
     from larscale.benchformat import parse_bytes, read_csv
@@ -105,8 +109,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
                 raise UsageError(f"none of the {len(args.runs)} run(s) given with --runs is usable (see above)")
             paced: list[str] = []
             overlap = overlap_mode(runs, base, args.overlap)
+            alone = runs_alone(runs)
+            speedup, speedup_notes = None, []
             if not args.runs_apart:
                 runs, paced = pace_side_by_side(runs)
+                loaded = [r for r in runs if r.side_by_side > 1]
+                speedup, speedup_notes = partial_node_speedup(loaded, alone)
+                if speedup is not None:
+                    # The rates to fit are the loaded node's; the runs alone gave the speed-up.
+                    runs, paced = loaded, paced + speedup_notes
             devices = base.node.devices
             cores_per_device = base.node.cores / devices.count if devices.kind == "cpu" else 1.0
             roofline = (roofline_point_of(base, cores_per_device) if base.compute.model == "roofline" else None)
@@ -114,6 +125,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
             compute = fit_compute(runs, devices.peak_tflops["fp32"] * 1e12, cores_per_device=cores_per_device,
                                   default_half_efficiency_batch=4.0 if half is None else half, notes=paced,
                                   roofline=roofline, default_roofline_half_batch=half or 0.0)
+            if speedup is not None:
+                compute = dataclasses.replace(compute, partial_node_speedup=speedup)
         data = calibrated_profile(base, comm, compute, name=args.name,
                                   inputs={"bench": list(args.bench), "runs": list(args.runs),
                                           "skipped": [str(p) for p in skipped]}, overlap=overlap)

@@ -96,8 +96,22 @@ def compute_times(workload: Workload, params: PerfParams, batch_per_rank, ranks_
     """Forward, backward and fixed per-step seconds of one rank (vectorised over the arrays).
 
     ``image_size`` is the input size ``workload`` was built for (None: native); it selects the measured
-    throughput (:func:`measured_key`), never the FLOP model, which reads the workload's own FLOPs.
+    throughput (:func:`measured_key`), never the FLOP model, which reads the workload's own FLOPs. With
+    fewer ranks per node than the profile's, every model's time is divided by ``partial_node_speedup``.
     """
+    times = _compute_times(workload, params, batch_per_rank, ranks_per_node, image_size)
+    if params.partial_node_speedup == 1.0:
+        return times
+    # A node with fewer ranks than the profile's (e.g. 1 of 2 cores) runs each device faster than the fully
+    # loaded node the measurements and constants describe.
+    factor = np.where(np.asarray(ranks_per_node) < params.default_ranks_per_node, 1.0 / params.partial_node_speedup,
+                      1.0)
+    return ComputeTimes(forward_s=times.forward_s * factor, backward_s=times.backward_s * factor,
+                        overhead_s=times.overhead_s * factor)
+
+
+def _compute_times(workload: Workload, params: PerfParams, batch_per_rank, ranks_per_node,
+                   image_size: int | None) -> ComputeTimes:
     b = np.asarray(batch_per_rank, dtype=float)
     forward_share = workload.forward_flops / workload.flops_per_image
     measured = params.measured_images_per_s.get(measured_key(workload.model, image_size))

@@ -175,19 +175,26 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_reproduce(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from analysis.reproduce import accuracy_markdown, headline_table, reproduce
+    from analysis.reproduce import accuracy_markdown, device_table, headline_table, reproduce
 
     with _usage_errors():
         result = reproduce(args.out, tolerance=args.tolerance, make_plots=not args.no_plots)
     if args.format == "json":
         json.dump({"source": result.source, "tolerance": result.tolerance, "ok": result.ok,
-                   "rows": [asdict(r) for r in result.rows], "files": [str(f) for f in result.files]},
+                   "rows": [asdict(r) for r in result.rows], "files": [str(f) for f in result.files],
+                   "devices": [asdict(r) for r in result.devices.rows] if result.devices else []},
                   sys.stdout, indent=2)
         print()
     else:
         print(f"Seed results predicted from the bundled profiles ({result.source}); tolerance ±{args.tolerance:.0%}\n")
         print(headline_table(result.rows))
-        print("\nLARS accuracy tables (You, Gitman, Ginsburg 2017)\n")
+        if result.devices is not None:
+            print(f"\nSingle-device training throughput predicted from the device catalog; tolerance "
+                  f"±{result.devices.tolerance:.0%}\n")
+            print(device_table(result.devices))
+            for key, source in result.devices.sources.items():
+                print(f"  {key}: {source}")
+        print("\nSeed accuracy tables (LARS 2017, ICPP 2018)\n")
         print(accuracy_markdown())
         for f in result.files:
             print(f"wrote {f}")

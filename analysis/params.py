@@ -64,6 +64,8 @@ class PerfParams:
     host_overlapped: bool = True
     # "layerwise": gradients ready layer by layer in the backward pass; "none": all at its end.
     overlap: str = "layerwise"
+    # A device's speed-up when its node is only partly busy (fewer ranks per node than the default).
+    partial_node_speedup: float = 1.0
     # What the profile did not say and the model assumed (one line each; the CLI prints them).
     notes: tuple[str, ...] = field(default=(), compare=False)
 
@@ -76,6 +78,8 @@ class PerfParams:
             raise ValueError("PerfParams.compute_model 'roofline' needs rates (DeviceRates)")
         if self.overlap not in OVERLAP_MODES:
             raise ValueError(f"PerfParams.overlap must be one of {', '.join(OVERLAP_MODES)}, got {self.overlap!r}")
+        if not self.partial_node_speedup > 0:
+            raise ValueError(f"PerfParams.partial_node_speedup must be > 0, got {self.partial_node_speedup!r}")
         if not self.efficiency_scale > 0:
             raise ValueError(f"PerfParams.efficiency_scale must be > 0, got {self.efficiency_scale!r}")
         if not self.host_s_per_op >= 0:
@@ -139,6 +143,7 @@ class PerfParams:
             host_s_per_op=0.0 if roofline is None else roofline.host_s_per_op,
             host_overlapped=True if roofline is None else roofline.host_overlapped,
             overlap=net.overlap,
+            partial_node_speedup=compute.partial_node_speedup,
             notes=() if roofline is None else roofline.notes,
         )
 

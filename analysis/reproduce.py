@@ -128,10 +128,12 @@ class Reproduction:
     source: str
     files: list[Path]
     tolerance: float
+    devices: DeviceComparison | None = None     # single-device figures (their own tolerance)
 
     @property
     def ok(self) -> bool:
-        return all(abs(r.error) <= self.tolerance for r in self.rows)
+        return (all(abs(r.error) <= self.tolerance for r in self.rows)
+                and (self.devices is None or self.devices.ok))
 
 
 def load_results(path: Path = RESULTS) -> tuple[str, list[dict[str, Any]]]:
@@ -281,22 +283,29 @@ def target_machine_scaling(out_dir: str | Path, path: Path = RESULTS) -> list[Pa
 
 def reproduce(out_dir: str | Path | None = None, tolerance: float = TOLERANCE, make_plots: bool = True,
               results: Path = RESULTS) -> Reproduction:
-    """Predict the published results; with ``out_dir`` write reproduce.md/.csv/.json and the plots."""
+    """Predict the published results and the single-device figures; with ``out_dir`` write
+    reproduce.md/.csv/.json and the plots."""
     source, rows = headline_rows(results)
+    devices = device_comparison()
     files: list[Path] = []
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         md = out / "reproduce.md"
         md.write_text(f"# Seed results predicted by larscale\n\nSource: {source}. Tolerance ±{tolerance:.0%}.\n\n"
-                      f"{headline_table(rows)}\n\n## LARS accuracy tables\n\n{accuracy_markdown()}\n")
+                      f"{headline_table(rows)}\n\n## Single-device training throughput, predicted from the device "
+                      f"catalog (tolerance ±{devices.tolerance:.0%})\n\n{device_table(devices)}\n\n"
+                      + "".join(f"- {k}: {v}\n" for k, v in devices.sources.items())
+                      + f"\n## LARS accuracy tables\n\n{accuracy_markdown()}\n")
         with (out / "reproduce.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
             writer.writeheader()
             writer.writerows(asdict(r) for r in rows)
         (out / "reproduce.json").write_text(json.dumps({"source": source, "tolerance": tolerance,
-                                                        "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+                                                        "rows": [asdict(r) for r in rows],
+                                                        "devices": [asdict(r) for r in devices.rows]},
+                                                       indent=2) + "\n")
         files += [md, out / "reproduce.csv", out / "reproduce.json"]
         if make_plots:
             files += write_plots(rows, out, tolerance)
-    return Reproduction(rows=rows, source=source, files=files, tolerance=tolerance)
+    return Reproduction(rows=rows, source=source, files=files, tolerance=tolerance, devices=devices)

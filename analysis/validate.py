@@ -1,15 +1,25 @@
 """Predicted vs measured: put a calibrated profile's prediction beside what a real run measured.
 
-The measured iteration time is :func:`analysis.calibrate.read_run`'s: the median over measured steps
-(warm-up excluded) of the slowest rank's step time, because a synchronous step ends when its slowest rank
-does. The prediction is :func:`analysis.predict.predict` for the run's own model, image size, placement
-(nodes × ranks per node) and global batch, so the comparison checks the model, not a fit of the run itself.
+The measured iteration time is :func:`analysis.calibrate.read_run`'s: the mean over measured steps (warm-up
+excluded) of the slowest rank's step time, because a synchronous step ends when its slowest rank does and a
+time-to-train is the sum of the steps (the median is kept beside it). The prediction is
+:func:`analysis.predict.predict` for the run's own model, image size, placement (nodes × ranks per node) and
+global batch, so the comparison checks the model, not a fit of the run itself.
+
+On a shared machine a point can be off because the machine changed, not the model: :func:`diagnose` puts the
+evidence beside each point — the load average while it ran (:class:`LoadTrace`, sampled by the caller) against
+the calibration's, and for a point that the calibration repeated exactly (a 1-rank run alone), the repeat's
+step time — and says which explains an error over the tolerance.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import math
+import statistics
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +49,88 @@ def compare_run(run_dir: str | Path, profile: MachineProfile) -> dict[str, Any]:
         "predicted_compute_s": predicted["compute_s"],
         "predicted_comm_s": predicted["comm_total_s"],
         "predicted_comm_exposed_s": predicted["comm_exposed_s"],
-        "measured_s": measured.step_s,
+        "measured_s": measured.step_s_mean,
+        "measured_median_s": measured.step_s,
+        "measured_busy_s": measured.busy_s,
         "measured_allreduce_s": measured.allreduce_s,
         "measured_compute_s": measured.compute_s,
         "steps_measured": measured.steps_measured,
-        "error": predicted["iteration_s"] / measured.step_s - 1.0,
+        "started_at": measured.started_at,
+        "finished_at": measured.finished_at,
+        "error": predicted["iteration_s"] / measured.step_s_mean - 1.0,
     }
 
 
 def compare_runs(run_dirs: Iterable[str | Path], profile: MachineProfile) -> list[dict[str, Any]]:
     return [compare_run(run_dir, profile) for run_dir in run_dirs]
+
+
+@dataclass
+class LoadTrace:
+    """The 1-minute load average sampled over time (seconds since the epoch, load): what else ran."""
+
+    samples: list[tuple[float, float]] = field(default_factory=list)
+
+    def add(self, when: float, load: float) -> None:
+        self.samples.append((when, load))
+
+    def mean(self, start: str | None, end: str | None) -> float:
+        """Mean load over an ISO-8601 [start, end] window (the samples inside it, else the nearest one)."""
+        if not self.samples or not start or not end:
+            return math.nan
+        t0, t1 = (_dt.datetime.fromisoformat(t).timestamp() for t in (start, end))
+        inside = [load for when, load in self.samples if t0 <= when <= t1]
+        if inside:
+            return statistics.fmean(inside)
+        middle = (t0 + t1) / 2
+        return min(self.samples, key=lambda s: abs(s[0] - middle))[1]
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """A calibration run that repeated a measured point's exact configuration (model, size, batch, 1 rank)."""
+
+    key: tuple[str, int]                 # (workload key, batch per rank)
+    step_s: float
+    started_at: str | None
+    finished_at: str | None
+
+
+def diagnose(rows: list[dict[str, Any]], trace: LoadTrace, cores: int, calibration_load: float,
+             repeats: Iterable[Repeat] = (), tolerance: float = 0.20) -> list[dict[str, Any]]:
+    """Each row of :func:`compare_runs` with ``load_avg`` (during the point), ``repeat_s`` (the calibration's
+    repeat of the point, if any, and ``drift``: the point's step ÷ the repeat's − 1) and ``verdict``.
+
+    A point outside ``tolerance`` is put down to the machine when the evidence says so: the load average while
+    it ran exceeded the cores (other processes competing) and the calibration's by a quarter or more, or its
+    exact repeat took a different time by more than the tolerance (the same run, another time: drift, not the
+    model). Otherwise the verdict says the model missed it.
+    """
+    by_key = {}
+    for repeat in repeats:
+        by_key.setdefault(repeat.key, []).append(repeat)
+    out = []
+    for row in rows:
+        load = trace.mean(row.get("started_at"), row.get("finished_at"))
+        same = by_key.get((row["model"], row["batch_per_rank"])) if row["ranks"] == 1 else None
+        repeat_s = statistics.fmean(r.step_s for r in same) if same else math.nan
+        drift = row["measured_s"] / repeat_s - 1.0 if same else math.nan
+        error = row["error"]
+        reasons = []
+        busy = math.isfinite(load) and load > cores + 0.5 and (
+            not math.isfinite(calibration_load) or load > 1.25 * calibration_load)
+        if busy:
+            reasons.append(f"load average {load:.1f} on {cores} cores while it ran (calibration: "
+                           f"{calibration_load:.1f}): other processes took CPU time")
+        if same and abs(drift) > tolerance:
+            reasons.append(f"the same run repeated at calibration took {repeat_s:.3f} s a step against "
+                           f"{row['measured_s']:.3f} s here ({drift:+.0%}): the machine, not the model")
+        if abs(error) <= tolerance:
+            verdict = f"within {tolerance:.0%}"
+        elif reasons:
+            verdict = "machine noise: " + "; ".join(reasons)
+        else:
+            verdict = (f"model error: {error:+.0%} with the machine as calibrated (load {load:.1f}"
+                       + (f", repeat {drift:+.0%}" if same else "") + ")")
+        out.append({**row, "load_avg": load, "repeat_s": repeat_s, "drift": drift, "verdict": verdict})
+    return out

@@ -203,6 +203,11 @@ class Compute:
     measured_images_per_s: dict[str, dict[int, float]] = field(default_factory=dict)
     # Fixed per-iteration overhead per rank (optimizer step, framework), seconds.
     step_overhead_s: float = check(non_negative, default=0.0)
+    # How much faster a device runs when the node's other devices idle (fewer ranks per node than the profile's
+    # ranks_per_node) than when all are busy, as measured images/s are: shared memory bandwidth and caches,
+    # turbo clocks. 1 (default): no difference. `larscale calibrate` measures it from runs alone beside the
+    # same runs side by side.
+    partial_node_speedup: float = check(positive, default=1.0)
     # Whether data loading runs ahead of the step (prefetching workers): then only the part of data_s that
     # exceeds the step's compute and communication is exposed; otherwise data_s adds to every iteration.
     data_overlapped: bool = True

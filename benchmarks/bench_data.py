@@ -7,7 +7,8 @@ Writes an ImageNet-like JPEG tree in a temporary folder (train/ and val/ class f
 and 400×300 images, quality 90, ~105 KB mean (ImageNet's: ~110 KB); smooth colour fields plus grain, so
 the files are neither trivially compressible nor noise), then reads it the way ``larscale train --dataset
 imagenet:PATH`` does: ``scaling.data.imagenet_datasets`` (``ImageFolderData``: decode, random-resized crop,
-flip, extended colour jitter, float32 normalisation), ``ShardBatchSampler`` and a torch ``DataLoader`` with N
+flip, extended colour jitter, the crop's uint8 bytes, which the device normalises; ``--float-output``: float32
+normalisation in the worker, TensorFlow's path), ``ShardBatchSampler`` and a torch ``DataLoader`` with N
 worker processes (``prefetch_factor`` 4, as the trainer's loader). Every (augmentation, workers) configuration
 runs once per round, in a shuffled order; the report gives the median over rounds of
 
@@ -179,8 +180,11 @@ def stage_breakdown(dataset: data.ImageFolderData, samples: int) -> dict[str, fl
             for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
                 image = enhance(image).enhance(float(rng.uniform(0.6, 1.4)))
         t4 = time.thread_time()
-        array = (np.asarray(image, dtype=np.float32) / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD
-        np.ascontiguousarray(array.transpose(2, 0, 1))
+        if dataset.as_uint8:  # the trainer's path: the device normalises
+            np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+        else:
+            array = (np.asarray(image, dtype=np.float32) / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD
+            np.ascontiguousarray(array.transpose(2, 0, 1))
         t5 = time.thread_time()
         for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             stages[name] += seconds
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (default 2)")
     parser.add_argument("--stage-samples", type=int, default=200, help="images for the stage table (default 200)")
     parser.add_argument("--keep", type=Path, help="write the JPEG tree here and keep it (default: a temp dir)")
+    parser.add_argument("--float-output", action="store_true", help="workers normalise to float32 (TensorFlow's "
+                        "path) instead of handing uint8 crops to the device (PyTorch's)")
     parser.add_argument("--json", type=Path, help="also write the RESULT object to this file")
     args = parser.parse_args(argv)
     for name in ("train_images", "classes", "image_size", "batch", "rounds"):
@@ -220,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"JPEG tree: {tree['files']} files, mean {tree['mean_kb']:.0f} KB, in {root} "
               f"({time.perf_counter() - started:.1f} s to write)")
         spec = data.parse_dataset(f"imagenet:{root}")
-        datasets = {aug: data.imagenet_datasets(spec, args.image_size, aug, seed=0)[0] for aug in args.augmentation}
+        datasets = {aug: data.imagenet_datasets(spec, args.image_size, aug, seed=0, as_uint8=not args.float_output)[0]
+                    for aug in args.augmentation}
         for dataset in datasets.values():  # read every file once: the rounds then measure decoding, not the disk
             for path, _ in dataset.samples:
                 Path(path).read_bytes()

@@ -191,7 +191,12 @@ def random_resized_box(width: int, height: int, rng: np.random.Generator, scale:
 
 
 class ImageFolderData:
-    """JPEG folder dataset returning (CHW float32 normalised image, label); indexable by (index, epoch).
+    """JPEG folder dataset returning (CHW image, label); indexable by (index, epoch).
+
+    The image is float32 and normalised by default (TensorFlow's path), or ``as_uint8``: the crop's bytes, which
+    PyTorch's loader workers hand over and the device normalises (:meth:`scaling.framework_torch.TorchData`): a
+    worker then skips the float conversion and passes a quarter of the bytes between processes, the two costs
+    that came after decoding and resizing in benchmarks/bench_data.py.
 
     Training transform, ``minimal`` augmentation (the LARS paper's): random-resized crop with area fraction in
     [0.25, 1] and a horizontal flip. ``extended`` adds scale augmentation down to 8 % of the area (Inception
@@ -200,11 +205,12 @@ class ImageFolderData:
     """
 
     def __init__(self, root: Path, image_size: int, train: bool, augmentation: str, seed: int,
-                 classes: Sequence[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None, as_uint8: bool = False) -> None:
         if augmentation not in AUGMENTATIONS:
             raise DataError(f"unknown augmentation {augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
         self.samples, self.classes = list_image_folder(root, classes)
         self.image_size, self.train, self.augmentation, self.seed = image_size, train, augmentation, seed
+        self.as_uint8 = as_uint8
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -234,6 +240,8 @@ class ImageFolderData:
                                   max(size, round(image.height * scale_factor))), Image.BILINEAR)
             left, top = (image.width - size) // 2, (image.height - size) // 2
             image = image.crop((left, top, left + size, top + size))
+        if self.as_uint8:
+            return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)), label
         array = np.asarray(image, dtype=np.float32) / 255.0
         array = (array - IMAGENET_MEAN) / IMAGENET_STD
         return np.ascontiguousarray(array.transpose(2, 0, 1)), label
@@ -267,11 +275,12 @@ class ShardBatchSampler:
                 yield [(int(i), self.epoch) for i in micro]
 
 
-def imagenet_datasets(spec: DatasetSpec, image_size: int, augmentation: str, seed: int
+def imagenet_datasets(spec: DatasetSpec, image_size: int, augmentation: str, seed: int, as_uint8: bool = False
                       ) -> tuple[ImageFolderData, ImageFolderData]:
     assert spec.path is not None
-    train = ImageFolderData(spec.path / "train", image_size, True, augmentation, seed)
-    val = ImageFolderData(spec.path / "val", image_size, False, augmentation, seed, classes=train.classes)
+    train = ImageFolderData(spec.path / "train", image_size, True, augmentation, seed, as_uint8=as_uint8)
+    val = ImageFolderData(spec.path / "val", image_size, False, augmentation, seed, classes=train.classes,
+                          as_uint8=as_uint8)
     return train, val
 
 

@@ -108,10 +108,14 @@ class TorchData:
             self.train_size = len(arrays.train_y)
             self._perm_epoch, self._perm = -1, None
         else:
+            # Workers hand over uint8 crops; the device normalises them (see scaling.data.ImageFolderData).
             self.train_set, self.val_set = data.imagenet_datasets(spec, plan.image_size, config.augmentation,
-                                                                  config.seed)
+                                                                  config.seed, as_uint8=True)
             self.train_size = len(self.train_set)
             self._loader_epoch, self._loader_iter = -1, None
+            shape = (1, 3, 1, 1)
+            self._mean = torch.tensor(data.IMAGENET_MEAN * 255.0, dtype=torch.float32).view(shape).to(backend.device)
+            self._std = torch.tensor(data.IMAGENET_STD * 255.0, dtype=torch.float32).view(shape).to(backend.device)
         self.start_step = start_step
 
     def micro_batches(self, step: int) -> Iterator[tuple[Any, Any]]:
@@ -138,7 +142,7 @@ class TorchData:
                 self._loader_epoch = epoch
             for _ in range(b.accumulation):
                 images, labels = next(self._loader_iter)
-                yield self.backend.to_input(images), labels.to(self.backend.device, non_blocking=True)
+                yield self._normalised(images), labels.to(self.backend.device, non_blocking=True)
 
     def _loader(self, epoch: int, start_position: int) -> Any:
         import torch
@@ -168,8 +172,13 @@ class TorchData:
             shard = data.eval_shard(len(self.val_set), self.rank, self.ranks)
             keys = [[int(i) for i in shard[j:j + size]] for j in range(0, len(shard), size)]
             loader = torch.utils.data.DataLoader(self.val_set, batch_sampler=keys, num_workers=self.config.workers)
-            return ((self.backend.to_input(x), y.to(self.backend.device)) for x, y in loader)
+            return ((self._normalised(x), y.to(self.backend.device)) for x, y in loader)
         return None
+
+    def _normalised(self, images: Any) -> Any:
+        """uint8 crops from the loader → normalised float32 on the device, in the run's memory format."""
+        images = images.to(self.backend.device, non_blocking=True).float()
+        return self.backend.to_input((images - self._mean) / self._std)
 
 
 class CudaClock:

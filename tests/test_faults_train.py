@@ -138,6 +138,11 @@ def exit_latencies(proc: subprocess.Popen, survivor: psutil.Process, since: floa
 
 
 def kill_all(proc: subprocess.Popen) -> None:
+    """The launcher and every rank it started (torchrun puts its workers in sessions of their own)."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ whatever the rank count, see scaling/data.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from larscale.runformat import EXIT_RESUMABLE, read_steps, step_log_path, validate_step, validate_summary
@@ -209,6 +211,7 @@ def test_digits_two_ranks_learns(tmp_path: Path) -> None:
 def test_hung_rank_trips_the_watchdog(tmp_path: Path, framework: str, backend: str, controller: str) -> None:
     """SIGSTOP one rank (alive but silent; no launcher notices): the other exits 70 after --stall-timeout."""
     out = tmp_path / "hung"
+    stopped = None
     proc = start_ranks(2, [*TINY, "--batch-per-rank", "4", "--steps", "100000", "--optimizer", "sgd",
                            "--stall-timeout", "5", "--out", str(out), "--framework", framework, "--backend", backend],
                        controller=controller)
@@ -216,13 +219,18 @@ def test_hung_rank_trips_the_watchdog(tmp_path: Path, framework: str, backend: s
         wait_for_steps(out, 0, 5, proc)
         ranks = rank_processes(proc)
         assert sorted(ranks) == [0, 1], ranks
-        ranks[1].send_signal(signal.SIGSTOP)
+        stopped = ranks[1]
+        stopped.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         _, err = proc.communicate(timeout=60)
         elapsed = time.monotonic() - stopped_at
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts its workers in sessions of their own: the stopped one outlives the job unless killed.
+        if stopped is not None:
+            with contextlib.suppress(psutil.Error):
+                stopped.kill()
     assert proc.returncode != 0
     assert "a peer rank died or hangs" in err
     assert 4 < elapsed < 60

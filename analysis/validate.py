@@ -101,10 +101,12 @@ def diagnose(rows: list[dict[str, Any]], trace: LoadTrace, cores: int, calibrati
     """Each row of :func:`compare_runs` with ``load_avg`` (during the point), ``repeat_s`` (the calibration's
     repeat of the point, if any, and ``drift``: the point's step ÷ the repeat's − 1) and ``verdict``.
 
-    A point outside ``tolerance`` is put down to the machine when the evidence says so: the load average while
-    it ran exceeded the cores (other processes competing) and the calibration's by a quarter or more, or its
+    A point outside ``tolerance`` is put down to the machine when the evidence says so: other processes ran
+    beside it (the load average while it ran exceeded its own ranks by a core's worth or more) or beside the
+    calibration (``calibration_load`` above the two runs a calibration step runs at most, by as much), or its
     exact repeat took a different time by more than the tolerance (the same run, another time: drift, not the
-    model). Otherwise the verdict says the model missed it.
+    model). How an oversubscribed CPU is shared depends on each job's processes and threads, so a loaded point
+    is not comparable with a loaded calibration either. Otherwise the verdict says the model missed it.
     """
     by_key = {}
     for repeat in repeats:
@@ -117,11 +119,12 @@ def diagnose(rows: list[dict[str, Any]], trace: LoadTrace, cores: int, calibrati
         drift = row["measured_s"] / repeat_s - 1.0 if same else math.nan
         error = row["error"]
         reasons = []
-        busy = math.isfinite(load) and load > cores + 0.5 and (
-            not math.isfinite(calibration_load) or load > 1.25 * calibration_load)
-        if busy:
-            reasons.append(f"load average {load:.1f} on {cores} cores while it ran (calibration: "
-                           f"{calibration_load:.1f}): other processes took CPU time")
+        own = min(row["ranks"], cores)
+        if math.isfinite(load) and load > own + 1.0:
+            reasons.append(f"load average {load:.1f} on {cores} cores while it ran ({own} of it its own ranks): "
+                           "other processes took CPU time")
+        if math.isfinite(calibration_load) and calibration_load > min(2, cores) + 1.0:
+            reasons.append(f"the calibration ran at load average {calibration_load:.1f} on {cores} cores")
         if same and abs(drift) > tolerance:
             reasons.append(f"the same run repeated at calibration took {repeat_s:.3f} s a step against "
                            f"{row['measured_s']:.3f} s here ({drift:+.0%}): the machine, not the model")

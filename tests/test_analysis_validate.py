@@ -49,11 +49,16 @@ def test_verdicts_follow_the_error_and_the_evidence() -> None:
     repeats = [Repeat(key=("resnet50@64", 2), step_s=1.45, started_at=at(300), finished_at=at(310))]
     out = diagnose(rows, t, cores=2, calibration_load=1.0, repeats=repeats)
     assert out[0]["verdict"] == "within 20%"
-    assert out[1]["verdict"].startswith("machine noise: load average 9.2 on 2 cores")
+    assert out[1]["verdict"].startswith("machine noise: load average 9.2 on 2 cores while it ran (2 of it its own")
     assert out[2]["verdict"].startswith("model error: -50%")
     assert out[3]["verdict"].startswith("machine noise: the same run repeated at calibration took 1.450 s")
     assert out[3]["drift"] == pytest.approx(1.0 / 1.45 - 1)
     assert math.isnan(out[1]["repeat_s"])                          # 2-rank points have no exact repeat
+    # A loaded calibration explains a miss on a quiet point too; a 2-rank point's own ranks are its load.
+    loaded_calibration = diagnose([row(2, -0.5, 0, 10)], t, cores=2, calibration_load=6.0)
+    assert "the calibration ran at load average 6.0" in loaded_calibration[0]["verdict"]
+    own_load = diagnose([row(2, -0.5, 0, 10)], trace([(0, 2.4), (10, 2.6)]), cores=2, calibration_load=2.0)
+    assert own_load[0]["verdict"].startswith("model error")
 
 
 def run(path: str, start: float, end: float, busy: float, batch: int = 2, side: int = 1) -> RunMeasurement:

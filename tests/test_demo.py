@@ -49,10 +49,23 @@ def test_predicted_vs_measured_has_a_row_per_point(report) -> None:
     measured = pd.read_csv(out / "data" / "measured.csv")
     assert len(measured) == 8 and set(measured["state"]) == {"complete"}
     comparison = pd.read_parquet(out / "data" / "predicted_vs_measured.parquet")
-    points = measured.drop_duplicates(["model", "ranks", "global_batch"])
-    assert len(comparison) == len(points) == 6
+    assert len(comparison) == len(measured) == 8                  # every point, both sweeps' 2-rank points too
     assert "error" in comparison.columns and comparison["error"].notna().all()
     assert (comparison["measured_s"] > 0).all() and (comparison["predicted_s"] > 0).all()
+    # Each point carries its evidence and a verdict that agrees with its error: within 20 %, or put down to the
+    # machine with the measurement that shows it, or owned as the model's error.
+    for row in comparison.itertuples():
+        assert row.load_avg == row.load_avg, row                        # sampled while the point ran
+        if abs(row.error) <= 0.20:
+            assert row.verdict == "within 20%", row
+        else:
+            assert row.verdict.startswith(("machine noise: ", "model error: ")), row
+            if row.verdict.startswith("machine noise"):
+                assert "load average" in row.verdict or "repeated at calibration" in row.verdict
+    one_rank = comparison[comparison["ranks"] == 1]
+    assert one_rank["repeat_s"].notna().all()                          # the calibration repeated each one
+    profile = (out / "local-calibrated.yaml").read_text()
+    assert "partial_node_speedup" in profile and "efficiency_scale" in profile
     # The reproduction and the plan came from the bundled Stampede2 profiles, through the same model.
     assert (out / "reproduce" / "reproduce.csv").exists()
     front = pd.read_csv(out / "data" / "plan_pareto_front.csv")

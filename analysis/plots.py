@@ -7,6 +7,7 @@ Axes carry units. ``reproduce``, ``plan`` and the calibration/demo reports call 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -53,6 +54,15 @@ def _count_axis(ax, values, label: str) -> None:
     ax.set_xlabel(label)
 
 
+def _plain_log_values(axis) -> None:
+    """Numbers on a log axis written plainly (0.3, 2, 20), not as powers (3×10⁻¹)."""
+    import matplotlib.ticker as ticker
+
+    plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(plain)
+
+
 def strong_scaling(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
                    title: str = "Strong scaling", ylabel: str = "time per epoch (s)", xlabel: str = "nodes",
                    marks: Mapping[str, tuple[float, float]] | None = None) -> list[Path]:
@@ -72,6 +82,7 @@ def strong_scaling(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
         ax.plot([nodes], [value], "k*", markersize=12)
         ax.annotate(label, (nodes, value), textcoords="offset points", xytext=(-10, 8), fontsize="small", ha="right")
     ax.set_yscale("log")
+    _plain_log_values(ax.yaxis)
     _count_axis(ax, counts, xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -85,13 +96,15 @@ def weak_scaling_efficiency(series: Mapping[str, tuple[Sequence[float], Sequence
                             xlabel: str = "nodes") -> list[Path]:
     """Efficiency (%) vs count per series, with the 100 % line; ``xlabel`` says what varies."""
     plt, fig, ax = _figure()
-    counts = []
+    counts, lowest = [], 100.0
     for label, (nodes, efficiency) in series.items():
         counts += list(np.asarray(nodes, float))
+        lowest = min(lowest, float(np.min(100 * np.asarray(efficiency, float))))
         ax.plot(np.asarray(nodes, float), 100 * np.asarray(efficiency, float), "o-", label=label)
     ax.axhline(100, color="grey", lw=1, ls="--")
     _count_axis(ax, counts, xlabel)
-    ax.set_ylim(0, 105)
+    # From 0 when efficiency falls far; else a closer range so that a few per cent stay visible.
+    ax.set_ylim(0 if lowest < 60 else 10 * math.floor((lowest - 5) / 10), 102)
     ax.set_ylabel("scaling efficiency (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -136,6 +149,7 @@ def time_to_train_vs_nodes(series: Mapping[str, tuple[Sequence[float], Sequence[
         ax.plot([nodes], [minutes], "k*", markersize=12)
         ax.annotate(label, (nodes, minutes), textcoords="offset points", xytext=(6, 6), fontsize="small")
     ax.set_yscale("log")
+    _plain_log_values(ax.yaxis)
     _count_axis(ax, counts, "nodes")
     ax.set_ylabel("time to train (min)")
     ax.set_title(title)

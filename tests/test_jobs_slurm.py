@@ -94,7 +94,7 @@ def two_point_sweep(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPa
     assert [(p.ranks, p.global_batch) for p in the_plan.points] == [(1, 4), (2, 8)]
     manifest = submit(the_plan, env=job_env(slurm_cluster))
     assert all(r.state == "submitted" and r.job_id for r in manifest.points.values())
-    manifest = wait(the_plan.output_dir, timeout=300, poll_s=1, env=slurm_cluster.env)
+    manifest = wait(the_plan.output_dir, timeout=900, poll_s=1, env=slurm_cluster.env)
     return the_plan, manifest, collect(the_plan.output_dir)
 
 
@@ -146,8 +146,8 @@ def test_walltime_signal_checkpoint_and_resubmission(slurm_cluster: SlurmCluster
     manifest = submit(longer, env=job_env(slurm_cluster))
     rec = manifest.points[point.point_id]
     assert len(rec.attempts) == 2 and rec.attempts[-1].resume and rec.script.endswith(".try2.sh")
-    assert "--resume" in Path(rec.script).read_text()
-    final = wait(longer.output_dir, timeout=300, poll_s=1, env=slurm_cluster.env).points[point.point_id]
+    assert ' resume "${larscale_argv[@]}"' in Path(rec.script).read_text()       # launched with --resume
+    final = wait(longer.output_dir, timeout=900, poll_s=1, env=slurm_cluster.env).points[point.point_id]
     log = "\n".join(p.read_text()[-3000:] for p in (longer.output_dir / "logs").glob("*.out"))
     assert final.state == "complete" and final.exit_status == 0, (final, log)
     summary = json.loads((Path(final.run_dir) / "summary.json").read_text())

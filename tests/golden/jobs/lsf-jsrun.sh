@@ -63,7 +63,10 @@ larscale_progress() {
   newest=$(ls "$1/checkpoints" 2>/dev/null | sed -n 's/^ckpt-\([0-9]\{8\}\)\.pt$/\1/p' | sort | tail -n 1)
   if [ -n "$newest" ]; then
     larscale_ckpt=$((10#$newest))
-    larscale_ckpt_time=$(stat -c %Y "$1/checkpoints/ckpt-$newest.pt" 2>/dev/null || echo 0)
+    larscale_ckpt_time=$(stat -c %.9Y "$1/checkpoints/ckpt-$newest.pt" 2>/dev/null)
+    case $larscale_ckpt_time in  # coreutils without %.9Y: whole seconds
+      '' | *[!0-9.]*) larscale_ckpt_time=$(stat -c %Y "$1/checkpoints/ckpt-$newest.pt" 2>/dev/null || echo 0) ;;
+    esac
   fi
 }
 # larscale_run POINT RUN_DIR new|resume COMMAND...: run one point, one line per attempt start and end in
@@ -110,7 +113,7 @@ larscale_run() {
     esac
     line=$(printf '{"event": "end", "attempt": %d, "job": "%s", "exit": %d, "steps": %d, ' \
       "$attempt" "$larscale_job" "$rc" "$larscale_steps")
-    printf '%s"checkpoint": %d, "checkpoint_time": %d, "time": %s, "why": "%s"}\n' \
+    printf '%s"checkpoint": %d, "checkpoint_time": %s, "time": %s, "why": "%s"}\n' \
       "$line" "$larscale_ckpt" "$larscale_ckpt_time" "$(date +%s.%N)" "$why" >> "$records"
     if [ "$rc" -eq 0 ] || [ "$rc" -eq 75 ] || [ -n "$why" ]; then break; fi
     retries=$((retries + 1)) reached=$larscale_steps mode=resume requeue=false

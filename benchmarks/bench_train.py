@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,7 @@ import torch
 import models
 backend, name = sys.argv[1], sys.argv[2]
 batch, image, steps, warmup = (int(a) for a in sys.argv[3:7])
+out_prefix = sys.argv[7]
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = models.get(name, framework="torch", num_classes=1000, image_size=image)
@@ -76,7 +78,8 @@ for step in range(steps):
     opt.step()
     opt.zero_grad()
     times.append(time.perf_counter() - t)
-print("BARE " + json.dumps({"rank": rank, "times": times[warmup:]}), flush=True)
+with open(f"{out_prefix}-{rank}.json", "w") as handle:  # a file per rank: ranks' stdout lines can interleave
+    json.dump(times[warmup:], handle)
 '''
 
 
@@ -90,14 +93,16 @@ def run(argv: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
 
 def bare(backend: str, model: str, batch: int, image: int, steps: int, warmup: int) -> list[float]:
     """The bare loop's per-step times (slowest rank) after warm-up."""
-    program = [sys.executable, "-c", BARE, backend, model, str(batch), str(image), str(steps), str(warmup)]
+    prefix = Path(tempfile.mkdtemp(prefix="larscale-bare-")) / "times"
+    program = [sys.executable, "-c", BARE, backend, model, str(batch), str(image), str(steps), str(warmup),
+               str(prefix)]
     if backend == "ddp":  # torchrun runs a script, not -c: write the loop to a file beside the run
         script = Path(tempfile.gettempdir()) / f"larscale-bare-ddp-{os.getpid()}.py"
         script.write_text(BARE)
         program = [sys.executable, str(script), *program[3:]]
-    proc = run(rank_command(2, program, controller=LAUNCHER[backend]))
-    per_rank = [json.loads(line.split("BARE ", 1)[1])["times"] for line in proc.stdout.splitlines()
-                if line.startswith("BARE ")]
+    run(rank_command(2, program, controller=LAUNCHER[backend]))
+    per_rank = [json.loads(Path(f"{prefix}-{rank}.json").read_text()) for rank in range(2)]
+    shutil.rmtree(prefix.parent, ignore_errors=True)
     return [max(ts) for ts in zip(*per_rank, strict=True)]
 
 

@@ -57,7 +57,7 @@ def test_seed_machines_match_reference() -> None:
         (lambda d: d["node"]["devices"].update(peak_tflops={"fp16": 1.0}), "node.devices.peak_tflops", "fp32"),
         (lambda d: d["limits"].update(max_walltime="25 hours"), "limits.max_walltime", "HH:MM:SS"),
         (lambda d: d.update(name="My Machine"), "name", "lowercase"),
-        (lambda d: d["env"].append(3), "env[0]", "expected a string"),
+        (lambda d: d["env"].insert(0, 3), "env[0]", "expected a string"),
         (lambda d: d["network"].update(intra_node="fast"), "network.intra_node", "expected a mapping"),
     ],
 )

@@ -45,13 +45,9 @@ def profile_flags(plan: Plan, name: str) -> list[str]:
     return list(plan.machine.launcher_flags) if plan.machine.launcher == name else []
 
 
-def field_of_launcher(plan: Plan) -> str:
-    """The field a user changes to pick another launcher, for error messages."""
-    return "job.launcher" if plan.spec.job.launcher else f"machine.launcher (profile {plan.machine.name!r})"
-
-
 class Launcher:
-    """Base class: a launcher that starts Horovod ranks only and needs no setup lines."""
+    """Base class. A launcher starts Horovod ranks unless it lists more ``backends``; for ddp ranks the job
+    exports the rendezvous (MASTER_ADDR/MASTER_PORT) before its points."""
 
     name: ClassVar[str]
     backends: ClassVar[tuple[str, ...]] = ("horovod",)

@@ -742,14 +742,17 @@ class ComputeFit:
 def _line_through(x: np.ndarray, y: np.ndarray, default_intercept_over_slope: float, what: str,
                   notes: list[str]) -> tuple[float, float]:
     """``(1/slope, intercept/slope)`` of a relative-error line ``y = x/k + h/k`` through the points (k, h);
-    with one x only, h is kept at the default and k fitted."""
+    with one x only, or when the points do not rise with x (noise on a shared machine inverted two nearby
+    batches), h is kept at the default and k fitted alone, and a note says so."""
+    half = default_intercept_over_slope
     if len(set(x.tolist())) >= 2:
         slope, intercept = _fit_relative_to(np.column_stack([x, np.ones_like(x)]), y, y)
-        if slope <= 0:
-            raise CalibrationError("compute fit gave a non-positive slope: step time does not grow with batch")
-        return 1.0 / slope, intercept / slope
-    half = default_intercept_over_slope
-    notes.append(f"one per-rank batch only: {what} half-efficiency batch kept at {half:g}, the rate fitted")
+        if slope > 0:
+            return 1.0 / slope, intercept / slope
+        notes.append(f"{what}: the step times do not grow with the batch (noise): half-efficiency batch kept at "
+                     f"{half:g}, the rate fitted alone")
+    else:
+        notes.append(f"one per-rank batch only: {what} half-efficiency batch kept at {half:g}, the rate fitted")
     return float(np.median((x + half) / y)), half
 
 
@@ -794,14 +797,7 @@ def fit_compute(runs: Sequence[RunMeasurement], peak_flops_per_device: float, co
         if np.any(busy <= 0):
             raise CalibrationError("the roofline model's host time alone exceeds a measured step")
         yr = busy * x / np.array([modelled[id(p[0])].device_s for p in points])
-        try:
-            scale, roofline_half = _line_through(x, yr, default_roofline_half_batch, "roofline", notes)
-        except CalibrationError:
-            # Noise inverted the batches' order against the model: keep h, fit the scale alone.
-            roofline_half = default_roofline_half_batch
-            scale = float(np.median((x + roofline_half) / yr))
-            notes.append(f"roofline: the runs' step times do not grow with batch as the model's do (noise): "
-                         f"half-efficiency batch kept at {roofline_half:g}, the scale fitted alone")
+        scale, roofline_half = _line_through(x, yr, default_roofline_half_batch, "roofline", notes)
         roofline_half = max(roofline_half, 0.0)
     records = []
     for run, key, flops, devices, _ in points:

@@ -234,3 +234,16 @@ def test_rates_check_their_inputs() -> None:
     assert rates.library_memory_bytes_per_s == rates.memory_bytes_per_s
     with pytest.raises(ValueError, match="needs rates"):
         PerfParams.from_machine(load_machine("local")).replace(rates=None)
+
+
+def test_noise_that_inverts_two_batches_keeps_h_and_fits_the_rate() -> None:
+    # On a shared machine b=4 once ran faster per step than b=2: calibration must not fail on it.
+    runs = [RunMeasurement(path=f"r{b}", model="resnet50", image_size=64, ranks=1, batch_per_rank=b,
+                           threads_per_rank=1, steps_measured=5, step_s=t, step_s_mean=t, busy_s=t, allreduce_s=0.0,
+                           compute_s=t, optimizer_s=0.0, data_s=0.0) for b, t in ((2, 0.9), (4, 0.8))]
+    points = {"r2": RooflinePoint(0.4, 0.0, 2.0), "r4": RooflinePoint(0.6, 0.0, 4.0)}
+    fit = fit_compute(runs, 1e11, default_half_efficiency_batch=2.0, roofline=lambda run: points[run.path],
+                      default_roofline_half_batch=1.0)
+    assert fit.half_efficiency_batch == 2.0 and fit.roofline_half_batch == 1.0
+    assert fit.sustained_fraction > 0 and fit.efficiency_scale > 0
+    assert sum("do not grow with the batch" in note for note in fit.notes) == 2

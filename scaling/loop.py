@@ -271,6 +271,7 @@ def run_rank(config: TrainConfig, framework: Any, comm: Any) -> int:
                 if agreed_stop:
                     raise StopRequested
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < plan.total_steps:
+                    log_steps(all_of_them=True)  # every step before a checkpoint is in the log, as a resume expects
                     run.save_checkpoint(step)
                 boundary = clock.mark()
             log_steps(all_of_them=True)

@@ -241,7 +241,7 @@ def test_noise_that_inverts_two_batches_keeps_h_and_fits_the_rate() -> None:
     runs = [RunMeasurement(path=f"r{b}", model="resnet50", image_size=64, ranks=1, batch_per_rank=b,
                            threads_per_rank=1, steps_measured=5, step_s=t, step_s_mean=t, busy_s=t, allreduce_s=0.0,
                            compute_s=t, optimizer_s=0.0, data_s=0.0) for b, t in ((2, 0.9), (4, 0.8))]
-    points = {"r2": RooflinePoint(0.4, 0.0, 2.0), "r4": RooflinePoint(0.6, 0.0, 4.0)}
+    points = {"r2": RooflinePoint(0.4, 0.0, 2.0), "r4": RooflinePoint(0.8, 0.0, 4.0)}
     fit = fit_compute(runs, 1e11, default_half_efficiency_batch=2.0, roofline=lambda run: points[run.path],
                       default_roofline_half_batch=1.0)
     assert fit.half_efficiency_batch == 2.0 and fit.roofline_half_batch == 1.0

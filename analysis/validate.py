@@ -74,16 +74,35 @@ class LoadTrace:
     def add(self, when: float, load: float) -> None:
         self.samples.append((when, load))
 
-    def mean(self, start: str | None, end: str | None) -> float:
-        """Mean load over an ISO-8601 [start, end] window (the samples inside it, else the nearest one)."""
+    def mean(self, start: str | None, end: str | None, reach_s: float = 30.0) -> float:
+        """Mean load over an ISO-8601 [start, end] window: the samples inside it, else the nearest one within
+        ``reach_s`` of it; NaN when the trace did not cover that time (a point measured by an earlier run)."""
         if not self.samples or not start or not end:
             return math.nan
         t0, t1 = (_dt.datetime.fromisoformat(t).timestamp() for t in (start, end))
         inside = [load for when, load in self.samples if t0 <= when <= t1]
         if inside:
             return statistics.fmean(inside)
-        middle = (t0 + t1) / 2
-        return min(self.samples, key=lambda s: abs(s[0] - middle))[1]
+        near = [(min(abs(when - t0), abs(when - t1)), load) for when, load in self.samples
+                if t0 - reach_s <= when <= t1 + reach_s]
+        return min(near)[1] if near else math.nan
+
+    def write(self, path: Path) -> None:
+        """CSV ``time,load1`` (so that a rerun that reuses measured points still has their evidence)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("time,load1\n" + "".join(f"{when:.3f},{load:.2f}\n" for when, load in sorted(self.samples)))
+
+    @classmethod
+    def read(cls, path: Path) -> LoadTrace:
+        trace = cls()
+        if path.exists():
+            for line in path.read_text().splitlines()[1:]:
+                try:
+                    when, load = (float(x) for x in line.split(","))
+                except ValueError:
+                    continue                  # a torn last line of an interrupted run
+                trace.add(when, load)
+        return trace
 
 
 @dataclass(frozen=True)
@@ -133,7 +152,8 @@ def diagnose(rows: list[dict[str, Any]], trace: LoadTrace, cores: int, calibrati
         elif reasons:
             verdict = "machine noise: " + "; ".join(reasons)
         else:
-            verdict = (f"model error: {error:+.0%} with the machine as calibrated (load {load:.1f}"
+            seen = f"load {load:.1f}" if math.isfinite(load) else "load not sampled"
+            verdict = (f"model error: {error:+.0%} with the machine as calibrated ({seen}"
                        + (f", repeat {drift:+.0%}" if same else "") + ")")
         out.append({**row, "load_avg": load, "repeat_s": repeat_s, "drift": drift, "verdict": verdict})
     return out

@@ -254,12 +254,14 @@ class LoadSampler:
     """Samples this machine's 1-minute load average every ``interval_s`` in a background thread: the evidence
     the report puts beside each point (a point measured while other processes competed for the cores)."""
 
-    def __init__(self, interval_s: float = 2.0) -> None:
+    def __init__(self, interval_s: float = 2.0, path: Path | None = None) -> None:
         import threading
 
         from analysis.validate import LoadTrace
 
-        self.trace = LoadTrace()
+        # Earlier samples of this output directory: a rerun that reuses measured points keeps their evidence.
+        self.path = path
+        self.trace = LoadTrace.read(path) if path is not None else LoadTrace()
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)
@@ -280,6 +282,8 @@ class LoadSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self.path is not None:
+            self.trace.write(self.path)
 
 
 def calibrate_local(cfg: DemoConfig, bench_csv: Path, one_rank_runs: list[Path]) -> Path:
@@ -346,7 +350,7 @@ def run_demo(cfg: DemoConfig) -> int:
     started = time.monotonic()
     prepare_output(cfg)
     report = Report(cfg.out, "larscale demo: a scaling study on this machine, explained")
-    sampler = LoadSampler()
+    sampler = LoadSampler(path=cfg.out / "data" / "load_trace.csv")
     sampler.__enter__()
     report.text(f"Mode: {'quick' if cfg.quick else 'full'}; scheduler: {cfg.scheduler}; {cfg.steps} steps per "
                 f"point, {cfg.batch_per_rank} images per rank (weak) / global batch {2 * cfg.batch_per_rank} "

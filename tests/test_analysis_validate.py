@@ -38,6 +38,16 @@ def test_load_trace_mean_over_a_window() -> None:
     assert t.mean(at(5), at(25)) == pytest.approx(4.0)
     assert t.mean(at(11), at(12)) == pytest.approx(3.0)          # no sample inside: the nearest
     assert math.isnan(LoadTrace().mean(at(0), at(1)))
+    assert math.isnan(t.mean(at(100), at(110)))                   # not covered (an earlier run's point)
+
+
+def test_load_trace_round_trips_through_its_csv(tmp_path) -> None:
+    t = trace([(0, 1.0), (10, 3.0)])
+    t.write(tmp_path / "data" / "load.csv")
+    with (tmp_path / "data" / "load.csv").open("a") as handle:
+        handle.write("17000")                                     # a torn last line
+    again = LoadTrace.read(tmp_path / "data" / "load.csv")
+    assert again.mean(at(0), at(10)) == pytest.approx(2.0) and len(again.samples) == 2
 
 
 def test_verdicts_follow_the_error_and_the_evidence() -> None:

@@ -117,23 +117,29 @@ def test_real_two_point_sweep_is_collected_with_throughput(two_point_sweep) -> N
 @pytest.mark.slow
 def test_walltime_signal_checkpoint_and_resubmission(slurm_cluster: SlurmCluster, two_point_sweep,
                                                      tmp_path: Path) -> None:
-    """--time=1 min, work of ~75 s: Slurm's time-limit check (every 30 s) sends USR1 55 s before the limit,
-    i.e. within ~31 s of the start; the trainer stops with a checkpoint (exit 75); resubmitted with more time
-    and --resume, the point completes with every planned step done."""
+    """--time=2 min, work of 120 s or more: Slurm's time-limit check (every 30 s) sends USR1 55 s before the limit,
+    i.e. 65-95 s after the start (time for the trainer to start and install its handlers even on a busy
+    machine: a rank that gets SIGUSR1 before that dies of it); the trainer stops with a checkpoint (exit 75);
+    resubmitted with more time and --resume, the point completes with every planned step done."""
+    from larscale.runformat import read_steps, step_log_path
+
     _, manifest, calibration = two_point_sweep
     assert {r.state for r in manifest.points.values()} == {"complete"}, "the 2-point sweep failed"
-    step_s = float(calibration.table.sort_values("ranks")["median_step_s"].iloc[-1])
-    steps = max(200, math.ceil(75.0 / step_s))
+    # Steps for 120 s at the fastest step the 2-rank point of the sweep took, so the work surely outlasts the
+    # signal (its median includes the slow first steps: sized on it, the run could end before the signal).
+    two_ranks = Path(calibration.table.sort_values("ranks")["run_dir"].iloc[-1])
+    step_s = min(r["step_s"] for rank in (0, 1) for r in read_steps(step_log_path(two_ranks, rank)))
+    steps = max(400, math.ceil(120.0 / step_s))
     profile = tmp_path / "test-slurm.yaml"
     profile.write_text(PROFILE)
-    spec = sweep_spec(profile, "signal", steps=steps, walltime="00:01:00", checkpoint_every=10**6, log_every=10**6)
+    spec = sweep_spec(profile, "signal", steps=steps, walltime="00:02:00", checkpoint_every=10**6, log_every=10**6)
     spec["sweep"]["ranks_per_node"] = [2]
     short = plan(spec, output_dir=tmp_path / "out")
     (point,) = short.points
     script = submit(short, env=job_env(slurm_cluster)).points[point.point_id].script
-    assert "#SBATCH --time=00:01:00" in Path(script).read_text()
+    assert "#SBATCH --time=00:02:00" in Path(script).read_text()
     assert "#SBATCH --signal=B:USR1@55" in Path(script).read_text()
-    first = wait(short.output_dir, timeout=240, poll_s=1, env=slurm_cluster.env).points[point.point_id]
+    first = wait(short.output_dir, timeout=400, poll_s=1, env=slurm_cluster.env).points[point.point_id]
     log = "\n".join(p.read_text()[-3000:] for p in (short.output_dir / "logs").glob("*.out"))
     assert first.state == "interrupted" and first.exit_status == 75, (first, log)
     summary = json.loads((Path(first.run_dir) / "summary.json").read_text())
@@ -141,13 +147,13 @@ def test_walltime_signal_checkpoint_and_resubmission(slurm_cluster: SlurmCluster
     assert summary["checkpoint"] and Path(summary["checkpoint"]).exists()
     done_before = summary["steps_done"]
 
-    spec["job"]["walltime"] = "00:10:00"
+    spec["job"]["walltime"] = "00:19:00"      # the queue's limit: room for the rest at any plausible pace
     longer = plan(spec, output_dir=tmp_path / "out")
     manifest = submit(longer, env=job_env(slurm_cluster))
     rec = manifest.points[point.point_id]
     assert len(rec.attempts) == 2 and rec.attempts[-1].resume and rec.script.endswith(".try2.sh")
     assert ' resume "${larscale_argv[@]}"' in Path(rec.script).read_text()       # launched with --resume
-    final = wait(longer.output_dir, timeout=900, poll_s=1, env=slurm_cluster.env).points[point.point_id]
+    final = wait(longer.output_dir, timeout=1500, poll_s=1, env=slurm_cluster.env).points[point.point_id]
     log = "\n".join(p.read_text()[-3000:] for p in (longer.output_dir / "logs").glob("*.out"))
     assert final.state == "complete" and final.exit_status == 0, (final, log)
     summary = json.loads((Path(final.run_dir) / "summary.json").read_text())

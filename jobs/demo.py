@@ -429,8 +429,8 @@ def run_demo(cfg: DemoConfig) -> int:
         shown[column] = [f"{x:+.1%}" if x == x else "–" for x in shown[column]]
     report.table(shown)
     report.plot("predicted_vs_measured", plots.predicted_vs_measured(
-        [f"{m} {r}r B={b}" for m, r, b in zip(comparison["model"], comparison["ranks"], comparison["global_batch"],
-                                            strict=True)],
+        [f"{m} {r}r B={b} ({sweep.rsplit('-', 1)[-1]})" for m, r, b, sweep in zip(
+            comparison["model"], comparison["ranks"], comparison["global_batch"], comparison["sweep"], strict=True)],
         comparison["predicted_s"], comparison["measured_s"], cfg.out / "plots" / "predicted_vs_measured",
         tolerance=0.20, title="Iteration time on this machine: predicted vs measured"),
         "Predicted vs measured iteration time (band: ±20 %).")

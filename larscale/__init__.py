@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
 
 # Order is the order in `larscale --help`: from the network definitions up to the planning tools.
 PACKAGES = ("models", "scaling", "jobs", "analysis")
@@ -32,15 +34,42 @@ class UsageError(Exception):
     """A bad input from the user: reported as one clear line, exit status 2."""
 
 
+# Where launchers put a process's rank before any library is initialised (torchrun, Open MPI, PMI/Slurm, Horovod).
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID", "HOROVOD_RANK")
+
+
+def launcher_rank(environ: Mapping[str, str] | None = None) -> int | None:
+    """This process's rank as its launcher announced it, or None when no launcher did (a lone process)."""
+    env = os.environ if environ is None else environ
+    for name in RANK_VARIABLES:
+        value = env.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def errors_once(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every rank of a job parses the same command line, so a mistake in it is printed by rank 0 alone (all exit
+    2): one line per job, not one per rank."""
+    def error(message: str) -> NoReturn:
+        if launcher_rank() in (None, 0):
+            parser.print_usage(sys.stderr)
+            parser.exit(2, f"{parser.prog}: error: {message}\n")
+        parser.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
 Registrar = Callable[[argparse._SubParsersAction], None]
 
 
 def build_parser(packages: Sequence[str], prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = errors_once(argparse.ArgumentParser(
         prog=prog,
-        description="Large-batch CNN training at scale: train with Horovod, sweep on schedulers, "
+        description="Large-batch CNN training at scale: train with Horovod or DDP, sweep on schedulers, "
         "model communication vs computation, plan allocations.",
-    )
+    ))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for package in packages:
         importlib.import_module(f"{package}.cli").register(subparsers)

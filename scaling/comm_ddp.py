@@ -303,8 +303,13 @@ class DistributedDataParallel:
         return self._gradients
 
     def close(self) -> None:
+        """Leave together, then tear the process groups down before the interpreter exits: rank 0 hosts the
+        rendezvous store (srun, mpirun), and a rank still tearing its Gloo threads down when the store's host is
+        gone was seen to abort at exit ("terminate called without an active exception", exit 134)."""
         import torch.distributed as dist
 
         if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                self.barrier()
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()

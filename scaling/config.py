@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from larscale import errors_once
 from larscale.runformat import DEFAULT_WARMUP_STEPS
 
 FRAMEWORKS = ("torch", "tensorflow")
@@ -86,6 +87,7 @@ class TrainConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``larscale train`` (see larscale/RUN_FORMAT.md for what a run writes)."""
+    errors_once(parser)
     d = TrainConfig()
     a = parser.add_argument
     a("--model", default=d.model, help="network from models/ (larscale models list), or 'tiny' (no-BN test net)")

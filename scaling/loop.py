@@ -38,7 +38,7 @@ from typing import Any
 from larscale.runformat import EXIT_COMPLETE, EXIT_FAILED, EXIT_RESUMABLE, StepLog
 from scaling import checkpoint as ckpt
 from scaling.config import TrainConfig, usage_error
-from scaling.rank import RankStart, log, start_rank
+from scaling.rank import RankStart, StopFlag, log, start_rank
 from scaling.runplan import RunPlan, checkpoints_planned, dataset_facts, make_plan, train_set_size
 from scaling.summary import Progress, StepTimes, build_summary, write_summary
 
@@ -186,11 +186,12 @@ def resume_header(run: Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return header, state
 
 
-def run_rank(config: TrainConfig, framework: Any, comm: Any) -> int:
-    """One rank's whole run. Returns the exit status (raises UsageError for the user's mistakes)."""
+def run_rank(config: TrainConfig, framework: Any, comm: Any, stop: StopFlag) -> int:
+    """One rank's whole run. Returns the exit status (raises UsageError for the user's mistakes). ``stop`` is the
+    installed SIGTERM/SIGUSR1 flag; the run restores the previous handlers when it ends."""
     spec, image_size, num_classes = dataset_facts(config)
     framework.preflight()
-    start = start_rank(comm, framework.setup, config.stall_timeout)
+    start = start_rank(comm, framework.setup, config.stall_timeout, stop)
     info = start.info
     rank, ranks = info.rank, info.ranks
     plan = make_plan(config, ranks, train_set_size(spec, config.seed), image_size, num_classes)
@@ -312,7 +313,6 @@ def run_rank(config: TrainConfig, framework: Any, comm: Any) -> int:
         return EXIT_FAILED
     finally:
         step_log.close()
-        start.stop.restore()
         start.watchdog.stop()
 
 

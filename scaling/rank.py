@@ -17,14 +17,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from larscale.runformat import EXIT_STALLED
-
-# Where launchers put a process's rank before any library is initialised (torchrun, Open MPI, PMI/Slurm, Horovod).
-RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID", "HOROVOD_RANK")
 
 
 @dataclass
@@ -35,16 +32,6 @@ class RankInfo:
     local_size: int
     controller: str
     host: str = field(default_factory=socket.gethostname)
-
-
-def launcher_rank(environ: Mapping[str, str] | None = None) -> int | None:
-    """This process's rank as its launcher announced it, or None when no launcher did (a lone process)."""
-    env = os.environ if environ is None else environ
-    for name in RANK_VARIABLES:
-        value = env.get(name, "").strip()
-        if value.isdigit():
-            return int(value)
-    return None
 
 
 def utc_now() -> str:
@@ -158,8 +145,10 @@ class RankStart:
     startup_timeout: float      # collectives before the first step wait for slow starters this long
 
 
-def start_rank(comm: Any, setup_device: Callable[[RankInfo], Any], stall_timeout: float) -> RankStart:
-    """The start-up every run shares: join the job, set up the device, start the watchdog, learn the topology."""
+def start_rank(comm: Any, setup_device: Callable[[RankInfo], Any], stall_timeout: float,
+               stop: StopFlag) -> RankStart:
+    """The start-up every run shares: join the job, set up the device, start the watchdog, learn the topology.
+    ``stop`` was installed before anything heavy was imported (a stop signal during start-up is a stop request)."""
     info = comm.start()
     started_at = utc_now()
     device = setup_device(info)
@@ -169,5 +158,5 @@ def start_rank(comm: Any, setup_device: Callable[[RankInfo], Any], stall_timeout
     # set-up because TensorFlow fixes its thread pools at its first op.
     with watchdog.waiting("topology gather", startup_timeout):
         topology = comm.allgather_object((info.host, info.local_size), name="larscale.topology")
-    return RankStart(info, device, watchdog, [t[0] for t in topology], [t[1] for t in topology],
-                     StopFlag().install(), started_at, startup_timeout)
+    return RankStart(info, device, watchdog, [t[0] for t in topology], [t[1] for t in topology], stop, started_at,
+                     startup_timeout)

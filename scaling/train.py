@@ -23,8 +23,9 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from larscale import launcher_rank
 from scaling.config import TrainConfig, add_arguments, check_config, config_from_args
-from scaling.rank import launcher_rank
+from scaling.rank import StopFlag
 from scaling.runplan import check_output_dir
 
 if TYPE_CHECKING:
@@ -56,6 +57,16 @@ def build_communicator(config: TrainConfig) -> Communicator:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``larscale train``: validate, build the framework and the communicator, run. Returns the status."""
+    # First of all, before torch, TensorFlow or Horovod load (seconds): a scheduler's stop signal that comes during
+    # start-up must ask for a stop, not kill the rank (SIGUSR1's default action) and leave its peers hanging.
+    stop = StopFlag().install()
+    try:
+        return _run(args, stop)
+    finally:
+        stop.restore()
+
+
+def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     from scaling.loop import run_rank
 
     config = config_from_args(args)
@@ -70,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     framework = build_framework(config)
     comm = build_communicator(config)
     try:
-        return run_rank(config, framework, comm)
+        return run_rank(config, framework, comm, stop)
     finally:
         comm.close()
 

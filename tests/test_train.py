@@ -296,3 +296,33 @@ def test_checkpoint_latest_skips_incomplete_files(tmp_path: Path) -> None:
     assert state["step"] == 10 and state["w"] == [3] and path.name == "ckpt-00000010.pt"
     ckpt.save(tmp_path, 25, {"w": []}, keep=2)
     assert [s for s, _ in ckpt.listed(tmp_path)] == [20, 25]
+
+
+@pytest.mark.slow
+def test_stop_signal_during_start_up_is_a_stop_request(tmp_path: Path) -> None:
+    """SIGUSR1 (Slurm's pre-walltime signal) reaching a rank while it still imports torch and joins the job: the
+    handler is installed before anything heavy loads, so the run stops at its first step boundary with a
+    checkpoint and exit 75 instead of the rank dying and its peer waiting for it."""
+    out = tmp_path / "early"
+    proc = start_ranks(2, [*TINY, "--batch-per-rank", "4", "--steps", "50", "--optimizer", "sgd", "--threads", "1",
+                           "--out", str(out)])
+    try:
+        deadline = time.monotonic() + 60
+        ranks: dict = {}
+        while len(ranks) < 2 and time.monotonic() < deadline:
+            ranks = rank_processes(proc)
+            time.sleep(0.02)
+        assert sorted(ranks) == [0, 1], ranks
+        # Past the interpreter's start and the trainer's first lines (~0.1 s), long before torch and Horovod are up
+        # (seconds). Timed from when the rank was first seen: psutil's create_time drifts from the wall clock on VMs.
+        time.sleep(0.8)
+        assert not step_log_path(out, 1).exists(), "too late: the rank is already training"
+        ranks[1].send_signal(signal.SIGUSR1)
+        out_text, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
+    summary = validate_summary(json.loads((out / "summary.json").read_text()))
+    assert summary["status"] == "interrupted" and 1 <= summary["steps_done"] < 50
+    assert "stopped by SIGUSR1" in out_text or "stopped by a signal on another rank" in out_text

@@ -191,8 +191,12 @@ def bench_comm(cfg: DemoConfig) -> Path:
     if csv_path.exists():
         _say(f"  reusing {csv_path} (--fresh to measure again)")
         return csv_path
+    # Sizes a factor 2 apart and each sample at least 1 ms long (tests/test_predicted_vs_measured.py's settings):
+    # with a factor 4 and single-call samples, the 4-byte ping-pong once read 2.3 ms (a yielding rank's wake-up)
+    # against 1.2 us timed over many calls, and the α it bounds made ResNet-50's ~50 buckets 0.1 s too slow.
     argv = [sys.executable, "-m", "larscale", "bench-hvd", "--ranks", "2", "--max-bytes", cfg.bench_max_bytes,
-            "--factor", "4", "--warmup", "2", "--repetitions", "6", "--max-seconds-per-size", "3",
+            "--factor", "2", "--warmup", "2", "--repetitions", "10", "--min-rep-ms", "1",
+            "--max-seconds-per-size", "4",
             "--operations", "horovod_allreduce,horovod_allreduce_fused,pingpong,reduce_local",
             "--label", "local shared memory",
             "--launcher-args", "--mca mpi_yield_when_idle 1", "--out", str(csv_path)]

@@ -100,8 +100,13 @@ def run_plan(args: argparse.Namespace) -> int:
             print(f"\n--- script of job {groups[0].job_name} ---")
             print(render(the_plan, groups[0]), end="")
     if the_plan.refused:
-        raise UsageError(f"{len(the_plan.refused)} point(s) refused: "
-                         + "; ".join(f"{p.point_id}: {p.refused}" for p in the_plan.refused))
+        why = "; ".join(f"{p.point_id}: {p.refused}" for p in the_plan.refused)
+        planned = len(the_plan.points) - len(the_plan.refused)
+        if planned == 0:  # nothing left to plan: the spec is the mistake
+            raise UsageError(f"every point is refused: {why}")
+        # The rest is a plan: say what was left out and how to submit without it (exit 0, scripts can go on).
+        print(f"\n{len(the_plan.refused)} point(s) refused, {planned} planned; `larscale sweep submit "
+              f"--skip-refused` submits the planned ones", file=sys.stderr)
     return 0
 
 

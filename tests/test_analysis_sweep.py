@@ -71,8 +71,18 @@ def test_sweep_plan_command_lists_the_refused_point_and_plans_the_rest(tmp_path)
     path.write_text(yaml.safe_dump(knl_spec([1024, 2048, 4096, 8192])))
     proc = subprocess.run([sys.executable, "-m", "larscale", "sweep", "plan", str(path)], capture_output=True,
                           text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr  # the rest is a plan
     assert "walltime prediction failed" not in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "1 point(s) refused, 3 planned" in proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("n")]
     assert len(lines) == 4 and sum("REFUSED" in line for line in lines) == 1
     assert "3 runs" in proc.stdout
+
+
+def test_sweep_plan_with_every_point_refused_is_an_error(tmp_path) -> None:
+    path = tmp_path / "knl.yaml"
+    path.write_text(yaml.safe_dump(knl_spec([8192, 16384])))
+    proc = subprocess.run([sys.executable, "-m", "larscale", "sweep", "plan", str(path)], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 2 and "every point is refused" in proc.stderr and "Traceback" not in proc.stderr

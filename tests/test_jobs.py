@@ -140,7 +140,13 @@ def test_cli_plan_prints_cost_and_refuses_cleanly(tmp_path: Path) -> None:
     proc = run_cli("sweep", "plan", str(good), "--output", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     assert "10.50 node-hours" in proc.stdout and "n4-p8-b256" in proc.stdout
-    for spec, words in ((base_spec(sweep={"nodes": [1, 5000]}), "5000 nodes exceed the queue limit"),
+    # A point over the queue limit is refused with its reason; the rest is still a plan (exit 0).
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(yaml.safe_dump(base_spec(sweep={"nodes": [1, 5000]})))
+    proc = run_cli("sweep", "plan", str(partial))
+    assert proc.returncode == 0, proc.stderr
+    assert "5000 nodes exceed the queue limit" in proc.stdout and "1 point(s) refused, 1 planned" in proc.stderr
+    for spec, words in ((base_spec(sweep={"nodes": [5000]}), "5000 nodes exceed the queue limit"),
                         (base_spec(machine="nowhere"), "unknown machine 'nowhere'"),
                         (base_spec(sweep={"global_batch": 250}), "not divisible"),
                         (base_spec(sweep={"nodes": [1, -2]}), "sweep.nodes[1]: must be > 0")):

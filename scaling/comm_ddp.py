@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gc
 import math
 import os
 import socket
@@ -311,5 +312,9 @@ class DistributedDataParallel:
         if dist.is_initialized():
             with contextlib.suppress(Exception):
                 self.barrier()
+            # The DDP wrapper's reducer holds the process group: released first, so that destroying the group
+            # really ends its threads now rather than during the interpreter's shutdown.
+            self._gradients = None
+            gc.collect()
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()

@@ -83,6 +83,7 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     try:
         return run_rank(config, framework, comm, stop)
     finally:
+        del framework  # its model may hold the communicator's resources (DDP's process group): let go of them first
         comm.close()
 
 

@@ -18,6 +18,7 @@ the points) unless ``--fresh``, which moves the previous output aside rather tha
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -273,9 +274,9 @@ class LoadSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                load = float(Path("/proc/loadavg").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                return                      # no /proc: the report says the load is unknown
+                load = os.getloadavg()[0]
+            except OSError:
+                return                      # not obtainable here: the report says the load is unknown
             self.trace.add(time.time(), load)
             self._stop.wait(self.interval_s)
 
@@ -301,25 +302,17 @@ def calibrate_local(cfg: DemoConfig, bench_csv: Path, one_rank_runs: list[Path])
     return out
 
 
-def local_cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def calibration_load(comparison) -> float:
-    return float(comparison.attrs.get("calibration_load", float("nan")))
-
-
 def predicted_vs_measured(cfg: DemoConfig, complete, profile, calibration_runs: list[Path], trace):
     """Every completed point beside the calibrated profile's prediction, with the evidence (load average while it
-    ran, the calibration's repeat of a 1-rank point) and a verdict per point (analysis.validate.diagnose)."""
+    ran, the calibration's repeat of a 1-rank point) and a verdict per point (analysis.validate.diagnose); and
+    the mean load average while the calibration ran."""
     import statistics
 
     import pandas as pd
 
     from analysis.calibrate import read_run, workload_key
     from analysis.validate import Repeat, compare_runs, diagnose
+    from scaling.backend import cores_available
 
     rows = compare_runs([Path(d) for d in complete["run_dir"]], profile)
     for row, sweep in zip(rows, complete["sweep"], strict=True):
@@ -331,21 +324,11 @@ def predicted_vs_measured(cfg: DemoConfig, complete, profile, calibration_runs: 
     loads = [trace.mean(r.started_at, r.finished_at) for r in runs]
     loads = [x for x in loads if x == x]
     load = statistics.fmean(loads) if loads else float("nan")
-    frame = pd.DataFrame(diagnose(rows, trace, local_cores(), load, repeats))
-    frame.attrs["calibration_load"] = load
-    return frame
+    return pd.DataFrame(diagnose(rows, trace, cores_available(), load, repeats)), load
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    import pandas as pd
-
-    from analysis import plots
-    from analysis.plan import format_plan
-    from analysis.plan import plan as plan_allocation
-    from analysis.report import Report, markdown_table
-    from analysis.reproduce import headline_table, reproduce, target_machine_scaling
     from larscale import UsageError
-    from larscale.machine import load_machine
 
     if cfg.scheduler == "slurm":
         why = slurm_reachable()
@@ -353,9 +336,24 @@ def run_demo(cfg: DemoConfig) -> int:
             raise UsageError(f"--scheduler slurm: no Slurm reachable ({why})")
     started = time.monotonic()
     prepare_output(cfg)
+    # The load average is sampled for the whole study, and the trace is written however the study ends.
+    with LoadSampler(path=cfg.out / "data" / "load_trace.csv") as sampler:
+        return run_study(cfg, sampler.trace, started)
+
+
+def run_study(cfg: DemoConfig, trace, started: float) -> int:
+    """Steps 1-6 of the module docstring into ``cfg.out``; ``trace`` fills with load samples while they run."""
+    import pandas as pd
+
+    from analysis import plots
+    from analysis.plan import format_plan
+    from analysis.plan import plan as plan_allocation
+    from analysis.report import Report, markdown_table
+    from analysis.reproduce import headline_table, reproduce, target_machine_scaling
+    from larscale.machine import load_machine
+    from scaling.backend import cores_available
+
     report = Report(cfg.out, "larscale demo: a scaling study on this machine, explained")
-    sampler = LoadSampler(path=cfg.out / "data" / "load_trace.csv")
-    sampler.__enter__()
     report.text(f"Mode: {'quick' if cfg.quick else 'full'}; scheduler: {cfg.scheduler}; {cfg.steps} steps per "
                 f"point, {cfg.batch_per_rank} images per rank (weak) / global batch {2 * cfg.batch_per_rank} "
                 f"(strong); ResNet-50 at {cfg.resnet_image_size} px, AlexNet at 227 px; synthetic data; "
@@ -412,7 +410,8 @@ def run_demo(cfg: DemoConfig) -> int:
     bench_csv = bench_comm(cfg)
     calibration_runs = compute_calibration_runs(cfg)
     profile_path = calibrate_local(cfg, bench_csv, calibration_runs)
-    comparison = predicted_vs_measured(cfg, complete, load_machine(profile_path), calibration_runs, sampler.trace)
+    comparison, calibration_load = predicted_vs_measured(cfg, complete, load_machine(profile_path),
+                                                       calibration_runs, trace)
     report.data("predicted_vs_measured", comparison)
     report.section("3. Predicted vs measured (calibrated local profile)")
     report.text(f"Calibrated from `{bench_csv.name}` (bench-hvd: Horovod's allreduce, 2 ranks) and, in "
@@ -423,7 +422,7 @@ def run_demo(cfg: DemoConfig) -> int:
                 f"the profile's partial-node speed-up): `calibration/`; profile: `{profile_path.name}`. "
                 "Error = predicted / measured − 1, measured = the mean step of the slowest rank (a time-to-train "
                 "is the sum of the steps). `load_avg`: the 1-minute load average while the point ran (this "
-                f"machine has {local_cores()} cores; the calibration ran at {calibration_load(comparison):.1f}); "
+                f"machine has {cores_available()} cores; the calibration ran at {calibration_load:.1f}); "
                 "`repeat_s`: the calibration's run alone of the same 1-rank configuration, `drift` the point's "
                 "step ÷ that − 1. A point outside 20 % is put down to the machine only with that evidence.")
     shown = comparison[["sweep", "model", "ranks", "global_batch", "predicted_s", "predicted_compute_s",
@@ -486,6 +485,5 @@ def run_demo(cfg: DemoConfig) -> int:
             if image.stem in README_FIGURES:
                 shutil.copyfile(image, cfg.figures / image.name)
         _say(f"copied {len(README_FIGURES)} figures to {cfg.figures}")
-    sampler.__exit__()
     _say(f"\nreport: {index} ({time.monotonic() - started:.0f} s)")
     return 0 if len(complete) == len(results) else 1

@@ -1,0 +1,190 @@
+"""The public validation set at scale: published multi-GPU throughputs beside the model's predictions.
+
+``analysis/data/validation_scaling.yaml`` holds published data-parallel training throughputs (each row with its
+exact source), the clusters' public network facts, and the published 1-GPU rate of the same software at the same
+per-GPU batch. Each row becomes a machine profile (:func:`cluster_machine`): the catalog device, the cluster's
+links (NVLink or PCIe inside a node, ``nics_per_node`` × ``nic_gbps`` across nodes, GPUDirect RDMA or host
+staging), the framework's bucketing, and ``measured_images_per_s`` = the published 1-GPU rate, so the compute
+is the published one and the prediction judges only communication and what it costs the computation.
+
+Rows are split into ``fit`` (the rows the model's free constants were set on: analysis/README.md) and
+``held_out``; :func:`summary` gives each part's errors, with the multi-node points on their own (the targets).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from analysis.predict import predict
+from larscale.machine import MachineProfile, parse_machine
+
+VALIDATION_SET = Path(__file__).with_name("data") / "validation_scaling.yaml"
+SPLITS = ("fit", "held_out")
+# PCIe gen3 x16 per direction (the link of GPUs without NVLink), Gb/s.
+PCIE_GEN3_GBPS = 126.0
+
+
+@dataclass(frozen=True)
+class Framework:
+    """How a framework hands gradients to the collective (analysis/overlap.py's schedule)."""
+
+    fusion_mb: float            # bucket / fusion-buffer size
+    cycle_ms: float             # Horovod's background cycle (0: launched as soon as a bucket is full)
+    overlap: str                # "layerwise" or "none" (all gradients at the end of the backward pass)
+
+
+# DDP: 25 MiB buckets (torch.nn.parallel.DistributedDataParallel bucket_cap_mb); Horovod: 64 MiB fusion buffer and
+# the 5 ms cycle of its 0.1x releases; tf_cnn_benchmarks' replicated mode: one NCCL allreduce per variable as its
+# gradient is ready; TF2 tf.distribute: gradients packed and reduced in apply_gradients, after the backward pass;
+# Paddle (fuse_all_reduce_ops, 32 MB) and OneFlow: bucketed, launched during the backward pass.
+FRAMEWORKS: dict[str, Framework] = {
+    "pytorch_ddp": Framework(fusion_mb=25.0, cycle_ms=0.0, overlap="layerwise"),
+    "horovod": Framework(fusion_mb=64.0, cycle_ms=5.0, overlap="layerwise"),
+    "tf_replicated": Framework(fusion_mb=1e-6, cycle_ms=0.0, overlap="layerwise"),
+    "tf_distribute": Framework(fusion_mb=64.0, cycle_ms=0.0, overlap="none"),
+    "paddle": Framework(fusion_mb=32.0, cycle_ms=0.0, overlap="layerwise"),
+    "oneflow": Framework(fusion_mb=32.0, cycle_ms=0.0, overlap="layerwise"),
+}
+
+
+@dataclass(frozen=True)
+class ValidationRow:
+    id: str
+    cluster: str
+    framework: str
+    model: str
+    precision: str
+    batch: int
+    gpus: int
+    nodes: int
+    split: str
+    source: str
+    one_gpu: float              # published 1-GPU images/s
+    published: float            # published images/s of all GPUs
+    predicted: float
+    error: float                # predicted / published − 1
+    comm_exposed_s: float
+    iteration_s: float
+    low: float = math.nan       # the prediction interval, images/s
+    high: float = math.nan
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nodes > 1
+
+
+def load_set(path: Path = VALIDATION_SET) -> dict[str, Any]:
+    doc = yaml.safe_load(Path(path).read_text())
+    for row in doc["rows"]:
+        if row["split"] not in SPLITS:
+            raise ValueError(f"{path}: row {row['id']}: split must be one of {', '.join(SPLITS)}")
+        if row["framework"] not in FRAMEWORKS:
+            raise ValueError(f"{path}: row {row['id']}: unknown framework {row['framework']!r}")
+        if row["source"] not in doc["sources"] or row["cluster"] not in doc["clusters"]:
+            raise ValueError(f"{path}: row {row['id']}: its source or cluster is not described in the file")
+        if ("published" in row) == ("efficiency" in row):
+            raise ValueError(f"{path}: row {row['id']}: give either published images/s or efficiency")
+    return doc
+
+
+def cluster_machine(cluster: dict[str, Any], framework: str, model: str, batch: int, one_gpu: float,
+                    gpus_per_node: int, nodes: int) -> MachineProfile:
+    """A profile of the cluster running ``framework``, its compute pinned to the published 1-GPU rate."""
+    from analysis.devices import device
+
+    d = device(cluster["device"])
+    fw = FRAMEWORKS[framework]
+    if cluster["intra"] == "nvlink":
+        intra = {"bandwidth_gbps": d.nvlink_gbytes_per_s / 2 * 8, "latency_us": 5.0, "topology": "nvlink"}
+    else:
+        intra = {"bandwidth_gbps": PCIE_GEN3_GBPS, "latency_us": 5.0, "topology": "pcie"}
+    doc = {
+        "name": f"validation-{cluster['device']}", "scheduler": "slurm", "launcher": "srun",
+        "ranks_per_node": gpus_per_node,
+        "node": {"cores": 8 * gpus_per_node, "memory_gb": 64.0 * gpus_per_node,
+                 "devices": {"kind": d.kind, "model": d.model, "count": gpus_per_node,
+                             "peak_tflops": dict(d.peak_tflops),
+                             "memory_bandwidth_gbytes_per_s": d.memory_bandwidth_gbytes_per_s,
+                             **({"compute_units": d.compute_units} if d.compute_units else {})}},
+        "network": {"intra_node": intra,
+                    "inter_node": {"bandwidth_gbps": cluster["nics_per_node"] * cluster["nic_gbps"],
+                                   "latency_us": cluster["nic_latency_us"], "topology": "fat-tree"},
+                    "algorithm": "nccl", "reduce_gbytes_per_s": d.memory_bandwidth_gbytes_per_s / 3,
+                    "fusion_buffer_mb": fw.fusion_mb, "cycle_time_ms": fw.cycle_ms, "overlap": fw.overlap},
+        "limits": {"max_nodes": max(nodes, 1), "max_walltime": "24:00:00"},
+        "compute": {"model": "roofline", "measured_images_per_s": {model: {int(batch): float(one_gpu)}}},
+    }
+    return parse_machine(doc, f"validation cluster {cluster['device']}")
+
+
+def validate_rows(path: Path = VALIDATION_SET) -> list[ValidationRow]:
+    """Every row of the validation set predicted (one scalar call each; the set is small)."""
+    doc = load_set(path)
+    out = []
+    for row in doc["rows"]:
+        cluster = doc["clusters"][row["cluster"]]
+        gpus, nodes = int(row["gpus"]), int(row["nodes"])
+        per_node = gpus // nodes
+        machine = cluster_machine(cluster, row["framework"], row["model"], int(row["batch"]), float(row["one_gpu"]),
+                                  per_node, nodes)
+        result = predict(row["model"], machine, nodes, gpus * int(row["batch"]), 1, ranks_per_node=per_node,
+                         precision=row["precision"]).record(0)
+        published = (float(row["published"]) if "published" in row
+                     else float(row["efficiency"]) * gpus * float(row["one_gpu"]))
+        predicted = result["images_per_s"]
+        out.append(ValidationRow(
+            id=row["id"], cluster=row["cluster"], framework=row["framework"], model=row["model"],
+            precision=row["precision"], batch=int(row["batch"]), gpus=gpus, nodes=nodes, split=row["split"],
+            source=row["source"], one_gpu=float(row["one_gpu"]), published=published, predicted=predicted,
+            error=predicted / published - 1.0, comm_exposed_s=result["comm_exposed_s"],
+            iteration_s=result["iteration_s"], low=result.get("images_per_s_low", math.nan),
+            high=result.get("images_per_s_high", math.nan)))
+    return out
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    split: str
+    points: int
+    multi_node_points: int
+    max_abs_error_multi_node: float
+    median_error_multi_node: float
+    over: int                   # multi-node points predicted faster than published
+    under: int
+    median_abs_error: float     # all points of the split
+
+    def line(self) -> str:
+        return (f"{self.split}: {self.points} points (median |error| {self.median_abs_error:.1%}); multi-node "
+                f"{self.multi_node_points}: max |error| {self.max_abs_error_multi_node:.1%}, median error "
+                f"{self.median_error_multi_node:+.1%}, {self.over} over / {self.under} under")
+
+
+def summary(rows: list[ValidationRow]) -> dict[str, SplitSummary]:
+    out = {}
+    for split in SPLITS:
+        part = [r for r in rows if r.split == split]
+        multi = [r.error for r in part if r.multi_node]
+        out[split] = SplitSummary(
+            split=split, points=len(part), multi_node_points=len(multi),
+            max_abs_error_multi_node=max((abs(e) for e in multi), default=math.nan),
+            median_error_multi_node=statistics.median(multi) if multi else math.nan,
+            over=sum(e > 0 for e in multi), under=sum(e < 0 for e in multi),
+            median_abs_error=statistics.median(abs(r.error) for r in part) if part else math.nan)
+    return out
+
+
+def table(rows: list[ValidationRow]) -> str:
+    """Markdown: every row's published and predicted images/s, its error and interval."""
+    lines = ["| id | split | model | precision | GPUs | nodes | framework | 1 GPU | published | predicted | error "
+             "| interval |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        band = "" if math.isnan(r.low) else f"{r.low:,.0f}-{r.high:,.0f}"
+        lines.append(f"| {r.id} | {r.split} | {r.model} | {r.precision} | {r.gpus} | {r.nodes} | {r.framework} "
+                     f"| {r.one_gpu:,.0f} | {r.published:,.0f} | {r.predicted:,.0f} | {r.error:+.1%} | {band} |")
+    return "\n".join(lines)

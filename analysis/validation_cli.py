@@ -1,0 +1,45 @@
+"""`larscale validate`: the model against the public validation set at scale (analysis/validation.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    v = subparsers.add_parser(
+        "validate", help="predict every published multi-GPU throughput of the validation set and print the errors",
+        description="Predict each row of analysis/data/validation_scaling.yaml (published data-parallel "
+        "throughputs, the published 1-GPU rate and the cluster's network facts) and print every row's error, "
+        "then each split's summary (fit: the rows the model's constants were set on; held_out: the rest).")
+    v.add_argument("--set", dest="path", default=None, help="another validation YAML of the same form")
+    v.add_argument("--split", choices=("fit", "held_out"), default=None, help="print only this part's rows")
+    v.add_argument("--format", choices=("text", "json"), default="text")
+    v.set_defaults(handler=run_validate)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from analysis.validation import VALIDATION_SET, summary, table, validate_rows
+    from larscale import UsageError
+
+    path = Path(args.path) if args.path else VALIDATION_SET
+    if not path.exists():
+        raise UsageError(f"--set: {path} does not exist")
+    try:
+        rows = validate_rows(path)
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"--set {path}: {err}") from None
+    shown = [r for r in rows if args.split is None or r.split == args.split]
+    parts = summary(rows)
+    if args.format == "json":
+        print(json.dumps({"rows": [asdict(r) for r in shown],
+                          "summary": {k: asdict(v) for k, v in parts.items()}}, indent=2))
+        return 0
+    print(table(shown))
+    print()
+    for part in parts.values():
+        print(part.line())
+    return 0

@@ -1,0 +1,63 @@
+"""The public validation set at scale: every row sourced and predicted; the held-out targets."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from analysis.validation import VALIDATION_SET, load_set, summary, validate_rows
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return validate_rows()
+
+
+def test_every_row_has_its_source_cluster_and_split() -> None:
+    doc = load_set()
+    assert {r["split"] for r in doc["rows"]} == {"fit", "held_out"}
+    for row in doc["rows"]:
+        assert doc["sources"][row["source"]].strip()
+        cluster = doc["clusters"][row["cluster"]]
+        assert cluster["nics_per_node"] >= 1 and cluster["nic_gbps"] > 0
+    held_multi = [r for r in doc["rows"] if r["split"] == "held_out" and r["nodes"] > 1]
+    assert len(held_multi) >= 10
+
+
+def test_one_gpu_rows_reproduce_the_published_rate_exactly(tmp_path) -> None:
+    doc = load_set()
+    row = dict(doc["rows"][0], id="one", gpus=1, nodes=1, published=doc["rows"][0]["one_gpu"])
+    doc["rows"] = [row]
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    (only,) = validate_rows(path)
+    assert only.error == pytest.approx(0.0, abs=1e-9)        # no communication: the compute is the published one
+
+
+def test_bad_rows_are_named(tmp_path) -> None:
+    doc = load_set()
+    doc["rows"] = [dict(doc["rows"][0], framework="carrier-pigeon")]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="carrier-pigeon"):
+        validate_rows(path)
+
+
+def test_summary_counts_sign_and_size_of_multi_node_errors(rows) -> None:
+    parts = summary(rows)
+    for split, part in parts.items():
+        multi = [r.error for r in rows if r.split == split and r.multi_node]
+        assert part.over + part.under == len(multi)
+        assert part.median_error_multi_node == pytest.approx(statistics.median(multi))
+
+
+def test_cli_prints_every_row_and_both_summaries() -> None:
+    out = subprocess.run([sys.executable, "-m", "larscale", "validate"], capture_output=True, text=True, check=True)
+    doc = yaml.safe_load(VALIDATION_SET.read_text())
+    for row in doc["rows"]:
+        assert f"| {row['id']} |" in out.stdout
+    assert "fit: " in out.stdout and "held_out: " in out.stdout

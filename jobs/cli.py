@@ -7,6 +7,7 @@ manifest and scripts and submits, status asks the scheduler, collect gathers the
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -44,13 +45,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "points over the queue limits are listed with the reason (exit 2).")
     spec_args(plan)
     plan.add_argument("--show-script", action="store_true", help="also print the first job's script")
+    plan.add_argument("--format", choices=("text", "json"), default="text",
+                      help="json: one object with every point (its walltime, cost, refusal) for scripts")
     plan.set_defaults(handler=run_plan)
 
     submit = actions.add_parser("submit", help="write scripts + manifest and submit",
                                 description="Write one script per job and the manifest into the sweep directory, "
                                 "then submit; complete points are never rerun, interrupted ones resume.")
     spec_args(submit)
-    submit.add_argument("--scheduler", choices=("slurm", "pbs", "lsf", "local"),
+    from jobs.schedulers import scheduler_names
+
+    submit.add_argument("--scheduler", choices=scheduler_names(),
                         help="override the profile's scheduler (local: run here, one after another)")
     submit.add_argument("--points", help="comma-separated point ids (default: all)")
     submit.add_argument("--skip-refused", action="store_true", help="submit the others when some are refused")
@@ -62,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status = actions.add_parser("status", help="ask the scheduler how the sweep's points are",
                                 description="Refresh every point's state from the scheduler and the run files.")
     status.add_argument("output", help="sweep directory")
+    status.add_argument("--format", choices=("text", "json"), default="text",
+                        help="json: one object with every point's state, job, attempts and reason")
     status.set_defaults(handler=run_status)
 
     collect = actions.add_parser("collect", help="gather every run into results.csv and results.parquet",
@@ -93,6 +100,14 @@ def run_plan(args: argparse.Namespace) -> int:
         check_launch(the_plan)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if args.format == "json":
+        from jobs.sweep import plan_summary
+
+        print(json.dumps(plan_summary(the_plan), indent=2))
+        if the_plan.points and not the_plan.accepted:
+            print(f"larscale sweep plan: every point is refused ({the_plan.refused[0].refused}, ...)", file=sys.stderr)
+            return 2
+        return 0
     print(describe(the_plan))
     if args.show_script:
         groups = job_groups(the_plan)
@@ -186,8 +201,23 @@ def run_status(args: argparse.Namespace) -> int:
         manifest = status(args.output)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if args.format == "json":
+        print(json.dumps(status_summary(manifest), indent=2))
+        return 0
     _print_states(manifest)
     return 0
+
+
+def status_summary(manifest) -> dict:
+    """`sweep status --format json`: a stable shape for scripts (one entry per point, in plan order)."""
+    from jobs.attempts import describe
+
+    return {"sweep": manifest.name, "output_dir": manifest.output_dir, "scheduler": manifest.scheduler,
+            "counts": manifest.counts(),
+            "points": [{"point_id": r.point_id, "state": r.state, "job_id": r.job_id, "chain": list(r.chain),
+                        "exit_status": r.exit_status, "reason": r.reason, "attempts": len(r.attempts),
+                        "attempts_text": describe(r), "run_dir": r.run_dir, "params": r.params}
+                       for r in manifest.points.values()]}
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import shlex
 from typing import ClassVar
 
-from jobs.sweep import Plan, Point
+from jobs.schedulers import get_scheduler
+from jobs.sweep import TRAIN_MODULE, Plan, Point
 
 # Environment every rank gets (the trainer's TensorFlow path needs tf-keras, see README).
 BASE_ENV = (("TF_USE_LEGACY_KERAS", "1"), ("PYTHONUNBUFFERED", "1"))
@@ -98,15 +99,10 @@ def get_launcher(name: str) -> Launcher:
 def rendezvous_lines(plan: Plan, scheduler: str) -> list[str]:
     """MASTER_ADDR/MASTER_PORT for torch.distributed: the allocation's first node (where the batch script runs,
     and rank 0 or the first torchrun agent with it) and a port free there, chosen once per job."""
-    if scheduler == "slurm":
-        first_host = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
-    elif scheduler == "local":
-        first_host = "127.0.0.1"
-    else:  # PBS and LSF run the batch script on the first host of the allocation
-        first_host = "$(hostname)"
+    first_host = get_scheduler(scheduler).first_host()
     return ["# torch.distributed rendezvous: rank 0's host (the allocation's first node) and a free port there",
             f"export MASTER_ADDR={first_host}",
-            f"export MASTER_PORT=$({shlex.quote(plan.python)} -c {shlex.quote(FREE_PORT)})"]
+            f"export MASTER_PORT=$({' '.join(shlex.quote(w) for w in plan.python_words)} -c {shlex.quote(FREE_PORT)})"]
 
 
 @launcher
@@ -148,7 +144,8 @@ class Mpirun(Launcher):
 
 def export_flags(plan: Plan) -> list[str]:
     """Open MPI's ``-x NAME`` for every variable the script exports to the ranks."""
-    return [w for name in ("OMP_NUM_THREADS", *(k for k, _ in BASE_ENV), *plan.spec.job.env) for w in ("-x", name)]
+    names = ("OMP_NUM_THREADS", *(k for k, _ in BASE_ENV), *plan.spec.job.env, *plan.machine.environment)
+    return [w for name in names for w in ("-x", name)]
 
 
 @launcher
@@ -173,13 +170,8 @@ class Horovodrun(Launcher):
 def host_list_lines(scheduler: str, ranks_per_node: int) -> list[str]:
     """Shell lines that set LARSCALE_HOSTS=host1:R,host2:R for horovodrun, from the scheduler's node list."""
     r = int(ranks_per_node)
-    if scheduler == "slurm":
-        src = 'scontrol show hostnames "$SLURM_JOB_NODELIST"'
-    elif scheduler == "pbs":
-        src = 'sort -u "$PBS_NODEFILE"'
-    elif scheduler == "lsf":
-        src = "printf '%s\\n' $LSB_HOSTS | sort -u"
-    else:
+    src = get_scheduler(scheduler).hosts_command()
+    if src is None:
         return ["LARSCALE_HOSTS=localhost:" + str(r)]
     return [f"LARSCALE_HOSTS=$({src} | sed 's/$/:{r}/' | paste -sd, -)"]
 
@@ -209,16 +201,18 @@ class Torchrun(Launcher):
 
     def refuse(self, plan: Plan, scheduler: str) -> str | None:
         many = sorted({p.nodes for p in plan.accepted if p.nodes > 1})
-        if many and scheduler != "slurm":
+        if many and get_scheduler(scheduler).agent_launcher != "srun":
             return (f"torchrun on {many[0]} nodes needs one agent per node, which larscale starts with srun "
                     f"(Slurm); under {scheduler} use launcher mpirun (Open MPI) for multi-node ddp")
         return super().refuse(plan, scheduler)
 
     def command(self, plan: Plan, point: Point, program: list[str]) -> list[str]:
-        interpreter, rest = program[0], program[1:]     # rest: -m scaling.train OPTIONS
+        # The interpreter (with a container's words before it): everything before "-m scaling.train".
+        split = next(i for i in range(len(program) - 1) if program[i] == "-m" and program[i + 1] == TRAIN_MODULE)
+        interpreter, rest = program[:split], program[split:]     # rest: -m scaling.train OPTIONS
         agents = ["srun", f"--nodes={point.nodes}", f"--ntasks={point.nodes}", "--ntasks-per-node=1",
                   f"--cpus-per-task={point.ranks_per_node * point.threads_per_rank}",
                   *profile_flags(plan, "srun")] if point.nodes > 1 else []
-        return [*agents, interpreter, "-m", "torch.distributed.run", f"--nnodes={point.nodes}",
+        return [*agents, *interpreter, "-m", "torch.distributed.run", f"--nnodes={point.nodes}",
                 f"--nproc-per-node={point.ranks_per_node}", "--rdzv-backend=c10d", "--rdzv-endpoint", RENDEZVOUS,
                 *rest]

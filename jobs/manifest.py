@@ -62,6 +62,9 @@ class PointRecord:
     script: str | None = None
     exit_status: int | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    # A walltime chain: the jobs submitted for this point, each to start after the one before (any exit) and
+    # resume from the last checkpoint; job_id is the one that is (or was last) active.
+    chain: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +79,10 @@ class Manifest:
     created_at: str = field(default_factory=now)
     updated_at: str = field(default_factory=now)
     schema: str = SCHEMA
+    # The last scheduler query (epoch seconds) and its answer, job id -> [state, word]: status is asked at most
+    # once per poll interval, however often `sweep status` runs.
+    polled_at: float | None = None
+    scheduler_cache: dict[str, list] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:

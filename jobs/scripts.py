@@ -26,77 +26,55 @@ script finds its own earlier records, resumes the points it had started and skip
 
 from __future__ import annotations
 
-import re
 import shlex
 
 from jobs.launchers import BASE_ENV, LAUNCHERS, ShellWord, get_launcher, launcher_name
+from jobs.containers import get_runtime
+from jobs.schedulers import JobRequest, SiteLineError, directive_value, get_scheduler, scheduler_names
 from jobs.sweep import JobGroup, Plan, Point
-from larscale.machine import format_walltime
 from larscale.schema import SchemaError
 
-DIRECTIVE_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-SCHEDULERS = ("slurm", "pbs", "lsf", "local")
-__all__ = ["BASE_ENV", "LAUNCHERS", "SCHEDULERS", "check_launch", "directives", "render", "submit_command",
-           "trainer_argv"]
+SCHEDULERS = scheduler_names()
+
+__all__ = ["BASE_ENV", "LAUNCHERS", "SCHEDULERS", "check_launch", "directives", "job_request", "render",
+           "submit_command", "trainer_argv"]
 
 
 def q(value: object) -> str:
     return shlex.quote(str(value))
 
 
-def _directive_value(value: str, what: str) -> str:
-    if not DIRECTIVE_SAFE.match(value) or len(value) > 128:
-        raise ValueError(f"{what} {value!r} cannot go into a scheduler directive: use letters, digits, "
-                         "'.', '_' and '-' only")
-    return value
-
-
-def directives(plan: Plan, group: JobGroup) -> list[str]:
-    """The scheduler's header lines for one job (empty for ``local``)."""
+def job_request(plan: Plan, group: JobGroup) -> JobRequest:
+    """What one job asks its scheduler for (directive values validated: no user text goes in unchecked)."""
     m, job = plan.machine, plan.spec.job
-    name = _directive_value(group.job_name, "job name")
-    rpn = max(p.ranks_per_node for p in group.points)
-    threads = max(p.threads_per_rank for p in group.points)
-    wall = format_walltime(group.walltime_s)
+    name = directive_value(group.job_name, "job name")
     account = job.account or m.account
     partition = job.partition or m.partition
     qos = job.qos or m.qos
     for value, what in ((account, "account"), (partition, "partition"), (qos, "qos")):
         if value is not None:
-            _directive_value(value, what)
-    if m.scheduler == "slurm":
-        out = [f"#SBATCH --job-name={name}", f"#SBATCH --nodes={group.nodes}",
-               f"#SBATCH --ntasks-per-node={rpn}", f"#SBATCH --cpus-per-task={threads}",
-               f"#SBATCH --time={wall}", f"#SBATCH --signal=B:USR1@{job.signal_s}",
-               "#SBATCH --output=logs/%x-%j.out",
-               # A node failure or preemption requeues the job (the script resumes its points); a requeued job
-               # appends to its log instead of truncating the first run's.
-               "#SBATCH --requeue", "#SBATCH --open-mode=append"]
-        out += [f"#SBATCH --{k}={v}" for k, v in (("account", account), ("partition", partition), ("qos", qos))
-                if v is not None]
-        return out
-    if m.scheduler == "pbs":
-        if job.pbs_resources == "select":
-            resources = f"select={group.nodes}:ncpus={rpn * threads}:mpiprocs={rpn}:ompthreads={threads}"
-        else:
-            resources = f"nodes={group.nodes}:ppn={rpn * threads}"
-        out = [f"#PBS -N {name}", f"#PBS -l {resources}", f"#PBS -l walltime={wall}", "#PBS -j oe",
-               f"#PBS -o logs/{name}.out", "#PBS -r y"]      # rerunnable: requeued after a node failure
-        out += [f"#PBS -A {account}"] if account else []
-        out += [f"#PBS -q {partition}"] if partition else []
-        out += [f"#PBS -l qos={qos}"] if qos else []
-        return out
-    if m.scheduler == "lsf":
-        minutes = -(-group.walltime_s // 60)
-        warn_minutes = max(1, -(-job.signal_s // 60))
-        out = [f"#BSUB -J {name}", f"#BSUB -n {group.nodes * rpn}", f'#BSUB -R "span[ptile={rpn}]"',
-               f"#BSUB -W {minutes // 60}:{minutes % 60:02d}", "#BSUB -wa USR1", f"#BSUB -wt {warn_minutes}",
-               "#BSUB -o logs/%J.out", "#BSUB -r"]                # rerunnable: requeued after a host failure
-        out += [f"#BSUB -P {account}"] if account else []
-        out += [f"#BSUB -q {partition}"] if partition else []
-        out += [f"#BSUB -sla {qos}"] if qos else []
-        return out
-    return []
+            directive_value(value, what)
+    sched = get_scheduler(m.scheduler)
+    runtime = get_runtime(plan)
+    site: list[str] = []
+    for where, given in (("machine.site_lines", m.site_lines), ("job.site_lines", job.site_lines),
+                         (f"container ({runtime.name if runtime else ''})", runtime.site_lines(plan) if runtime else [])):
+        for i, line in enumerate(given):
+            try:
+                site.append(sched.check_site_line(line, f"{where}[{i}]"))
+            except SiteLineError as err:
+                raise SchemaError(f"{where}[{i}]", str(err).split(": ", 1)[1]) from None
+    rpn = max(p.ranks_per_node for p in group.points)
+    return JobRequest(name=name, nodes=group.nodes, ranks_per_node=rpn,
+                      threads_per_rank=max(p.threads_per_rank for p in group.points), walltime_s=group.walltime_s,
+                      signal_s=job.signal_s, gpus_per_node=plan.gpus_per_node(rpn), account=account,
+                      partition=partition, qos=qos, pbs_resources=job.pbs_resources, gpu_request=m.gpu_request,
+                      site_lines=tuple(site))
+
+
+def directives(plan: Plan, group: JobGroup) -> list[str]:
+    """The scheduler's header lines for one job (empty for ``local``)."""
+    return get_scheduler(plan.machine.scheduler).directives(job_request(plan, group))
 
 
 def _words(argv: list[str]) -> str:
@@ -214,7 +192,16 @@ def check_launch(plan: Plan) -> None:
     """Refuse a launcher that cannot start the plan's ranks (backend, MPI flavour, scheduler), naming the
     field to change; SchemaError (a ValueError)."""
     name = launcher_name(plan)
-    reason = get_launcher(name).refuse(plan, plan.machine.scheduler)
+    try:
+        launcher = get_launcher(name)
+    except ValueError as err:
+        raise SchemaError("job.launcher" if plan.spec.job.launcher else "machine.launcher", str(err)) from None
+    reason = launcher.refuse(plan, plan.machine.scheduler)
+    runtime = get_runtime(plan)
+    if reason is None and runtime is not None:
+        reason = runtime.refuse(plan, name)
+        if reason is not None:
+            raise SchemaError("job.container" if plan.spec.job.container else "machine.container", reason)
     if reason is None:
         return
     if plan.spec.job.launcher:
@@ -244,13 +231,20 @@ def render(plan: Plan, group: JobGroup, resume: frozenset[str] | set[str] = froz
              "set -u",
              f"cd -- {q(plan.output_dir)} || exit 1",
              "mkdir -p status logs"]
-    if m.env:
+    lines += get_scheduler(m.scheduler).script_lines()
+    if m.env or m.modules or m.environment:
         lines.append("# machine profile setup")
         lines += list(m.env)
+        lines += [f"module load {' '.join(q(x) for x in m.modules)}"] if m.modules else []
+        lines += [f"export {k}={q(v)}" for k, v in m.environment.items()]
     threads = max(p.threads_per_rank for p in group.points)
     lines.append(f"export OMP_NUM_THREADS={int(threads)}")
     lines += [f"export {k}={q(v)}" for k, v in BASE_ENV]
     lines += [f"export {k}={q(v)}" for k, v in job.env.items()]
+    gpus = plan.gpus_per_node(max(p.ranks_per_node for p in group.points))
+    if gpus:
+        lines.append(f"# {gpus} GPU(s) per node, one rank per GPU: each rank drives the GPU of its local rank, "
+                     f"with {int(threads)} core(s) and {plan.workers(group.points[0])} loader process(es)")
     lines += launcher.setup_lines(plan, group.points, m.scheduler)
     lines += ["# A failed run is relaunched in this job (job.max_retries, job.retry_backoff_s); "
               f"SIG{launcher.stop_signal} asks {name}'s ranks to checkpoint and stop.",
@@ -258,8 +252,12 @@ def render(plan: Plan, group: JobGroup, resume: frozenset[str] | set[str] = froz
               f"larscale_backoff_s={_seconds(job.retry_backoff_s)}",
               f"larscale_signal={launcher.stop_signal}"]
     lines.append(PRELUDE.rstrip("\n"))
+    runtime = get_runtime(plan)
     for point in group.points:
-        command = launcher.command(plan, point, trainer_argv(plan, point))
+        program = trainer_argv(plan, point)
+        if runtime is not None:
+            program = [*runtime.launcher_flags(plan), *runtime.wrap(plan, exported_names(plan)), *program]
+        command = launcher.command(plan, point, program)
         lines.append(f"# {point.point_id}: {point.nodes} node(s) x {point.ranks_per_node} rank(s), global batch "
                      f"{point.global_batch} ({point.batch_per_rank} per rank), walltime {point.walltime}")
         lines.append(f"larscale_argv=({_words(command)})")
@@ -270,19 +268,16 @@ def render(plan: Plan, group: JobGroup, resume: frozenset[str] | set[str] = froz
     return "\n".join(lines) + "\n"
 
 
+def exported_names(plan: Plan) -> list[str]:
+    """Every variable the script exports to the ranks (a container passes them in by name)."""
+    return ["OMP_NUM_THREADS", *(k for k, _ in BASE_ENV), *plan.spec.job.env, *plan.machine.environment]
+
+
 def _seconds(value: float) -> str:
     """Seconds for sleep(1): ``5`` or ``0.5``."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def submit_command(scheduler: str, script_name: str) -> tuple[list[str], bool]:
-    """(argv, script_on_stdin) that submits a script from the sweep directory."""
-    if scheduler == "slurm":
-        return ["sbatch", "--parsable", script_name], False
-    if scheduler == "pbs":
-        return ["qsub", script_name], False
-    if scheduler == "lsf":
-        return ["bsub"], True      # bsub reads #BSUB directives only from a script on stdin
-    if scheduler == "local":
-        return ["bash", script_name], False
-    raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+def submit_command(scheduler: str, script_name: str, after: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+    """(argv, script_on_stdin) that submits a script from the sweep directory (after the jobs ``after``)."""
+    return get_scheduler(scheduler).submit_argv(script_name, after)

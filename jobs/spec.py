@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from larscale.machine import walltime_seconds
+from larscale.machine import Container, walltime_seconds
 from larscale.schema import SchemaError, check, from_mapping, load_yaml, positive, to_mapping
 
 # Names that end up in job names, file names and scheduler directives: no shell or directive metacharacters.
@@ -114,7 +114,9 @@ class Sweep:
     nodes: Any
     # One count or a list to sweep over (nodes × ranks_per_node); default: the profile's.
     ranks_per_node: Any = None
-    threads_per_rank: int = check(positive, default=1)
+    # Cores per rank (--cpus-per-task, OMP_NUM_THREADS). Default: 1 on CPU profiles; on GPU profiles the node's
+    # cores divided among its ranks.
+    threads_per_rank: int | None = check(positive, default=None)
     global_batch: int | None = check(positive, default=None)       # strong
     batch_per_rank: int | None = check(positive, default=None)     # weak
     global_batches: list[int] | None = None                        # grid
@@ -166,7 +168,11 @@ class Training:
     image_size: int | None = check(positive, default=None)
     num_classes: int | None = check(positive, default=None)
     device: Literal["cpu", "cuda"] | None = None   # default: from the profile's device kind
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Default: bf16 on a GPU whose profile lists a bf16 peak, else fp32.
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    # Data loader processes per rank (trainer --workers). Default: on GPU profiles the rank's cores but one (the
+    # training loop's), else the trainer's own default.
+    workers: int | None = check(_non_negative, default=None)
     seed: int = check(_non_negative, default=0)
     checkpoint_every: int | None = check(positive, default=None)
     keep: int | None = check(positive, default=None)
@@ -212,11 +218,21 @@ class JobOptions:
     pbs_resources: Literal["select", "nodes"] = "select"
     # Extra environment for the runs; names must be shell identifiers, values are quoted.
     env: dict[str, str] = field(default_factory=dict)
-    # The interpreter on the cluster (default: the one running larscale).
-    python: str | None = None
-    # Launcher for the ranks (default: the profile's). torchrun starts one agent per node for
-    # training.backend: ddp (jobs/scripts.py says which combinations work).
-    launcher: Literal["srun", "mpirun", "ibrun", "horovodrun", "jsrun", "torchrun"] | None = None
+    # The interpreter on the cluster (default: the one running larscale), or an argument list that starts it
+    # (["conda", "run", "-n", "ml", "python"]).
+    python: str | list[str] | None = None
+    # Launcher for the ranks (default: the profile's); one of jobs/launchers.py's. torchrun starts one agent per
+    # node for training.backend: ddp (jobs/scripts.py says which combinations work).
+    launcher: str | None = None
+    # GPUs per node to request (default on GPU profiles: one per rank).
+    gpus_per_node: int | None = check(_non_negative, default=None)
+    # Scheduler options written among the directives after the profile's (jobs/schedulers/ validates them).
+    site_lines: list[str] = field(default_factory=list)
+    # A container for the ranks (overrides the profile's); "none" runs without the profile's container.
+    container: Container | Literal["none"] | None = None
+    # Submit each job this many times, each to start after the one before ends (any exit) and resume from its
+    # last checkpoint: a run longer than the queue's walltime as a chain of jobs.
+    chain: int = check(lambda v: None if 1 <= v <= 100 else f"must be 1..100, got {v!r}", default=1)
     # A point whose run fails (a rank died or hung: any exit but 0, 2 usage error, 75 stopped at the walltime)
     # is relaunched with --resume inside the same allocation up to this many times, after retry_backoff_s.
     max_retries: int = check(_non_negative, default=2)
@@ -231,8 +247,11 @@ class JobOptions:
                                   "with a digit")
             if "\0" in value:
                 raise SchemaError(f"env.{name}", "must not contain a NUL byte")
-        if self.python is not None and (not self.python or "\0" in self.python):
-            raise SchemaError("python", "must be a non-empty path without NUL bytes")
+        words = [self.python] if isinstance(self.python, str) else (self.python or [])
+        if self.python is not None and (not words or any(not w or "\0" in w for w in words)):
+            raise SchemaError("python", "must be a non-empty path (or list of words) without NUL bytes")
+        if self.launcher is not None and not re.match(r"^[a-z][a-z0-9_-]*$", self.launcher):
+            raise SchemaError("launcher", f"a launcher name (srun, mpirun, ...), got {self.launcher!r}")
 
 
 @dataclass(frozen=True)

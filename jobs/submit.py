@@ -34,13 +34,10 @@ from jobs.manifest import (
     now,
 )
 from jobs.progress import RunProgress, read_progress
+from jobs.schedulers import SubmitError, get_scheduler
 from jobs.scripts import SCHEDULERS, check_launch, render, submit_command
 from jobs.sweep import Plan, job_groups
 from larscale.runformat import EXIT_RESUMABLE
-
-
-class SubmitError(RuntimeError):
-    """The scheduler refused a submission (its message is included)."""
 
 
 @dataclass(frozen=True)
@@ -75,70 +72,38 @@ def _run(argv: list[str], env: Mapping[str, str] | None, cwd: Path | None = None
 
 def parse_job_id(scheduler: str, stdout: str) -> str:
     """The job id in a submission command's output (``123`` / ``123;cluster``, ``123.server``,
-    ``Job <123> is submitted``)."""
-    text = stdout.strip()
-    if scheduler == "slurm":
-        job_id = text.splitlines()[-1].split(";")[0].strip() if text else ""
-    elif scheduler == "pbs":
-        job_id = text.splitlines()[-1].strip() if text else ""
-    elif scheduler == "lsf":
-        start, end = text.find("<"), text.find(">")
-        job_id = text[start + 1:end] if 0 <= start < end else ""
-    else:
-        raise ValueError(f"scheduler {scheduler!r} has no job ids")
-    if not job_id or any(c.isspace() for c in job_id):
-        raise SubmitError(f"cannot read a job id from the {scheduler} submission output {stdout!r}")
-    return job_id
+    ``Job <123> is submitted``, ``ƒM7Zq9AKHno``)."""
+    return get_scheduler(scheduler).parse_job_id(stdout)
 
 
-# Scheduler state words → our states. Anything finished maps to None: the run's own files decide.
-_SLURM = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
-          "REQUEUE_FED": "pending", "RESIZING": "running", "RUNNING": "running", "COMPLETING": "running",
-          "SUSPENDED": "running", "STOPPED": "running", "SIGNALING": "running", "STAGE_OUT": "running"}
-_PBS = {"Q": "pending", "H": "pending", "W": "pending", "T": "pending", "S": "running", "R": "running",
-        "E": "running", "B": "running"}
-_LSF = {"PEND": "pending", "PSUSP": "pending", "RUN": "running", "USUSP": "running", "SSUSP": "running"}
+def poll_interval_s(manifest: Manifest) -> float:
+    """Seconds between two queries of the sweep's scheduler: the profile's ``limits.poll_interval_s``, else the
+    scheduler's own minimum (30 s for the batch systems: site rules forbid hammering squeue)."""
+    limits = manifest.machine.get("limits") or {}
+    value = limits.get("poll_interval_s")
+    return float(value) if value is not None else get_scheduler(manifest.scheduler).min_poll_s
 
 
 def scheduler_states(scheduler: str, job_ids: list[str], env: Mapping[str, str] | None = None
                      ) -> dict[str, tuple[str | None, str]]:
-    """job id → (our active state or None when finished/unknown, the scheduler's own word)."""
-    out: dict[str, tuple[str | None, str]] = {}
-    if not job_ids or scheduler == "local":
-        return out
-    if scheduler == "slurm":
-        proc = _run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], env)
-        for line in proc.stdout.splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                out[parts[0]] = (_SLURM.get(parts[1]), parts[1])
-        for job_id in job_ids:
-            if job_id in out:
-                continue
-            # Finished jobs: the controller remembers them for MinJobAge, accounting for longer.
-            proc = _run(["scontrol", "-o", "show", "job", job_id], env)
-            fields = dict(t.split("=", 1) for t in proc.stdout.split() if "=" in t)
-            word = fields.get("JobState")
-            if word is None:
-                proc = _run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], env)
-                word = proc.stdout.split("\n")[0].split()[0] if proc.returncode == 0 and proc.stdout.strip() else ""
-            out[job_id] = (_SLURM.get(word), word or "UNKNOWN")
-    elif scheduler == "pbs":
-        for job_id in job_ids:
-            proc = _run(["qstat", "-x", "-f", "-F", "json", job_id], env)
-            try:
-                jobs = json.loads(proc.stdout).get("Jobs", {})
-                word = next(iter(jobs.values())).get("job_state", "") if jobs else ""
-            except (json.JSONDecodeError, StopIteration, AttributeError):
-                word = ""
-            out[job_id] = (_PBS.get(word), word or "UNKNOWN")
-    elif scheduler == "lsf":
-        proc = _run(["bjobs", "-noheader", "-o", "jobid stat", *job_ids], env)
-        for line in proc.stdout.splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                out[parts[0]] = (_LSF.get(parts[1]), parts[1])
-    return out
+    """job id → (our active state or None when finished/unknown, the scheduler's own word): one query for all."""
+    if not job_ids:
+        return {}
+    return get_scheduler(scheduler).query(job_ids, lambda argv: _run(argv, env))
+
+
+def _live_states(manifest: Manifest, job_ids: list[str], env: Mapping[str, str] | None
+                 ) -> dict[str, tuple[str | None, str]]:
+    """The scheduler's states of these jobs, asked at most once per poll interval: within it, the answer of
+    the last query (kept in the manifest) stands."""
+    cached = manifest.scheduler_cache
+    fresh = manifest.polled_at is not None and time.time() - manifest.polled_at < poll_interval_s(manifest)
+    if fresh and all(j in cached for j in job_ids):
+        return {j: (cached[j][0], cached[j][1]) for j in job_ids}
+    live = scheduler_states(manifest.scheduler, job_ids, env)
+    manifest.polled_at = time.time()
+    manifest.scheduler_cache = {j: [state, word] for j, (state, word) in live.items()}
+    return live
 
 
 # ------------------------------------------------------------------------------------------------- run state
@@ -184,12 +149,16 @@ def refresh(manifest: Manifest, env: Mapping[str, str] | None = None) -> Manifes
     """Update every submitted point's state from its run files and the scheduler; saves the manifest."""
     output_dir = Path(manifest.output_dir)
     pending = [rec for rec in manifest.points.values() if rec.job_id and rec.state not in ("complete",)]
-    live = scheduler_states(manifest.scheduler, sorted({rec.job_id for rec in pending if rec.job_id}), env)
+    jobs = sorted({j for rec in pending for j in (rec.chain or [rec.job_id]) if j})
+    live = _live_states(manifest, jobs, env)
     for rec in pending:
         merge_from_files(output_dir, rec)
-        active, word = live.get(rec.job_id, (None, "UNKNOWN")) if rec.job_id else (None, "")
+        # A chain of dependent jobs: the point is active while any of its jobs is queued or running.
+        links = [(j, *live.get(j, (None, "UNKNOWN"))) for j in (rec.chain or [rec.job_id])]
+        job_id, active, word = next((link for link in links if link[1] is not None), links[-1])
         if active is not None:
-            rec.state, rec.reason = active, f"{manifest.scheduler} job {rec.job_id} {word}"
+            rec.job_id = job_id
+            rec.state, rec.reason = active, f"{manifest.scheduler} job {job_id} {word}"
             continue
         state, reason, exit_status = run_state(output_dir, rec)
         if state is not None:
@@ -300,35 +269,47 @@ def submit(plan: Plan, scheduler: str | None = None, points: list[str] | None = 
     def report_training(point_id: str, run: RunProgress, attempt: int | None) -> None:
         report(point_id, "training", run, attempt)
 
+    links = max(1, plan.spec.job.chain)
     for group, path in zip(groups, scripts, strict=True):
         job_name = group.job_name
-        if scheduler == "local":
-            job_id = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-            for p in group.points:
-                rec = manifest.points[p.point_id]
-                rec.state, rec.job_id = "running", job_id
-                rec.attempts.append(Attempt(job_id=job_id, script=str(path), submitted_at=now(),
-                                            resume=p.point_id in resume, job_name=job_name))
-            manifest.save()
-            report(group.points[0].point_id, "running")
-            log = out / "logs" / f"{job_name}-local.out"
-            base_env = dict(env) if env is not None else _local_env()
-            base_env["LARSCALE_JOB_ID"] = job_id      # the script's attempt records name this job
-            finished_early = _run_local_job(path, out, base_env, log, timeout, group_points=group.points,
-                                            plan=plan, on_training=report_training if progress else None)
-            for p in group.points:
-                rec = manifest.points[p.point_id]
-                merge_from_files(out, rec)
-                state, reason, exit_status = run_state(out, rec)
-                rec.state = state or "failed"
-                rec.reason = _with_note(reason, rec, state) if state else (
-                    finished_early or f"no exit status (see {log})")
-                rec.exit_status = exit_status
-                finished[p.point_id] = rec.state
-                manifest.save()
-                report(p.point_id, rec.state)
+        if get_scheduler(scheduler).runs_here:
+            for link in range(links):   # a chain runs its links one after another; a complete point skips them
+                resumed = resume if link == 0 else {p.point_id for p in group.points}
+                _run_here(plan, manifest, group, path, resumed, env, timeout, progress, report, report_training,
+                          finished)
+                if all(manifest.points[p.point_id].state == "complete" for p in group.points):
+                    break
             continue
-        argv, on_stdin = submit_command(scheduler, f"scripts/{path.name}")
+        if _held(manifest, plan):
+            for p in group.points:
+                rec = manifest.points[p.point_id]
+                rec.reason = (f"held: limits.max_jobs {plan.machine.limits.max_jobs} jobs of this sweep are queued "
+                              "or running; `sweep submit --wait` (or a later `sweep submit`) submits it")
+            manifest.save()
+            continue
+        _submit_script(manifest, scheduler, out, path, [p.point_id for p in group.points], env, links,
+                       resume=resume, job_name=job_name)
+        for p in group.points:
+            report(p.point_id, "submitted")
+    return manifest
+
+
+def _active_jobs(manifest: Manifest) -> int:
+    return len({rec.job_id for rec in manifest.points.values() if rec.state in ACTIVE_STATES and rec.job_id})
+
+
+def _held(manifest: Manifest, plan_or_limit) -> bool:
+    """Whether the sweep already has limits.max_jobs jobs queued or running (a chain counts as one job each)."""
+    limit = plan_or_limit.machine.limits.max_jobs if isinstance(plan_or_limit, Plan) else plan_or_limit
+    return limit is not None and _active_jobs(manifest) >= limit
+
+
+def _submit_script(manifest: Manifest, scheduler: str, out: Path, path: Path, point_ids: list[str],
+                   env: Mapping[str, str] | None, links: int, resume, job_name: str) -> None:
+    """Submit one job script (``links`` times, each job after the one before: a walltime chain) and record it."""
+    chain: list[str] = []
+    for _ in range(links):
+        argv, on_stdin = submit_command(scheduler, f"scripts/{path.name}", tuple(chain[-1:]))
         if on_stdin:
             with open(path) as stdin:
                 proc = _run(argv, env, cwd=out, stdin=stdin)
@@ -338,16 +319,63 @@ def submit(plan: Plan, scheduler: str | None = None, points: list[str] | None = 
             manifest.save()
             raise SubmitError(f"{argv[0]} refused {path.name} (exit {proc.returncode}): "
                               f"{(proc.stderr or proc.stdout).strip()}")
-        job_id = parse_job_id(scheduler, proc.stdout)
-        for p in group.points:
-            rec = manifest.points[p.point_id]
-            rec.job_id, rec.state, rec.reason = job_id, "submitted", None
-            rec.attempts.append(Attempt(job_id=job_id, script=str(path), submitted_at=now(),
-                                        resume=p.point_id in resume, job_name=job_name))
+        chain.append(parse_job_id(scheduler, proc.stdout))
+    for point_id in point_ids:
+        rec = manifest.points[point_id]
+        rec.job_id, rec.state, rec.reason = chain[0], "submitted", None
+        rec.chain = chain if links > 1 else []
+        rec.attempts.append(Attempt(job_id=chain[0], script=str(path), submitted_at=now(),
+                                    resume=point_id in resume, job_name=job_name))
+    manifest.save()
+
+
+def submit_held(manifest: Manifest, env: Mapping[str, str] | None = None) -> list[str]:
+    """Submit the points that ``limits.max_jobs`` held back, while the limit allows; returns their ids."""
+    limit = (manifest.machine.get("limits") or {}).get("max_jobs")
+    links = max(1, int((manifest.spec.get("job") or {}).get("chain", 1)))
+    scripts: dict[str, list[PointRecord]] = {}
+    for rec in manifest.points.values():
+        if rec.state == "planned" and rec.script and (rec.reason or "").startswith("held:"):
+            scripts.setdefault(rec.script, []).append(rec)
+    done: list[str] = []
+    for script, recs in scripts.items():
+        if _held(manifest, limit):
+            break
+        path = Path(script)
+        _submit_script(manifest, manifest.scheduler, Path(manifest.output_dir), path, [r.point_id for r in recs],
+                       env, links, resume={r.point_id for r in recs if r.attempts}, job_name=path.stem)
+        done += [r.point_id for r in recs]
+    return done
+
+
+def _run_here(plan: Plan, manifest: Manifest, group, path: Path, resume, env, timeout, progress, report,
+              report_training, finished: dict[str, str]) -> None:
+    """Run one job script here (the local scheduler), wait for it and record its points' states."""
+    out = plan.output_dir
+    job_id = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    for p in group.points:
+        rec = manifest.points[p.point_id]
+        rec.state, rec.job_id = "running", job_id
+        rec.attempts.append(Attempt(job_id=job_id, script=str(path), submitted_at=now(),
+                                    resume=p.point_id in resume, job_name=group.job_name))
+    manifest.save()
+    report(group.points[0].point_id, "running")
+    log = out / "logs" / f"{group.job_name}-local.out"
+    base_env = dict(env) if env is not None else _local_env()
+    base_env["LARSCALE_JOB_ID"] = job_id      # the script's attempt records name this job
+    finished_early = _run_local_job(path, out, base_env, log, timeout, group_points=group.points,
+                                    plan=plan, on_training=report_training if progress else None)
+    for p in group.points:
+        rec = manifest.points[p.point_id]
+        merge_from_files(out, rec)
+        state, reason, exit_status = run_state(out, rec)
+        rec.state = state or "failed"
+        rec.reason = _with_note(reason, rec, state) if state else (
+            finished_early or f"no exit status (see {log})")
+        rec.exit_status = exit_status
+        finished[p.point_id] = rec.state
         manifest.save()
-        for p in group.points:
-            report(p.point_id, "submitted")
-    return manifest
+        report(p.point_id, rec.state)
 
 
 def _running_point(out: Path, points, since: float):
@@ -443,7 +471,10 @@ def wait(output_dir: str | Path, timeout: float = 3600, poll_s: float = 2.0,
     deadline = time.monotonic() + timeout
     while True:
         manifest = status(output_dir, env)
-        active = [r for r in manifest.points.values() if r.state in ACTIVE_STATES]
+        if submit_held(manifest, env):
+            manifest.save()
+        active = [r for r in manifest.points.values() if r.state in ACTIVE_STATES
+                  or (r.state == "planned" and (r.reason or "").startswith("held:"))]
         if progress is not None:
             counts = manifest.counts()
             tally = {"total": len(manifest.points), "done": counts.get("complete", 0),

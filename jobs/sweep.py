@@ -77,6 +77,34 @@ class Plan:
     output_dir: Path
     points: list[Point] = field(default_factory=list)
     python: str = sys.executable
+    # Further words of job.python given as a list (["conda", "run", "-n", "ml", "python"]: python is "conda").
+    python_args: tuple[str, ...] = ()
+
+    @property
+    def python_words(self) -> list[str]:
+        """The command that starts the interpreter on the cluster (one or more words)."""
+        return [self.python, *self.python_args]
+
+    @property
+    def on_gpus(self) -> bool:
+        return self.machine.node.devices.kind == "gpu" and (self.spec.training.device or "cuda") == "cuda"
+
+    @property
+    def precision(self) -> str:
+        """training.precision, else bf16 where the profile's device has a bf16 peak (GPUs), else fp32."""
+        return self.spec.training.precision or default_precision(self.machine)
+
+    def gpus_per_node(self, ranks_per_node: int) -> int:
+        """GPUs a job asks for per node: job.gpus_per_node, else one per rank on a GPU profile, else none."""
+        if self.spec.job.gpus_per_node is not None:
+            return self.spec.job.gpus_per_node
+        return ranks_per_node if self.on_gpus else 0
+
+    def workers(self, point: Point) -> int | None:
+        """Loader processes per rank: training.workers, else on GPUs the rank's cores but the training loop's."""
+        if self.spec.training.workers is not None:
+            return self.spec.training.workers
+        return max(1, point.threads_per_rank - 1) if self.on_gpus else None
 
     @property
     def accepted(self) -> list[Point]:
@@ -102,7 +130,7 @@ class Plan:
     def train_argv(self, point: Point, resume: bool = False) -> list[str]:
         """The trainer command of one point (interpreter first); every element is one shell word."""
         t = self.spec.training
-        argv = [self.python, "-m", TRAIN_MODULE, "--model", self.spec.model, "--framework", self.spec.framework,
+        argv = [*self.python_words, "-m", TRAIN_MODULE, "--model", self.spec.model, "--framework", self.spec.framework,
                 "--dataset", self.spec.dataset, "--global-batch", str(point.global_batch)]
         argv += ["--steps", str(t.steps)] if t.steps is not None else ["--epochs", _num(t.epochs)]
         argv += ["--optimizer", t.optimizer]
@@ -118,12 +146,28 @@ class Plan:
             if value is not None:
                 argv += [flag, _num(value) if isinstance(value, float) else str(value)]
         argv += ["--device", t.device or ("cuda" if self.machine.node.devices.kind == "gpu" else "cpu"),
-                 "--precision", t.precision, "--threads", str(point.threads_per_rank), "--seed", str(point.seed),
+                 "--precision", self.precision, "--threads", str(point.threads_per_rank), "--seed", str(point.seed),
                  "--out", str(self.run_dir(point))]
+        workers = self.workers(point)
+        if workers is not None:
+            argv += ["--workers", str(workers)]
         argv += list(t.extra_args)
         if resume:
             argv.append("--resume")
         return argv
+
+
+def default_precision(machine: MachineProfile) -> str:
+    """bf16 on a GPU that has it (its profile lists a bf16 peak), else fp32."""
+    devices = machine.node.devices
+    return "bf16" if devices.kind == "gpu" and "bf16" in devices.peak_tflops else "fp32"
+
+
+def default_threads(machine: MachineProfile, ranks_per_node: int) -> int:
+    """Cores per rank when the spec gives none: a GPU node's cores divided among its ranks, else 1."""
+    if machine.node.devices.kind == "gpu":
+        return max(1, machine.node.cores // ranks_per_node)
+    return 1
 
 
 def _num(value: float | None) -> str:
@@ -160,7 +204,7 @@ def predict_seconds(spec: SweepSpec, machine: MachineProfile, nodes: int, ranks_
     try:
         result = predict_point(model=spec.model, machine=machine, nodes=nodes, global_batch=global_batch,
                                epochs=t.epochs if t.epochs is not None else 1.0, ranks_per_node=ranks_per_node,
-                               precision=t.precision)
+                               precision=t.precision or default_precision(machine))
     except ValueError as err:
         raise SchemaError("job.walltime", f"the walltime prediction failed ({err}): give job.walltime") from None
     seconds = float(result["iteration_s"]) * t.steps if t.steps is not None else float(result["time_to_train_s"])
@@ -185,18 +229,24 @@ def plan(spec: SweepSpec | str | Path | dict, machine: MachineProfile | str | Pa
             machine = load_machine(machine if machine is not None else spec.machine)
         except SchemaError as err:
             raise SchemaError("machine", err.reason if not err.path else str(err), err.source) from None
+    from jobs.schedulers import SCHEDULERS, get_scheduler
+
+    if machine.scheduler not in SCHEDULERS:
+        raise SchemaError("machine.scheduler", f"unknown scheduler {machine.scheduler!r}; choose one of "
+                          f"{', '.join(SCHEDULERS)}")
+    runs_here = get_scheduler(machine.scheduler).runs_here
     sweep = spec.sweep
     rpn_values = sweep.ranks_per_node or [machine.default_ranks_per_node]
+    threads = {r: sweep.threads_per_rank or default_threads(machine, r) for r in rpn_values}
     for i, ranks_per_node in enumerate(rpn_values):
         where = f"sweep.ranks_per_node[{i}]" if sweep.ranks_per_node else "machine.ranks_per_node"
         if machine.node.devices.kind == "gpu" and ranks_per_node > machine.devices_per_node:
             raise SchemaError(where, f"{ranks_per_node} ranks per node but machine {machine.name!r} has "
                               f"{machine.devices_per_node} GPUs per node")
-        if ranks_per_node * sweep.threads_per_rank > machine.node.cores and machine.scheduler != "local":
-            raise SchemaError("sweep.threads_per_rank", f"{ranks_per_node} ranks x {sweep.threads_per_rank} "
+        if ranks_per_node * threads[ranks_per_node] > machine.node.cores and not runs_here:
+            raise SchemaError("sweep.threads_per_rank", f"{ranks_per_node} ranks x {threads[ranks_per_node]} "
                               f"threads exceeds the {machine.node.cores} cores of a {machine.name!r} node")
     user_walltime = walltime_seconds(spec.job.walltime) if spec.job.walltime else None
-    limit_s = machine.limits.max_walltime_s
     points: list[Point] = []
     for nodes, ranks_per_node in ((n, r) for n in sweep.nodes for r in rpn_values):
         ranks = nodes * ranks_per_node
@@ -234,19 +284,22 @@ def plan(spec: SweepSpec | str | Path | dict, machine: MachineProfile | str | Pa
                                           "(analysis.predict.predict_point is missing)")
                     walltime_s = 60 * math.ceil((predicted + spec.job.startup_s) * spec.job.walltime_margin / 60)
                     source = "predicted"
+            limit_s, limit_text = machine.max_walltime_for(nodes)
             if refused is None and walltime_s > limit_s:
                 refused = (f"walltime {format_walltime(walltime_s)} ({source}) exceeds the queue limit "
-                           f"{machine.limits.max_walltime} on {machine.name!r}")
+                           f"{limit_text} on {machine.name!r}")
             for rep in range(spec.repetitions):
                 points.append(Point(
                     point_id=point_id(nodes, ranks, global_batch, rep, spec.repetitions), nodes=nodes,
-                    ranks_per_node=ranks_per_node, threads_per_rank=sweep.threads_per_rank,
+                    ranks_per_node=ranks_per_node, threads_per_rank=threads[ranks_per_node],
                     global_batch=global_batch, batch_per_rank=batch_per_rank, repetition=rep,
                     seed=spec.training.seed + rep, lr=lr, walltime_s=walltime_s, walltime_source=source,
                     predicted_s=predicted, refused=refused))
     out = Path(output_dir if output_dir is not None else (spec.output or Path("runs") / spec.name)).absolute()
-    return Plan(spec=spec, machine=machine, output_dir=out, points=points,
-                python=python or spec.job.python or sys.executable)
+    words = [python] if python else ([spec.job.python] if isinstance(spec.job.python, str) else spec.job.python)
+    words = words or [sys.executable]
+    return Plan(spec=spec, machine=machine, output_dir=out, points=points, python=words[0],
+                python_args=tuple(words[1:]))
 
 
 def _scaled_lr(spec: SweepSpec, global_batch: int) -> float | None:
@@ -281,10 +334,11 @@ def job_groups(the_plan: Plan, points: list[Point] | None = None) -> list[JobGro
     prefix = f"ls-{the_plan.spec.name}"
     if not the_plan.spec.job.pack:
         return [JobGroup(f"{prefix}-{p.point_id}", [p]) for p in points]
-    budget = walltime_seconds(the_plan.spec.job.pack_walltime or the_plan.machine.limits.max_walltime)
-    budget = min(budget, the_plan.machine.limits.max_walltime_s)
     groups: list[list[Point]] = []
     for p in sorted(points, key=lambda p: p.nodes):
+        limit_s = the_plan.machine.max_walltime_for(p.nodes)[0]
+        budget = min(walltime_seconds(the_plan.spec.job.pack_walltime) if the_plan.spec.job.pack_walltime
+                     else limit_s, limit_s)
         last = groups[-1] if groups else None
         if last and last[0].nodes == p.nodes and sum(q.walltime_s for q in last) + p.walltime_s <= budget:
             last.append(p)
@@ -307,10 +361,32 @@ def describe(the_plan: Plan) -> str:
         lines.append(f"{p.point_id:<28} {p.nodes:>5} {p.ranks:>6} {p.threads_per_rank:>4} {p.global_batch:>9} "
                      f"{p.batch_per_rank:>7} {lr:>9} {p.walltime:>10} {p.node_hours:>9.2f}  {note}")
     groups = job_groups(the_plan)
-    lines.append(f"total: {len(the_plan.accepted)} runs in {len(groups)} jobs, "
-                 f"{the_plan.node_hours:.2f} node-hours requested"
+    chain = spec.job.chain
+    hours = the_plan.node_hours * chain
+    lines.append(f"total: {len(the_plan.accepted)} runs in {len(groups)} jobs"
+                 + (f" x a chain of {chain}" if chain > 1 else "") + f", {hours:.2f} node-hours requested"
+                 + (f" ({hours * m.charge.factor:.2f} {m.charge.unit} at {m.charge.factor:g} per node-hour)"
+                    if m.charge else "")
                  + (f"; {len(the_plan.refused)} points refused" if the_plan.refused else ""))
     return "\n".join(lines)
+
+
+def plan_summary(the_plan: Plan) -> dict[str, Any]:
+    """`sweep plan --format json`: the plan with a stable shape (every point, accepted or refused with why)."""
+    spec, m = the_plan.spec, the_plan.machine
+    charge = m.charge
+    job_of = {p.point_id: g.job_name for g in job_groups(the_plan) for p in g.points}
+    return {"sweep": spec.name, "kind": spec.sweep.kind, "model": spec.model, "framework": spec.framework,
+            "machine": m.name, "scheduler": m.scheduler, "launcher": spec.job.launcher or m.launcher,
+            "precision": the_plan.precision, "output_dir": str(the_plan.output_dir),
+            "points": [{**p.params(), "walltime": p.walltime, "node_hours": p.node_hours,
+                        "gpus_per_node": the_plan.gpus_per_node(p.ranks_per_node), "job_name": job_of.get(p.point_id),
+                        "refused": p.refused} for p in the_plan.points],
+            "jobs": len(set(job_of.values())), "chain": spec.job.chain,
+            "node_hours": the_plan.node_hours * spec.job.chain,
+            "charge": ({"factor": charge.factor, "unit": charge.unit,
+                        "total": the_plan.node_hours * spec.job.chain * charge.factor} if charge else None),
+            "refused": len(the_plan.refused)}
 
 
 def with_output(the_plan: Plan, output_dir: str | Path) -> Plan:

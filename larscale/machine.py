@@ -28,6 +28,7 @@ from larscale.schema import (
 
 BUNDLED = Path(__file__).with_name("machines")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)$")
 
 
@@ -155,14 +156,75 @@ class Network:
 
 
 @dataclass(frozen=True)
+class WalltimeBin:
+    """A queue limit that depends on the job's size: jobs of min_nodes..max_nodes nodes run at most max_walltime
+    (Frontier and Polaris publish their limits this way)."""
+
+    min_nodes: int = check(positive)
+    max_walltime: str = check(_walltime_rule)
+    max_nodes: int | None = check(positive, default=None)     # unset: no upper end
+
+    def covers(self, nodes: int) -> bool:
+        return self.min_nodes <= nodes and (self.max_nodes is None or nodes <= self.max_nodes)
+
+    @property
+    def nodes_text(self) -> str:
+        return f"{self.min_nodes}+" if self.max_nodes is None else f"{self.min_nodes}-{self.max_nodes}"
+
+
+@dataclass(frozen=True)
 class Limits:
     max_nodes: int = check(positive)
     max_walltime: str = check(_walltime_rule)
     max_jobs: int | None = check(positive, default=None)
+    # Walltime limits by node count; a job size no bin covers gets max_walltime.
+    walltime_bins: list[WalltimeBin] = field(default_factory=list)
+    # Seconds between two status queries of the scheduler (unset: the scheduler's minimum, 30 s for batch
+    # systems). Only a private test cluster should set less.
+    poll_interval_s: float | None = check(non_negative, default=None)
 
     @property
     def max_walltime_s(self) -> int:
         return walltime_seconds(self.max_walltime)
+
+    def walltime_limit(self, nodes: int) -> tuple[int, str]:
+        """(seconds, text naming the limit) for a job of ``nodes`` nodes: the first bin that covers it, else
+        max_walltime."""
+        for i, b in enumerate(self.walltime_bins):
+            if b.covers(nodes):
+                return walltime_seconds(b.max_walltime), (f"{b.max_walltime} for {b.nodes_text} nodes "
+                                                          f"(limits.walltime_bins[{i}])")
+        return self.max_walltime_s, self.max_walltime
+
+
+def _container_word_rule(value: str) -> str | None:
+    if not value or not value.isprintable() or any(c.isspace() or c == "," for c in value) or len(value) > 400:
+        return f"one printable word without spaces or ',' (at most 400 characters), got {value!r}"
+    return None
+
+
+def _binds_rule(value: list[str]) -> str | None:
+    return next((f"[{i}]: {_container_word_rule(v)}" for i, v in enumerate(value) if _container_word_rule(v)), None)
+
+
+@dataclass(frozen=True)
+class Container:
+    """Run every rank inside a container image. apptainer/singularity: ``exec --nv`` (``--rocm`` on AMD GPUs)
+    with ``--bind``; pyxis: srun's ``--container-image`` (enroot); podman-hpc: ``run --gpu``; shifter:
+    ``--image`` and the ``shifter`` wrapper (jobs/containers.py)."""
+
+    runtime: Literal["apptainer", "singularity", "pyxis", "podman-hpc", "shifter"]
+    image: str = check(_container_word_rule)
+    # host_path[:container_path[:options]]
+    binds: list[str] = check(_binds_rule, default_factory=list)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What the allocation is charged: ``factor`` units per node-hour (NERSC charges GPU node-hours x 1, ...)."""
+
+    factor: float = check(positive)
+    unit: str = "node-hours"
 
 
 @dataclass(frozen=True)
@@ -216,18 +278,38 @@ class Compute:
 @dataclass(frozen=True)
 class MachineProfile:
     name: str = check(_name_rule)
-    scheduler: Literal["slurm", "pbs", "lsf", "local"]
-    launcher: Literal["srun", "mpirun", "ibrun", "horovodrun", "jsrun"]
+    # A registered scheduler and launcher (jobs/schedulers/, jobs/launchers.py: the one list of each, checked
+    # when a sweep is planned; the analysis needs neither).
+    scheduler: str = check(_name_rule)
+    launcher: str = check(_name_rule)
     node: Node
     network: Network
     limits: Limits
     description: str = ""
     # Flavour of mpirun when launcher is mpirun: Open MPI and Intel MPI bind differently.
-    mpi_flavor: Literal["openmpi", "intelmpi"] = "openmpi"
+    mpi_flavor: Literal["openmpi", "intelmpi", "mvapich"] = "openmpi"
     launcher_flags: list[str] = field(default_factory=list)
     ranks_per_node: int | None = check(positive, default=None)
     compute: Compute = field(default_factory=Compute)
+    # Shell lines copied into job scripts before the launch (trusted like a shell script); prefer modules and
+    # environment below, which are quoted.
     env: list[str] = field(default_factory=list)
+    # `module load` of these modules, then these environment variables (values quoted), in every job script.
+    modules: list[str] = check(lambda v: next((f"[{i}]: a module name is one word, got {m!r}" for i, m in enumerate(v)
+                                               if not m or not m.isprintable() or any(c.isspace() for c in m)), None),
+                               default_factory=list)
+    environment: dict[str, str] = check(lambda v: next(
+        (f"{k}: a variable name is letters, digits and '_', not starting with a digit" for k in v
+         if not ENV_NAME.match(k)), None) or next((f"{k}: must not contain a NUL byte" for k, x in v.items()
+                                                   if "\0" in x), None), default_factory=dict)
+    # Free-form scheduler options written among the directives (-C gpu, --exclusive, -l filesystems=...); each
+    # scheduler validates them (jobs/schedulers/).
+    site_lines: list[str] = field(default_factory=list)
+    # GPUs requested as Slurm --gpus-per-node=N or --gres=gpu:N (sites differ in which they honour).
+    gpu_request: Literal["gpus-per-node", "gres"] = "gpus-per-node"
+    container: Container | None = None
+    # What a node-hour costs in the allocation's units (sweep plan and plan print it beside node-hours).
+    charge: Charge | None = None
     # Defaults for job scripts; a sweep spec may override them.
     partition: str | None = None
     account: str | None = None
@@ -244,6 +326,11 @@ class MachineProfile:
     def default_ranks_per_node(self) -> int:
         """One rank per device unless the profile says otherwise."""
         return self.ranks_per_node or self.node.devices.count
+
+    def max_walltime_for(self, nodes: int) -> tuple[int, str]:
+        """The longest walltime (seconds) a job of ``nodes`` nodes may ask for, and the limit's text for a
+        refusal (``06:00:00 for 1-9 nodes (limits.walltime_bins[0])``)."""
+        return self.limits.walltime_limit(nodes)
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)

@@ -1,4 +1,5 @@
-"""Launchers: how a job script starts the ranks of one point (srun, mpirun, ibrun, horovodrun, jsrun, torchrun).
+"""Launchers: how a job script starts the ranks of one point (srun, mpirun in its Open MPI, Intel MPI and MVAPICH
+flavours, Cray PALS mpiexec, flux run, ibrun, horovodrun, jsrun, torchrun).
 
 One small registered class per launcher (``@launcher``): the words before the trainer's command, the shell
 lines a job needs before its points (host lists, the torch.distributed rendezvous), which communication
@@ -137,9 +138,42 @@ class Mpirun(Launcher):
             binding = [] if any("I_MPI_PIN" in f for f in flags) else ["-genv", "I_MPI_PIN_DOMAIN", "omp"]
             return ["mpirun", "-n", str(ranks), "-ppn", str(rpn), "-genv", "OMP_NUM_THREADS", str(threads),
                     *binding, *flags]
+        if plan.machine.mpi_flavor == "mvapich":
+            # MVAPICH2 binds each rank to T cores with the hybrid policy; MVAPICH2-GDR moves GPU buffers itself.
+            gpu = ["-genv", "MV2_USE_CUDA", "1"] if plan.on_gpus else []
+            return ["mpirun", "-np", str(ranks), "-ppn", str(rpn), "-genv", "OMP_NUM_THREADS", str(threads),
+                    "-genv", "MV2_CPU_BINDING_POLICY", "hybrid", "-genv", "MV2_THREADS_PER_PROCESS", str(threads),
+                    *gpu, *flags]
         binding = [] if "--bind-to" in flags or "--map-by" in flags else [
             "--map-by", f"ppr:{rpn}:node:PE={threads}", "--bind-to", "core"]
         return ["mpirun", "-np", str(ranks), *binding, *export_flags(plan), *flags]
+
+
+@launcher
+class PalsMpiexec(Launcher):
+    """HPE Cray PALS ``mpiexec`` (ALCF Polaris and Aurora): R ranks per node, each bound to T cores
+    (``--depth T --cpu-bind depth``); ranks learn their place from PALS_RANKID / PALS_LOCAL_RANKID
+    (larscale/launchenv.py), and each drives the GPU of its local rank."""
+
+    name = "mpiexec"
+
+    def words(self, plan: Plan, point: Point) -> list[str]:
+        threads = point.threads_per_rank
+        return ["mpiexec", "-n", str(point.ranks), "--ppn", str(point.ranks_per_node), "--depth", str(threads),
+                "--cpu-bind", "depth", "--env", f"OMP_NUM_THREADS={threads}", *profile_flags(plan, self.name)]
+
+
+@launcher
+class FluxRun(Launcher):
+    """``flux run`` inside a Flux allocation: one task per rank with its cores and, on GPUs, its GPU
+    (FLUX_TASK_RANK / FLUX_TASK_LOCAL_ID, larscale/launchenv.py); MPI ranks meet through Flux's PMI."""
+
+    name = "flux"
+
+    def words(self, plan: Plan, point: Point) -> list[str]:
+        gpus = ["-g", "1"] if plan.gpus_per_node(point.ranks_per_node) else []
+        return ["flux", "run", "-N", str(point.nodes), "-n", str(point.ranks), "-c", str(point.threads_per_rank),
+                *gpus, *profile_flags(plan, self.name)]
 
 
 def export_flags(plan: Plan) -> list[str]:

@@ -34,8 +34,8 @@ class UsageError(Exception):
     """A bad input from the user: reported as one clear line, exit status 2."""
 
 
-# Where launchers put a process's rank before any library is initialised (torchrun, Open MPI, PMI/Slurm, Horovod).
-RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID", "HOROVOD_RANK")
+# Where launchers put a process's rank before any library is initialised: one table, larscale/launchenv.py.
+from larscale.launchenv import RANK_VARIABLES  # noqa: E402
 
 
 def launcher_rank(environ: Mapping[str, str] | None = None) -> int | None:

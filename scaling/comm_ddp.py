@@ -48,6 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from larscale.launchenv import DDP_LAUNCH_VARIABLES
 from scaling.config import TrainConfig, usage_error
 from scaling.rank import RankInfo
 
@@ -83,15 +84,9 @@ def launch_environment(env: Mapping[str, str] | None = None) -> LaunchEnvironmen
     if "HOROVOD_RANK" in env:
         raise usage_error("--backend ddp cannot run under horovodrun (it starts Horovod jobs); launch with torchrun, "
                           "srun or mpirun, or use --backend horovod")
-    candidates = (
-        ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
-        ("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-         "OMPI_COMM_WORLD_LOCAL_SIZE"),
-        ("mpirun", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-        # SLURM_STEP_ID: only inside an srun step (a batch script's own shell has SLURM_PROCID=0 and the job's
-        # task count, and must not wait for ranks that are not there).
-        ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", None),
-    )
+    # SLURM_STEP_ID: only inside an srun step (a batch script's own shell has SLURM_PROCID=0 and the job's
+    # task count, and must not wait for ranks that are not there).
+    candidates = DDP_LAUNCH_VARIABLES   # one table of every launcher's variables: larscale/launchenv.py
     for launcher, rank_var, size_var, local_var, local_size_var in candidates:
         if launcher == "srun" and "SLURM_STEP_ID" not in env:
             continue

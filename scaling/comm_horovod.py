@@ -23,11 +23,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from larscale.launchenv import MPI_LAUNCH_VARIABLES
 from scaling.config import TrainConfig, usage_error
 from scaling.rank import RankInfo
 
 ALLREDUCE_TIMING = "time blocked in optimizer.synchronize() after backward (allreduces still running)"
-LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_RANK", "PMIX_RANK")
+LAUNCHER_VARIABLES = MPI_LAUNCH_VARIABLES  # set only in processes an MPI launcher or horovodrun started
 
 
 def import_horovod(module: str) -> Any:

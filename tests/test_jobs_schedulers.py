@@ -60,6 +60,18 @@ def test_dependent_submission(name: str, after: tuple, argv: list[str]) -> None:
     assert "depend" not in " ".join(get_scheduler(name).submit_argv("scripts/a.sh")[0])
 
 
+def test_flux_reads_the_real_tools_listing() -> None:
+    """`flux jobs` lines as the real tool printed them (flux-framework/flux-workflow-examples,
+    job-submit-cli/README.md), cut to the JOBID and ST columns larscale asks for."""
+    recorded = ["ƒ3ETxsR9H moussa1 io-forward R 1 1 2.858s 2", "ƒ38rBqEWT moussa1 compute.lu R 4 2 15.6s [0-1]"]
+    from subprocess import CompletedProcess
+
+    lines = "\n".join(" ".join(line.split()[i] for i in (0, 3)) for line in recorded)
+    states = get_scheduler("flux").query([f58_to_decimal("ƒ3ETxsR9H"), f58_to_decimal("ƒ38rBqEWT")],
+                                         lambda argv: CompletedProcess(argv, 0, lines, ""))
+    assert [s for s, _ in states.values()] == ["running", "running"]
+
+
 def test_job_ids() -> None:
     assert parse_job_id("flux", "ƒM7Zq9AKHno\n") == "149394041430081536"
     assert parse_job_id("flux", "fM7Zq9AKHno\n") == "149394041430081536"     # ASCII locales print f

@@ -3,7 +3,13 @@
 The proof that a scheduler is one file. ``flux batch`` prints the job id in Flux's F58 form (``ƒM7Zq9AKHno``,
 or ``fM7Zq9AKHno`` where the locale cannot print ``ƒ``); larscale keeps the decimal form of the same 64-bit id
 (F58 is base 58 over Bitcoin's alphabet), which every flux command accepts and which stays ASCII in file names
-and attempt records. Inside the job the script turns ``FLUX_JOB_ID`` into the same decimal id (``flux job id``).
+and attempt records (Open OnDemand's Flux adapter does the same). ``flux jobs`` prints F58 ids too, as in this
+transcript of the real tool from flux-framework/flux-workflow-examples (job-submit-cli/README.md)::
+
+    JOBID USER NAME ST NTASKS NNODES RUNTIME RANKS
+    ƒ3ETxsR9H moussa1 io-forward R 1 1 2.858s 2
+
+larscale asks for just the two columns it needs (``-o "{id.f58} {status_abbrev}"``, flux-jobs(1)). Inside the job the script turns ``FLUX_JOB_ID`` into the same decimal id (``flux job id``).
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ class Flux(Scheduler):
         out: States = {}
         if not job_ids:
             return out
-        proc = run(["flux", "jobs", "-a", "-n", "-o", "{id} {status_abbrev}", *job_ids])
+        proc = run(["flux", "jobs", "-a", "-n", "-o", "{id.f58} {status_abbrev}", *job_ids])
         for line in proc.stdout.splitlines():
             parts = line.split()
             if len(parts) == 2:

@@ -21,16 +21,17 @@ Costs per algorithm (single link, q = 1, L = ⌈log2 p⌉):
 - hierarchical (reduce to one leader per node by a binomial tree, ring allreduce among the ``nodes`` leaders,
   binomial broadcast inside the node), with ``l = ⌈log2 q⌉`` and m = nodes:
   ``2l(α_i + nβ_i) + l·nγ + 2(m−1)α_e + 2(m−1)/m·nβ_e + (m−1)/m·nγ``
-- nccl (NCCL on GPU nodes: every rank works, none leads): a ring reduce-scatter over the node's NVLink/NVSwitch
-  leaves each of the q GPUs 1/q of the vector; the q GPUs then allreduce their shards across nodes at the same
-  time, each over its own share of the node's network interfaces (rail-optimised nodes have one NIC per GPU);
-  a ring allgather inside the node completes it. Across nodes NCCL runs double binary trees for latency and
-  rings for bandwidth, so the model takes the tree's ``2⌈log2 m⌉`` latencies and the ring's bytes:
-  ``2(q−1)α_i + 2(q−1)/q·nβ_i + 2⌈log2 m⌉α_e + 2(m−1)/m·nβ_e + ((q−1)/q + (m−1)/(m·q))·nγ``
-  (β_e of the node's total inter-node bandwidth: the q shards of n/q share it). Against the leader-based
-  hierarchical form it moves 2(q−1)/q·n instead of 2⌈log2 q⌉·n bytes inside the node, and its latency grows with
-  log2 of the nodes, not with their number: the difference that matters at thousands of GPUs with 16-64 images
-  each, where a step is short and every bucket pays α.
+- nccl (NCCL on GPU nodes: every rank works, none leads). Inside one node a ring over NVLink/NVSwitch (or
+  PCIe): ``2(q−1)α_i + 2(q−1)/q·nβ_i``. Across nodes NCCL's rings visit every node, entering and leaving through
+  its NICs, so a node's NICs together carry ``2(p−1)/p·n`` — what nccl-tests' busbw measures, and why a
+  multi-node busbw never exceeds the node's NIC bandwidth (NVIDIA/nccl#412: ~24 GB/s across nodes on one
+  HDR 200 Gb/s NIC, ~160 GB/s inside the node). The ring is pipelined and runs at its slowest edge, the NICs:
+  ``2⌈log2 m⌉α_e + 2(q−1)α_i + 2(p−1)/p·nβ_e + (p−1)/p·nγ`` with β_e of the node's total NIC bandwidth (8 GPUs
+  sharing one NIC get an eighth each; rail-optimised nodes have one per GPU). Latency: NCCL's double binary
+  trees for small messages give ``2⌈log2 m⌉`` inter-node steps (plus the chain inside the node), growing with
+  log2 of the nodes: what matters at thousands of GPUs with 16-64 images each, where every bucket pays α.
+  (Its earlier form let the q GPUs' shards cross with ``2(m−1)/m·n`` bytes a node — half a ring's on two nodes,
+  faster than the NICs allow: ResNet-50 on 2-4 nodes of 8 V100 sharing one EDR NIC came out 13-37 % optimistic.)
 
 How the flat algorithms use two links (m = nodes > 1):
 
@@ -144,9 +145,12 @@ def allreduce_terms(algorithm: str, nbytes, nodes, ranks_per_node=1) -> Collecti
                                beta_inter=2 * l_nodes * n, gamma=(lq + l_nodes) * n)
     if algorithm == "nccl":
         l_nodes = _ceil_log2(m)
+        # Across nodes NCCL's rings pass through every node: a node's NICs carry 2(p−1)/p·n, and the pipelined
+        # ring runs at its slowest edge (the NICs), so the NVLink bytes do not add to the time.
         return CollectiveTerms(alpha_intra=2 * (q - 1), alpha_inter=2 * l_nodes,
-                               beta_intra=2 * (q - 1) / q * n, beta_inter=2 * (m - 1) / m * n,
-                               gamma=((q - 1) / q + (m - 1) / (m * q)) * n)
+                               beta_intra=np.where(multi, 0.0, 2 * (q - 1) / q * n),
+                               beta_inter=np.where(multi, 2 * (p - 1) / p * n, 0.0),
+                               gamma=reduce_share * n)
     # hierarchical: binomial reduce to the node leader, ring among leaders, binomial broadcast.
     return CollectiveTerms(alpha_intra=2 * lq, alpha_inter=2 * (m - 1), beta_intra=2 * lq * n,
                            beta_inter=2 * (m - 1) / m * n,

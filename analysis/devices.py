@@ -52,9 +52,22 @@ class KindEfficiency:
 
 
 @dataclass(frozen=True)
+class KindCollectives:
+    """What collectives achieve and cost on one kind of device (meaning and sources: devices.yaml comments)."""
+
+    intra_efficiency: float                 # busbw / datasheet rate inside a node
+    inter_efficiency: float                 # busbw / NIC rate across nodes, GPUDirect RDMA
+    host_staging_gbytes_per_s: float        # a NIC's cap when its bytes are staged through host memory
+    bucket_overhead_us: float               # framework cost per bucket
+    interference: float                     # backward slowdown per second of overlapped communication
+    step_jitter_cv: float                   # coefficient of variation of one rank's step time
+
+
+@dataclass(frozen=True)
 class Catalog:
     devices: dict[str, Device] = field(default_factory=dict)
     efficiency: dict[str, KindEfficiency] = field(default_factory=dict)
+    collectives: dict[str, KindCollectives] = field(default_factory=dict)
 
 
 @cache
@@ -71,6 +84,15 @@ def efficiency(kind: str, path: Path = CATALOG) -> KindEfficiency:
     constants = _catalog(str(path)).efficiency
     if kind not in constants:
         raise ValueError(f"the device catalog has no efficiency constants for kind {kind!r}; it has: "
+                         f"{', '.join(constants)}")
+    return constants[kind]
+
+
+def collectives(kind: str, path: Path = CATALOG) -> KindCollectives:
+    """What collectives achieve and cost on a kind of device ("cpu" or "gpu")."""
+    constants = _catalog(str(path)).collectives
+    if kind not in constants:
+        raise ValueError(f"the device catalog has no collectives constants for kind {kind!r}; it has: "
                          f"{', '.join(constants)}")
     return constants[kind]
 

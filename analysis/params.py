@@ -66,6 +66,15 @@ class PerfParams:
     overlap: str = "layerwise"
     # A device's speed-up when its node is only partly busy (fewer ranks per node than the default).
     partial_node_speedup: float = 1.0
+    # Framework seconds per bucket (DDP's bucket launch, Horovod's negotiation), added to each collective.
+    bucket_overhead_s: float = 0.0
+    # Seconds the backward pass loses per second of communication overlapped with it (analysis/overlap.py).
+    interference: float = 0.0
+    # Coefficient of variation of one rank's step time: a synchronous step waits for the slowest of p ranks.
+    jitter_cv: float = 0.0
+    # Bytes on the wire per fp32 gradient byte: 1 (fp32 gradients, as mixed precision keeps them) or 0.5
+    # (fp16/bf16 compression).
+    gradient_scale: float = 1.0
     # What the profile did not say and the model assumed (one line each; the CLI prints them).
     notes: tuple[str, ...] = field(default=(), compare=False)
 
@@ -92,6 +101,11 @@ class PerfParams:
         for name in ("cycle_s", "half_efficiency_batch", "step_overhead_s", "copy_s_per_byte"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("bucket_overhead_s", "interference", "jitter_cv"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.gradient_scale not in (0.5, 1.0):
+            raise ValueError(f"PerfParams.gradient_scale must be 1 (fp32) or 0.5 (16-bit), got {self.gradient_scale!r}")
         for name in ("overlap_intra", "overlap_inter", "overlap_reduce"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"PerfParams.{name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -112,12 +126,15 @@ class PerfParams:
         else:
             half_batch = 4.0 if compute.half_efficiency_batch is None else compute.half_efficiency_batch
             half_flops = None if compute.half_efficiency_gflop is None else compute.half_efficiency_gflop * 1e9
+        achieved = collective_settings(machine)
         return cls(
             link=LinkCost(alpha_intra_s=net.intra_node.alpha_s,
-                          beta_intra_s_per_byte=net.intra_node.beta_s_per_byte,
+                          beta_intra_s_per_byte=net.intra_node.beta_s_per_byte / achieved.intra_efficiency,
                           alpha_inter_s=net.inter_node.alpha_s,
-                          beta_inter_s_per_byte=net.inter_node.beta_s_per_byte,
+                          beta_inter_s_per_byte=net.inter_node.beta_s_per_byte / achieved.inter_efficiency,
                           gamma_s_per_byte=net.gamma_s_per_byte),
+            bucket_overhead_s=achieved.bucket_overhead_s, interference=achieved.interference,
+            jitter_cv=achieved.jitter_cv, gradient_scale=achieved.gradient_scale,
             algorithm=net.algorithm,
             fusion_bytes=net.fusion_buffer_mb * 2**20,
             cycle_s=net.cycle_time_ms * 1e-3,
@@ -173,6 +190,47 @@ class PerfParams:
         if link_changes:
             changes["link"] = dataclasses.replace(self.link, **link_changes)
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CollectiveSettings:
+    """A profile's collectives section with the device kind's constants filled in (analysis/comm.py)."""
+
+    intra_efficiency: float          # busbw / datasheet rate inside a node
+    inter_efficiency: float          # busbw / NIC rate across nodes, host staging included
+    bucket_overhead_s: float
+    interference: float
+    jitter_cv: float
+    gradient_scale: float
+
+
+def collective_settings(machine: MachineProfile) -> CollectiveSettings:
+    """Achieved-bandwidth factors and collective costs: the profile's ``network.collectives``, else the kind's.
+
+    A profile whose links calibration fitted (``calibration.network``) already states achieved rates: its
+    efficiencies stay 1.
+    """
+    from analysis.devices import collectives
+
+    kind = collectives(machine.node.devices.kind)
+    given = machine.network.collectives
+    fitted_links = bool(machine.calibration and "network" in machine.calibration)
+
+    def pick(name: str) -> float:
+        value = getattr(given, name)
+        return float(getattr(kind, name) if value is None else value)
+
+    intra, inter = pick("intra_efficiency"), pick("inter_efficiency")
+    if not given.gpudirect_rdma:
+        # Host staging caps each NIC (inter_node.bandwidth_gbps is all of a node's NICs together).
+        nic_gbytes_per_s = machine.network.inter_node.bandwidth_gbps / 8 / (given.nics_per_node or 1)
+        inter = min(inter, pick("host_staging_gbytes_per_s") / nic_gbytes_per_s)
+    if fitted_links:
+        intra = inter = 1.0
+    return CollectiveSettings(intra_efficiency=intra, inter_efficiency=inter,
+                              bucket_overhead_s=pick("bucket_overhead_us") * 1e-6, interference=pick("interference"),
+                              jitter_cv=pick("step_jitter_cv"),
+                              gradient_scale=1.0 if given.gradient_dtype == "fp32" else 0.5)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ For ``nodes`` nodes with ``ranks_per_node`` ranks each (p ranks), global batch `
                       needs the compute cores and so cannot hide (the profile's overlap fractions); with
                       ``network.overlap: none`` every gradient is ready only when the backward pass ends
     data_s          = b·ranks_per_node / (node's decode rate)   (0 when the profile gives no rate)
-    iteration_s     = max(compute_s + comm_exposed_s, data_s)   if data loading is prefetched, else the sum
+    jitter_s        = compute_s · cv · E[max of p standard normals]   (the wait for the slowest rank)
+    iteration_s     = max(compute_s + comm_exposed_s + jitter_s, data_s)   if data is prefetched, else the sum
     epoch_s         = iteration_s · N / B                       (N images per epoch, ImageNet-1k by default)
     time_to_train_s = ⌈E·N/B⌉ · iteration_s                     (E epochs; whole iterations)
     images_per_s    = B / iteration_s
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,7 @@ class Prediction:
     data_exposed_s: np.ndarray
     comm_total_s: np.ndarray
     comm_exposed_s: np.ndarray
+    jitter_s: np.ndarray          # the wait for the slowest rank (expected maximum of p step times − mean)
     buckets: np.ndarray
     iteration_s: np.ndarray
     epoch_s: np.ndarray
@@ -114,6 +117,16 @@ def _as_int_array(name: str, value: Any) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def expected_max_normal(count) -> np.ndarray:
+    """E[max of n independent standard normals] (Blom's approximation ``Φ⁻¹((n − 0.375)/(n + 0.25))``; 0 for
+    n = 1), evaluated once per distinct n."""
+    n = np.asarray(count)
+    distinct, inverse = np.unique(n, return_inverse=True)
+    inv_cdf = NormalDist().inv_cdf
+    values = np.array([0.0 if k <= 1 else inv_cdf((k - 0.375) / (k + 0.25)) for k in distinct.tolist()])
+    return values[inverse].reshape(n.shape)
+
+
 def validate(params: PerfParams, nodes: np.ndarray, ranks_per_node: np.ndarray, global_batch: np.ndarray,
              epochs: np.ndarray) -> None:
     """Clear errors for configurations the machine or the batch cannot hold (first culprit named)."""
@@ -150,10 +163,16 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     # batches then costs one evaluation per node count, not per point).
     latency, per_byte = allreduce_affine(params.algorithm, nodes_a, rpn_a, params.link)
     serial_latency, serial_per_byte = allreduce_affine(params.algorithm, nodes_a, rpn_a, params.serial_link())
+    # The framework's cost per bucket (where there is a collective) and 16-bit gradients on the wire.
+    latency = latency + np.where(nodes_a * rpn_a > 1, params.bucket_overhead_s, 0.0)
+    per_byte, serial_per_byte = per_byte * params.gradient_scale, serial_per_byte * params.gradient_scale
     # The compute-core part of each cost (never above the cost itself, rounding included).
     serial_latency, serial_per_byte = np.minimum(serial_latency, latency), np.minimum(serial_per_byte, per_byte)
-    nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency, serial_per_byte = np.broadcast_arrays(
-        nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency, serial_per_byte)
+    # E[max of p step times] − mean, in standard deviations: per placement too.
+    slowest = expected_max_normal(nodes_a * rpn_a)
+    (nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency, serial_per_byte,
+     slowest) = np.broadcast_arrays(nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency,
+                                    serial_per_byte, slowest)
     if check:
         validate(params, nodes_a, rpn_a, batch_a, epochs_a)
     ranks = nodes_a * rpn_a
@@ -161,7 +180,7 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     times = compute_times(workload, params, b, rpn_a, image_size=image_size)
     compute_s = times.total_s
     # Fusion copies only where there is a collective (one rank reduces nothing).
-    copy = np.where(ranks > 1, params.copy_s_per_byte, 0.0)
+    copy = np.where(ranks > 1, params.copy_s_per_byte * params.gradient_scale, 0.0)
     # Without layerwise overlap (a backward compiled as one graph hands every gradient over at its end),
     # every gradient event is ready when the backward pass ends: the same schedule, nothing left to hide.
     ready = (workload.event_ready_fraction if params.overlap == "layerwise"
@@ -169,8 +188,14 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     overlap = simulate(ready, workload.event_bytes, times.backward_s, latency, per_byte,
                        params.fusion_bytes, params.cycle_s, serial_latency, serial_per_byte,
                        copy, copy * (1.0 - params.overlap_reduce))
+    # Collective kernels beside the backward pass take SMs and memory bandwidth: the pass slows by
+    # ``interference`` seconds per second of communication it hides (analysis/overlap.py).
+    comm_exposed = overlap.comm_exposed_s + params.interference * np.maximum(
+        overlap.comm_total_s - overlap.comm_exposed_s, 0.0)
+    # A synchronous step waits for the slowest of p ranks: E[max of p step times] − mean.
+    jitter = compute_s * params.jitter_cv * slowest
     data_s = b * rpn_a / params.data_images_per_s_per_node
-    busy = compute_s + overlap.comm_exposed_s
+    busy = compute_s + comm_exposed + jitter
     single_data_s = b / params.data_images_per_s_per_node
     if params.data_overlapped:
         iteration = np.maximum(busy, data_s)
@@ -187,7 +212,7 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
         global_batch=batch_a, batch_per_rank=b, epochs=epochs_a, iterations=iterations,
         forward_s=times.forward_s, backward_s=times.backward_s, overhead_s=times.overhead_s,
         compute_s=compute_s, data_s=data_s, data_exposed_s=data_exposed, comm_total_s=overlap.comm_total_s,
-        comm_exposed_s=overlap.comm_exposed_s, buckets=overlap.buckets, iteration_s=iteration,
+        comm_exposed_s=comm_exposed, jitter_s=jitter, buckets=overlap.buckets, iteration_s=iteration,
         epoch_s=iteration * per_epoch, time_to_train_s=time_to_train, images_per_s=batch_a / iteration,
         scaling_efficiency=single / iteration, node_hours=nodes_a * time_to_train / 3600.0)
 

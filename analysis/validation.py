@@ -94,8 +94,12 @@ def load_set(path: Path = VALIDATION_SET) -> dict[str, Any]:
 
 
 def cluster_machine(cluster: dict[str, Any], framework: str, model: str, batch: int, one_gpu: float,
-                    gpus_per_node: int, nodes: int) -> MachineProfile:
-    """A profile of the cluster running ``framework``, its compute pinned to the published 1-GPU rate."""
+                    gpus_per_node: int, nodes: int, collectives: dict[str, Any] | None = None) -> MachineProfile:
+    """A profile of the cluster running ``framework``, its compute pinned to the published 1-GPU rate.
+
+    ``collectives``: ``network.collectives`` fields to set (a fit's trial constants); the rest are the device
+    kind's (analysis/data/devices.yaml).
+    """
     from analysis.devices import device
 
     d = device(cluster["device"])
@@ -116,23 +120,31 @@ def cluster_machine(cluster: dict[str, Any], framework: str, model: str, batch: 
                     "inter_node": {"bandwidth_gbps": cluster["nics_per_node"] * cluster["nic_gbps"],
                                    "latency_us": cluster["nic_latency_us"], "topology": "fat-tree"},
                     "algorithm": "nccl", "reduce_gbytes_per_s": d.memory_bandwidth_gbytes_per_s / 3,
-                    "fusion_buffer_mb": fw.fusion_mb, "cycle_time_ms": fw.cycle_ms, "overlap": fw.overlap},
+                    "fusion_buffer_mb": fw.fusion_mb, "cycle_time_ms": fw.cycle_ms, "overlap": fw.overlap,
+                    "collectives": {"gpudirect_rdma": bool(cluster["gpudirect"]),
+                                    "nics_per_node": int(cluster["nics_per_node"]), **(collectives or {})}},
         "limits": {"max_nodes": max(nodes, 1), "max_walltime": "24:00:00"},
         "compute": {"model": "roofline", "measured_images_per_s": {model: {int(batch): float(one_gpu)}}},
     }
     return parse_machine(doc, f"validation cluster {cluster['device']}")
 
 
-def validate_rows(path: Path = VALIDATION_SET) -> list[ValidationRow]:
-    """Every row of the validation set predicted (one scalar call each; the set is small)."""
+def validate_rows(path: Path = VALIDATION_SET, collectives: dict[str, Any] | None = None,
+                  splits: tuple[str, ...] = SPLITS) -> list[ValidationRow]:
+    """Every row of the validation set (of ``splits``) predicted, one scalar call each (the set is small).
+
+    ``collectives``: trial values of ``network.collectives`` fields for every cluster (see :func:`fit`).
+    """
     doc = load_set(path)
     out = []
     for row in doc["rows"]:
+        if row["split"] not in splits:
+            continue
         cluster = doc["clusters"][row["cluster"]]
         gpus, nodes = int(row["gpus"]), int(row["nodes"])
         per_node = gpus // nodes
         machine = cluster_machine(cluster, row["framework"], row["model"], int(row["batch"]), float(row["one_gpu"]),
-                                  per_node, nodes)
+                                  per_node, nodes, collectives)
         result = predict(row["model"], machine, nodes, gpus * int(row["batch"]), 1, ranks_per_node=per_node,
                          precision=row["precision"]).record(0)
         published = (float(row["published"]) if "published" in row
@@ -188,3 +200,29 @@ def table(rows: list[ValidationRow]) -> str:
         lines.append(f"| {r.id} | {r.split} | {r.model} | {r.precision} | {r.gpus} | {r.nodes} | {r.framework} "
                      f"| {r.one_gpu:,.0f} | {r.published:,.0f} | {r.predicted:,.0f} | {r.error:+.1%} | {band} |")
     return "\n".join(lines)
+
+
+# The grid the free constants are chosen from (analysis/README.md, "Validation at scale").
+FIT_GRID: dict[str, tuple[float, ...]] = {
+    "step_jitter_cv": (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1),
+    "interference": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25),
+    "bucket_overhead_us": (0.0, 100.0, 250.0, 500.0, 1000.0),
+}
+
+
+def fit(path: Path = VALIDATION_SET) -> tuple[dict[str, float], float]:
+    """The grid point of :data:`FIT_GRID` that minimises the fit rows' mean absolute log error (held-out rows
+    unused; absolute, not squared, so that one row the model cannot explain does not pull the rest), and that
+    error."""
+    import itertools
+
+    best: tuple[float, dict[str, float]] | None = None
+    names = list(FIT_GRID)
+    for values in itertools.product(*(FIT_GRID[n] for n in names)):
+        trial = dict(zip(names, values, strict=True))
+        rows = validate_rows(path, collectives=trial, splits=("fit",))
+        loss = statistics.fmean(abs(math.log1p(r.error)) for r in rows)
+        if best is None or loss < best[0]:
+            best = (loss, trial)
+    assert best is not None
+    return best[1], best[0]

@@ -118,6 +118,34 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Collectives:
+    """What collectives achieve and cost beside the links' datasheet rates (analysis/comm.py, analysis/overlap.py).
+
+    Unset fields take the device kind's constants (analysis/data/devices.yaml, ``collectives:``, with their public
+    sources); a CPU kind keeps its links' own (calibrated) rates and no extra costs.
+    """
+
+    # busbw of a large allreduce over the link's datasheet rate: inside a node (NVLink, PCIe) and across nodes.
+    intra_efficiency: float | None = check(fraction, default=None)
+    inter_efficiency: float | None = check(fraction, default=None)
+    # NICs per node; inter_node.bandwidth_gbps is all of them together (8 GPUs may share one NIC).
+    nics_per_node: int | None = check(positive, default=None)
+    # GPUDirect RDMA (the NIC reads and writes GPU memory); false: staged through host memory (a NIC on the
+    # CPU's PCIe, or no peer-memory module), which caps each NIC at host_staging_gbytes_per_s.
+    gpudirect_rdma: bool = True
+    host_staging_gbytes_per_s: float | None = check(positive, default=None)
+    # Framework cost per bucket (DDP's bucket launch, Horovod's negotiation and fusion kernels), microseconds.
+    bucket_overhead_us: float | None = check(non_negative, default=None)
+    # Share of the communication overlapped with the backward pass by which that pass slows (SMs and memory
+    # bandwidth the collective kernels take).
+    interference: float | None = check(_unit_interval_rule, default=None)
+    # Coefficient of variation of one rank's step time: a synchronous step waits for the slowest rank.
+    step_jitter_cv: float | None = check(non_negative, default=None)
+    # Width of the gradients on the wire: fp32 (mixed precision keeps fp32 gradients) or 16-bit compression.
+    gradient_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+@dataclass(frozen=True)
 class Network:
     intra_node: Link
     inter_node: Link
@@ -145,6 +173,8 @@ class Network:
     # when the backward pass ends (a backward compiled as one graph by torch.compile returns all gradients at
     # once), so all communication follows the backward pass.
     overlap: Literal["layerwise", "none"] = "layerwise"
+    # Achieved bandwidth, framework costs, jitter and gradient width of the collectives.
+    collectives: Collectives = field(default_factory=Collectives)
 
     @property
     def gamma_s_per_byte(self) -> float:
@@ -237,6 +267,9 @@ class Compute:
     # analysis/data/devices.yaml). "sustained": the whole step at sustained_fraction of peak (the older model,
     # kept for profiles fitted with it).
     model: Literal["roofline", "sustained"] = "roofline"
+    # roofline: "eager" (kernel by kernel, the host launching each) or "compiled" (torch.compile / CUDA graphs:
+    # element-wise passes fused, launches replayed; analysis/data/devices.yaml, ``compiled:``).
+    mode: Literal["eager", "compiled"] = "eager"
     # roofline: measured ÷ modelled rate, 1 unless calibration fitted it (`larscale calibrate`).
     efficiency_scale: float = check(positive, default=1.0)
     # roofline: host seconds per framework operation (µs) that launches the kernels; unset: the device kind's

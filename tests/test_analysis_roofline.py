@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from analysis import comm
-from analysis.calibrate import calibrated_profile, overlap_mode
+from analysis.calibrate import ComputeFit, RooflinePoint, RunMeasurement, calibrated_profile, fit_compute, overlap_mode
 from analysis.devices import machine_for_device
-from analysis.fit_compute import ComputeFit, RooflinePoint, fit_compute
 from analysis.params import PerfParams, profile_notes
 from analysis.predict import predict, predict_from, predict_point
 from analysis.reproduce import device_comparison
@@ -25,7 +24,6 @@ from analysis.roofline import (
     step_seconds_plain,
     traced_layers,
 )
-from analysis.runs import RunMeasurement
 from analysis.workload import load_workload
 from larscale.machine import load_machine, parse_machine
 from tests.conftest import REPO
@@ -127,15 +125,19 @@ def test_nccl_allreduce_cost_by_hand() -> None:
     link = comm.LinkCost(alpha_intra_s=2e-6, beta_intra_s_per_byte=1e-11, alpha_inter_s=5e-6,
                          beta_inter_s_per_byte=4e-11, gamma_s_per_byte=1e-12)
     n, m, q = 1e8, 16, 8
-    expected = (2 * (q - 1) * 2e-6 + 2 * (q - 1) / q * n * 1e-11 + 2 * math.ceil(math.log2(m)) * 5e-6
-                + 2 * (m - 1) / m * n * 4e-11 + ((q - 1) / q + (m - 1) / (m * q)) * n * 1e-12)
+    p = m * q
+    # Across nodes the rings pass through every node's NICs (2(p-1)/p of n), paced by them, not by NVLink.
+    expected = (2 * (q - 1) * 2e-6 + 2 * math.ceil(math.log2(m)) * 5e-6
+                + 2 * (p - 1) / p * n * 4e-11 + (p - 1) / p * n * 1e-12)
     assert float(comm.allreduce_time("nccl", n, m, q, link)) == pytest.approx(expected)
+    one_node = 2 * (q - 1) * 2e-6 + 2 * (q - 1) / q * n * 1e-11 + (q - 1) / q * n * 1e-12
+    assert float(comm.allreduce_time("nccl", n, 1, q, link)) == pytest.approx(one_node)
     # Latency grows with log2 of the nodes, and NCCL moves fewer bytes inside a node than a leader's tree.
     a1024, _ = comm.allreduce_affine("nccl", 1024, 8, link)
     a16, _ = comm.allreduce_affine("nccl", 16, 8, link)
     assert float(a1024 - a16) == pytest.approx(2 * 6 * 5e-6)
-    hierarchical = comm.allreduce_terms("hierarchical", n, m, q)
-    nccl = comm.allreduce_terms("nccl", n, m, q)
+    hierarchical = comm.allreduce_terms("hierarchical", n, 1, q)
+    nccl = comm.allreduce_terms("nccl", n, 1, q)
     assert float(nccl.beta_intra) < float(hierarchical.beta_intra)
 
 

@@ -49,24 +49,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from analysis.calibrate import (
         calibrated_profile,
-        default_operations,
-        fit_comm,
-        fit_compute,
+        fit_runs_compute,
         format_base_properties,
         format_report,
-        horovod_cycle_wait_s,
         overlap_mode,
-        pace_side_by_side,
-        partial_node_speedup,
         profile_yaml,
-        read_runs,
-        roofline_point_of,
-        runs_alone,
     )
+    from analysis.fit_comm import CommFitOptions, default_operations, fit_comm
+    from analysis.runs import read_runs
     from larscale import UsageError
     from larscale.benchformat import parse_bytes, read_csv
     from larscale.machine import load_machine
@@ -87,11 +79,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
             rows = [row for path in args.bench for row in read_csv(path)]
             operations = default_operations(rows) + (("pingpong",) if args.with_pingpong else ())
             gamma = None if args.gamma_gbytes_per_s is None else 1.0 / (args.gamma_gbytes_per_s * 1e9)
-            comm = fit_comm(rows, algorithm=args.algorithm or base.network.algorithm, gamma_s_per_byte=gamma,
-                            default_gamma_s_per_byte=base.network.gamma_s_per_byte, operations=operations,
-                            min_bytes=parse_bytes(args.fit_min_bytes), max_bytes=parse_bytes(args.fit_max_bytes),
-                            horovod_wait_s=horovod_cycle_wait_s(base.network.cycle_time_ms),
-                            horovod_cycle_s=base.network.cycle_time_ms / 1e3)
+            options = CommFitOptions.for_profile(
+                base, algorithm=args.algorithm or base.network.algorithm, gamma_s_per_byte=gamma,
+                operations=operations, min_bytes=parse_bytes(args.fit_min_bytes),
+                max_bytes=parse_bytes(args.fit_max_bytes))
+            comm = fit_comm(rows, options)
         if args.runs:
             runs, skipped = read_runs(args.runs, args.warmup_steps)
             if skipped:
@@ -107,26 +99,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
                 return 1
             if not runs:
                 raise UsageError(f"none of the {len(args.runs)} run(s) given with --runs is usable (see above)")
-            paced: list[str] = []
             overlap = overlap_mode(runs, base, args.overlap)
-            alone = runs_alone(runs)
-            speedup, speedup_notes = None, []
-            if not args.runs_apart:
-                runs, paced = pace_side_by_side(runs)
-                loaded = [r for r in runs if r.side_by_side > 1]
-                speedup, speedup_notes = partial_node_speedup(loaded, alone)
-                if speedup is not None:
-                    # The rates to fit are the loaded node's; the runs alone gave the speed-up.
-                    runs, paced = loaded, paced + speedup_notes
-            devices = base.node.devices
-            cores_per_device = base.node.cores / devices.count if devices.kind == "cpu" else 1.0
-            roofline = (roofline_point_of(base, cores_per_device) if base.compute.model == "roofline" else None)
-            half = base.compute.half_efficiency_batch
-            compute = fit_compute(runs, devices.peak_tflops["fp32"] * 1e12, cores_per_device=cores_per_device,
-                                  default_half_efficiency_batch=4.0 if half is None else half, notes=paced,
-                                  roofline=roofline, default_roofline_half_batch=half or 0.0)
-            if speedup is not None:
-                compute = dataclasses.replace(compute, partial_node_speedup=speedup)
+            compute = fit_runs_compute(base, runs, runs_apart=args.runs_apart)
         data = calibrated_profile(base, comm, compute, name=args.name,
                                   inputs={"bench": list(args.bench), "runs": list(args.runs),
                                           "skipped": [str(p) for p in skipped]}, overlap=overlap)

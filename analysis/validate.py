@@ -1,6 +1,6 @@
 """Predicted vs measured: put a calibrated profile's prediction beside what a real run measured.
 
-The measured iteration time is :func:`analysis.calibrate.read_run`'s: the mean over measured steps (warm-up
+The measured iteration time is :func:`analysis.runs.read_run`'s: the mean over measured steps (warm-up
 excluded) of the slowest rank's step time, because a synchronous step ends when its slowest rank does and a
 time-to-train is the sum of the steps (the median is kept beside it). The prediction is
 :func:`analysis.predict.predict` for the run's own model, image size, placement (nodes × ranks per node) and
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.calibrate import read_run, workload_key
 from analysis.predict import predict
+from analysis.runs import read_run, workload_key
 from larscale.machine import MachineProfile
 
 

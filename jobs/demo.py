@@ -310,7 +310,7 @@ def predicted_vs_measured(cfg: DemoConfig, complete, profile, calibration_runs: 
 
     import pandas as pd
 
-    from analysis.calibrate import read_run, workload_key
+    from analysis.runs import read_run, workload_key
     from analysis.validate import Repeat, compare_runs, diagnose
     from scaling.backend import cores_available
 

@@ -4,7 +4,7 @@ One row per (operation, size): the statistics of the repetition times of one mes
 slowest rank's time), and the nccl-tests bandwidths of the median: ``algbw = n / t`` and, for an allreduce,
 ``busbw = algbw · 2(p−1)/p`` (the link's bytes/s when a bandwidth-optimal allreduce runs at link speed, whatever
 p). The harness that measures lives in :mod:`scaling.benchcomm` (it runs under MPI); the fitting in
-:mod:`analysis.calibrate`. Pure Python and numpy-free, like the run format beside it.
+:mod:`analysis.fit_comm`. Pure Python and numpy-free, like the run format beside it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ nccl-tests convention, from the median time t: ``algbw = n / t`` and, for allred
 ``busbw = algbw · 2(p−1)/p`` (equal to the link's bytes/s when a bandwidth-optimal allreduce runs at link
 speed, whatever p).
 
-Two more operations make the α-β-γ parameters separable (see :mod:`analysis.calibrate`): the ring allreduce
+Two more operations make the α-β-γ parameters separable (see :mod:`analysis.fit_comm`): the ring allreduce
 costs ``2(p−1)α + (p−1)/p·n·(2β + γ)``, so allreduce times alone never tell β from γ, at any p.
 
 - ``pingpong``: ranks 2i and 2i+1 bounce n bytes; the one-way time (half a round trip) is ``α + nβ``;

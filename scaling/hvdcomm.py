@@ -24,7 +24,7 @@ pieces over shared memory here. Sizes above ``HOROVOD_FUSION_THRESHOLD`` (severa
 
 The cycle wait is part of what a back-to-back call measures: a call issued right after the previous one
 completed waits for the background thread's next cycle (up to ``HOROVOD_CYCLE_TIME``). ``larscale calibrate``
-subtracts the expected wait of back-to-back calls (see :func:`analysis.calibrate.horovod_cycle_wait_s`) so that
+subtracts the expected wait of back-to-back calls (see :func:`analysis.fit_comm.horovod_cycle_wait_s`) so that
 α is the collective's own latency; the prediction adds the cycle wait of its own schedule
 (:mod:`analysis.overlap`).
 

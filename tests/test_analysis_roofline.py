@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from analysis import comm
-from analysis.calibrate import ComputeFit, RooflinePoint, RunMeasurement, calibrated_profile, fit_compute, overlap_mode
+from analysis.calibrate import calibrated_profile, overlap_mode
 from analysis.devices import machine_for_device
+from analysis.fit_compute import ComputeFit, RooflinePoint, fit_compute
 from analysis.params import PerfParams, profile_notes
 from analysis.predict import predict, predict_from, predict_point
 from analysis.reproduce import device_comparison
@@ -24,6 +25,7 @@ from analysis.roofline import (
     step_seconds_plain,
     traced_layers,
 )
+from analysis.runs import RunMeasurement
 from analysis.workload import load_workload
 from larscale.machine import load_machine, parse_machine
 from tests.conftest import REPO

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from analysis.calibrate import RunMeasurement, partial_node_speedup, runs_alone
 from analysis.params import PerfParams
 from analysis.predict import predict_from
+from analysis.runs import RunMeasurement, partial_node_speedup, runs_alone
 from analysis.validate import LoadTrace, Repeat, diagnose
 from analysis.workload import load_workload
 from larscale.machine import load_machine

@@ -1,4 +1,5 @@
-"""`analysis.calibrate`: α, β, γ and compute efficiency recovered from synthetic measurements with noise."""
+"""`analysis.fit_comm` / `analysis.fit_compute`: α, β, γ and compute efficiency recovered from noisy synthetic
+measurements."""
 
 from __future__ import annotations
 
@@ -8,20 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from analysis.calibrate import (
-    CalibrationError,
-    RunMeasurement,
-    calibrated_profile,
-    default_operations,
-    fit_comm,
-    fit_compute,
-    format_report,
-    horovod_cycle_wait_s,
-    pace_side_by_side,
-    profile_yaml,
-    workload_key,
-)
+from analysis.calibrate import calibrated_profile, format_report, profile_yaml
 from analysis.comm import single_link_time
+from analysis.fit_comm import CommFitOptions, default_operations, fit_comm, horovod_cycle_wait_s
+from analysis.fit_compute import fit_compute
+from analysis.fitting import CalibrationError
+from analysis.runs import RunMeasurement, pace_side_by_side, workload_key
 from analysis.workload import load_workload
 from larscale.benchformat import message_sizes
 from larscale.machine import load_machine, parse_machine
@@ -57,7 +50,8 @@ def synthetic_rows(rng: np.random.Generator, ranks=(2, 3, 4, 8, 16), algorithm: 
 @pytest.mark.parametrize("algorithm", ["ring", "recursive_doubling", "rabenseifner", "binomial_tree"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_recovers_alpha_beta_gamma_within_5_percent(algorithm: str, seed: int) -> None:
-    fit = fit_comm(synthetic_rows(np.random.default_rng(seed), algorithm=algorithm), algorithm=algorithm)
+    fit = fit_comm(synthetic_rows(np.random.default_rng(seed), algorithm=algorithm),
+                   CommFitOptions(algorithm=algorithm))
     assert fit.gamma_source == "reduce_local"
     assert fit.inter.alpha_s == pytest.approx(ALPHA, rel=0.05)
     assert fit.inter.beta_s_per_byte == pytest.approx(BETA, rel=0.05)
@@ -91,7 +85,7 @@ def test_allreduce_alone_cannot_split_beta_from_gamma_so_gamma_is_fixed_and_said
     # Several p values do not help: the ring's bandwidth terms are (p-1)/p * n * (2 beta + gamma) for every p.
     rows = synthetic_rows(np.random.default_rng(3), reduce_local=False)
     assumed = 1.0 / 20e9
-    fit = fit_comm(rows, default_gamma_s_per_byte=assumed)
+    fit = fit_comm(rows, CommFitOptions(default_gamma_s_per_byte=assumed))
     assert fit.gamma_source == "fixed" and fit.gamma_s_per_byte == assumed
     assert any("collinear" in note for note in fit.notes)
     # What the rows do determine is recovered: alpha and the effective per-byte cost 2 beta + gamma.
@@ -100,7 +94,7 @@ def test_allreduce_alone_cannot_split_beta_from_gamma_so_gamma_is_fixed_and_said
     # And so the fitted model reproduces the allreduce times it was given.
     assert fit.rms_relative("allreduce") < NOISE
     # The caller may pin gamma from elsewhere; then beta is exact again.
-    pinned = fit_comm(rows, gamma_s_per_byte=GAMMA)
+    pinned = fit_comm(rows, CommFitOptions(gamma_s_per_byte=GAMMA))
     assert pinned.inter.beta_s_per_byte == pytest.approx(BETA, rel=0.05)
     assert pinned.gamma_source == "fixed"
 
@@ -124,21 +118,21 @@ def test_pingpong_is_a_separate_diagnostic_fit() -> None:
     assert fit.pingpong["inter"].beta_s_per_byte == pytest.approx(BETA, rel=0.05)
     assert fit.inter.beta_s_per_byte == pytest.approx(2 * BETA, rel=0.05)
     assert fit.rms_relative("allreduce") < NOISE
-    joint = fit_comm(rows, operations=("allreduce", "pingpong", "reduce_local"))
+    joint = fit_comm(rows, CommFitOptions(operations=("allreduce", "pingpong", "reduce_local")))
     assert joint.rms_relative("allreduce") > fit.rms_relative("allreduce")
 
 
 def test_fit_range_and_errors() -> None:
     rows = synthetic_rows(np.random.default_rng(6), ranks=(2,))
-    ranged = fit_comm(rows, min_bytes=1024)
+    ranged = fit_comm(rows, CommFitOptions(min_bytes=1024))
     assert all(r["fitted"] == (r["bytes"] >= 1024) for r in ranged.residuals)
     with pytest.raises(CalibrationError, match="at least 2 ranks|multi-rank"):
         fit_comm([r for r in rows if r["operation"] == "reduce_local"])
     one_size = [r for r in rows if r["bytes"] == 1024 and r["operation"] == "allreduce"]
     with pytest.raises(CalibrationError, match="two message sizes"):
-        fit_comm(one_size, gamma_s_per_byte=GAMMA)
+        fit_comm(one_size, CommFitOptions(gamma_s_per_byte=GAMMA))
     with pytest.raises(ValueError, match="unknown allreduce algorithm"):
-        fit_comm(rows, algorithm="butterfly")
+        fit_comm(rows, CommFitOptions(algorithm="butterfly"))
 
 
 def _runs(rng, sustained: float, half: float, peak: float) -> list[RunMeasurement]:
@@ -263,7 +257,7 @@ def test_compute_calibration_from_real_run_logs(tmp_path) -> None:
     import subprocess
     import sys
 
-    from analysis.calibrate import read_run
+    from analysis.runs import read_run
     from scaling.launch import local_env
     from tests.conftest import REPO
 
@@ -313,7 +307,7 @@ def test_horovod_rows_are_preferred_fitted_by_their_mean_less_the_cycle_wait() -
         # a bimodal path: the median sits in the fast mode, the mean is what the calls add up to
         rows.append({**r, "operation": "horovod_allreduce", "median_s": 0.8 * exact, "mean_s": noisy(exact, rng)})
     assert default_operations(rows) == ("horovod_allreduce", "reduce_local")
-    fit = fit_comm(rows, horovod_wait_s=wait)
+    fit = fit_comm(rows, CommFitOptions(horovod_wait_s=wait))
     assert fit.operations == ("horovod_allreduce", "reduce_local")
     assert fit.gamma_s_per_byte == pytest.approx(GAMMA, rel=0.05)
     assert fit.inter.beta_s_per_byte == pytest.approx(slow * BETA, rel=0.05)
@@ -339,7 +333,7 @@ def test_horovod_rows_paced_by_the_cycle_are_left_out_and_alpha_comes_from_the_p
         collective = float(single_link_time("ring", r["bytes"], 2, ALPHA, slow * BETA, GAMMA))
         paced = max(cycle + 6e-5, collective + wait + 0.3e-3)      # the plateau: 1.06 ms whatever the size
         rows.append({**r, "operation": "horovod_allreduce", "mean_s": noisy(paced, rng)})
-    fit = fit_comm(rows, horovod_wait_s=wait, horovod_cycle_s=cycle)
+    fit = fit_comm(rows, CommFitOptions(horovod_wait_s=wait, horovod_cycle_s=cycle))
     smallest = next(r for r in rows if r["operation"] == "pingpong" and r["bytes"] == 4)
     assert fit.inter.alpha_s == smallest["median_s"] == pytest.approx(ALPHA, rel=0.1)   # the bound, not 0.15 ms
     assert fit.inter.beta_s_per_byte == pytest.approx(slow * BETA, rel=0.05)
@@ -348,15 +342,16 @@ def test_horovod_rows_paced_by_the_cycle_are_left_out_and_alpha_comes_from_the_p
     assert any("not fitted" in note for note in fit.notes)
     assert any("above the ping-pong latency" in note for note in fit.notes)
     # Fitted as before (every row, α free), the plateau lands in α: ten times the true latency.
-    assert fit_comm(rows, horovod_wait_s=wait).inter.alpha_s > 10 * ALPHA
+    assert fit_comm(rows, CommFitOptions(horovod_wait_s=wait)).inter.alpha_s > 10 * ALPHA
     # No ping-pong rows: α comes from the longer rows, and the report says it is weakly determined.
-    without = fit_comm([r for r in rows if r["operation"] != "pingpong"], horovod_wait_s=wait, horovod_cycle_s=cycle)
+    without = fit_comm([r for r in rows if r["operation"] != "pingpong"],
+                       CommFitOptions(horovod_wait_s=wait, horovod_cycle_s=cycle))
     assert without.inter.beta_s_per_byte == pytest.approx(slow * BETA, rel=0.1)
     assert any("weakly determined" in note for note in without.notes)
     # Every Horovod row under four cycles: nothing to fit, said so.
     with pytest.raises(CalibrationError, match="under 4 Horovod cycles"):
         fit_comm([r for r in rows if r["operation"] != "allreduce" and r["bytes"] <= 1 << 20],
-                 horovod_wait_s=wait, horovod_cycle_s=cycle)
+                 CommFitOptions(horovod_wait_s=wait, horovod_cycle_s=cycle))
 
 
 def test_fused_rows_give_the_fusion_copy_cost() -> None:
@@ -373,7 +368,7 @@ def test_fused_rows_give_the_fusion_copy_cost() -> None:
             rows.append({**r, "operation": "horovod_allreduce_fused", "mean_s": noisy(lone + 2 * r["bytes"] * copy,
                                                                                        rng)})
     assert default_operations(rows) == ("horovod_allreduce", "horovod_allreduce_fused", "reduce_local")
-    fit = fit_comm(rows, horovod_wait_s=wait)
+    fit = fit_comm(rows, CommFitOptions(horovod_wait_s=wait))
     assert fit.copy_s_per_byte == pytest.approx(copy, rel=0.05)
     assert fit.inter.beta_s_per_byte == pytest.approx(BETA, rel=0.05)
     assert fit.rms_relative("horovod_allreduce_fused") < NOISE
@@ -381,7 +376,8 @@ def test_fused_rows_give_the_fusion_copy_cost() -> None:
     data = calibrated_profile(load_machine("local"), comm=fit)
     assert data["network"]["fusion_copy_gbytes_per_s"] == pytest.approx(7.0, rel=0.05)
     # Without fused rows δ is not fitted and the base profile's value stays.
-    lone_only = fit_comm([r for r in rows if r["operation"] != "horovod_allreduce_fused"], horovod_wait_s=wait)
+    lone_only = fit_comm([r for r in rows if r["operation"] != "horovod_allreduce_fused"],
+                         CommFitOptions(horovod_wait_s=wait))
     assert lone_only.copy_s_per_byte is None
     base = load_machine("local")
     kept = calibrated_profile(base, comm=lone_only)["network"].get("fusion_copy_gbytes_per_s")

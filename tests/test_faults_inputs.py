@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis.calibrate import read_run, read_runs
+from analysis.runs import read_run, read_runs
 from jobs.collect import collect
 from jobs.submit import submit
 from jobs.sweep import plan

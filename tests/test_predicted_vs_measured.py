@@ -39,8 +39,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis.calibrate import read_run, workload_key
 from analysis.predict import predict
+from analysis.runs import read_run, workload_key
 from larscale.machine import load_machine
 from scaling.launch import local_env, rank_command
 from tests.conftest import REPO
@@ -52,7 +52,7 @@ from tests.netns import NetnsPair, netns_available
 # ~7 % and a mean below zero. What fixed it: (1) the measurements are interleaved in rounds (this VM drifts by
 # 10-20 % over minutes; measure_in_rounds); (2) the model charges Horovod's fusion-buffer copies (~29 ms of a
 # ResNet-50 step here, analysis/overlap.py); (3) calibration no longer fits the Horovod calls that the background
-# thread's cycle paces (they had put ~0.3 ms into α, 32 ms a ResNet-50 step; analysis/calibrate.py). With these,
+# thread's cycle paces (they had put ~0.3 ms into α, 32 ms a ResNet-50 step; analysis/fit_comm.py). With these,
 # five runs of this file (2, 2, 2, 3, 3 rounds; AlexNet / ResNet-50@64): shared memory -4.0/-2.8, +5.6/-12.1,
 # -3.1/+5.0, -2.8/+8.1, -6.5/+2.3 %; veth -11.0/-12.1, -3.6/-9.1, -7.1/-8.8, -7.9/-8.6, -7.3/-9.6 %. The veth
 # stays below zero: collectives beside the backward pass run slower than alone (the 8 MB fc bucket took 92-170 ms

@@ -192,7 +192,10 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
     pred = predict_from(workload, params, nodes_a, batch_a, epochs_a, rpn, dataset_size)
     memory = memory_gb_per_rank(workload, pred.batch_per_rank)
     memory_limit = memory_limit_gb(profile, rpn)
-    jobs = np.maximum(np.ceil(pred.time_to_train_s / (walltime_s - restart_overhead_s)), 1)
+    # The queue's walltime for each point's job size (node-count bins), unless the caller fixed one.
+    walltime_of = (np.full(nodes_a.size, walltime_s) if max_walltime is not None else
+                   np.array([min(walltime_s, profile.max_walltime_for(int(n))[0]) for n in nodes_a], dtype=float))
+    jobs = np.maximum(np.ceil(pred.time_to_train_s / np.maximum(walltime_of - restart_overhead_s, 1.0)), 1)
     wall = pred.time_to_train_s + jobs * restart_overhead_s
     node_hours = nodes_a * wall / 3600
     rows = []

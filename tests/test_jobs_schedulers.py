@@ -45,6 +45,17 @@ def test_gpu_directives(name: str, wanted: list[str]) -> None:
                 and "partition" not in x and "-q gpu" not in x and "queue=gpu" not in x]
 
 
+def test_an_unknown_scheduler_or_launcher_is_refused_when_planning() -> None:
+    from larscale.schema import SchemaError
+
+    with pytest.raises(SchemaError, match=r"^machine.scheduler: unknown scheduler 'sge'; choose one of slurm, "):
+        plan(base_spec(), machine=replace(load_machine("stampede2-knl"), scheduler="sge"), output_dir="/x")
+    from jobs.scripts import check_launch
+
+    with pytest.raises(SchemaError, match=r"^job.launcher: unknown launcher 'aprun'"):
+        check_launch(plan(base_spec(job={"launcher": "aprun"}), output_dir="/x"))
+
+
 def test_slurm_gres_form() -> None:
     assert "#SBATCH --gres=gpu:4" in get_scheduler("slurm").directives(replace(JOB, gpu_request="gres"))
 

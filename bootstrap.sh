@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# Take a fresh Debian machine with Python 3.11 (as root) to a working larscale environment.
+# Take a machine with Python 3.11 to a working larscale environment: a fresh Debian machine as root, a cluster
+# login node as a user (MPI, compiler and CMake from `module load`), or a conda environment.
 #
 # Idempotent: every step checks whether its result is already there and skips itself, so a second
 # run takes seconds. What it does, in order:
 #   0. refuses a bad request (unknown knob value, an NCCL build without CUDA, an incomplete offline
-#      directory) in one line, before anything is installed or built;
-#   1. Debian packages (Open MPI, Slurm + munge, compilers, headers the Horovod TF build includes);
-#   2. a virtual environment in .venv with the pinned Python stack (requirements.txt + constraints.txt);
+#      directory, and, where it installs no system packages, build tools missing from the PATH) in one line,
+#      before anything is installed or built;
+#   1. as root on Debian only: Debian packages (Open MPI, Slurm + munge, compilers, headers the Horovod TF
+#      build includes). Not as a user, not in a conda environment, not with LARSCALE_NO_SYSTEM_PACKAGES=1:
+#      no package manager is run, and mpicc, a C++ compiler, CMake and make must be on the PATH;
+#   2. a virtual environment in .venv (or the active conda environment) with the pinned Python stack:
+#      requirements.txt (larscale with its [train,test] extras, declared in setup.cfg) + constraints.txt;
 #   3. Horovod 0.28.1 from the PyPI sdist, patched to build against torch 2.13 and TensorFlow 2.21, for
 #      PyTorch and TensorFlow with the MPI and Gloo controllers; the wheel is cached in .cache/wheels
 #      (ignored by git) and in ~/.cache/larscale/wheels so a fresh clone on the same machine reuses it;
 #   4. larscale itself, editable, and a check that Horovod has every framework and controller.
 # Which patches and build variables apply, where NCCL and CUDA are and the wheel's cache key are decided
-# by scaling/horovod_build.py (standard library only), which this script calls.
+# by tools/horovod_build.py (standard library only), which this script calls.
 #
 # Environment knobs:
 #   PYTHON                  interpreter for the venv (default python3)
-#   LARSCALE_VENV           the venv's folder (default .venv)
+#   LARSCALE_VENV           the venv's folder (default .venv; inside an active conda environment whose python
+#                           is PYTHON, that environment itself: conda env create -f environment.yml first)
+#   LARSCALE_NO_SYSTEM_PACKAGES=1  never run apt-get, even as root: use the MPI, compiler and CMake on the PATH
 #   LARSCALE_CACHE          wheel cache shared across clones (default ~/.cache/larscale)
 #   LARSCALE_TORCH          pin (default): the CPU torch of constraints.txt; system: the torch PYTHON already
 #                           has (a CUDA build, a site module, a container) -- the venv then sees PYTHON's
@@ -52,7 +59,24 @@ torch_mode=${LARSCALE_TORCH:-pin}
 horovod_version=0.28.1
 shared_cache=${LARSCALE_CACHE:-$HOME/.cache/larscale}/wheels
 cd "$repo"
-build_py() { "$1" -m scaling.horovod_build "${@:2}"; }   # the decisions, in Python (stdlib only)
+build_py() { "$1" -m tools.horovod_build "${@:2}"; }   # the decisions, in Python (stdlib only)
+# Inside an active conda environment (environment.yml: its MPI, compilers and CMake) the stack goes into it.
+conda_env=
+if [[ -z ${LARSCALE_VENV:-} && -n ${CONDA_PREFIX:-} && $python == "$CONDA_PREFIX"/bin/* ]]; then
+    conda_env=$CONDA_PREFIX
+    venv=$conda_env
+fi
+# Debian packages only as root on a machine with apt-get, for the pinned stack, outside conda, unless told not to.
+system_packages=0
+case ${LARSCALE_NO_SYSTEM_PACKAGES:-0} in
+    0|"") no_system_packages=0 ;;
+    1) no_system_packages=1 ;;
+    *) log "LARSCALE_NO_SYSTEM_PACKAGES=$LARSCALE_NO_SYSTEM_PACKAGES: expected 1 (or 0)"; exit 1 ;;
+esac
+if [[ $torch_mode == pin && $no_system_packages == 0 && -z $conda_env && $(id -u) -eq 0 ]] \
+   && command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
+    system_packages=1
+fi
 
 # ---- 0. arguments: only --prepare-offline DIR [--python-version X.Y] ---------------------------
 if (($#)); then
@@ -78,11 +102,12 @@ fi
 # Refuse a bad request in one line before anything is installed or built.
 check_args=(--mode "$torch_mode")
 [[ -n "$offline" ]] && check_args+=(--offline "$offline")
+# Without system packages the build tools must already be there (module load, conda): all missing ones in one line.
+((system_packages)) || check_args+=(--prerequisites)
 build_py "$python" check "${check_args[@]}"
 
-# ---- 1. Debian packages ------------------------------------------------------------------------
-# With LARSCALE_TORCH=system the machine brings its own stack; the build tools are checked when needed.
-if [[ $torch_mode == pin ]]; then
+# ---- 1. Debian packages (root on Debian only) --------------------------------------------------
+if ((system_packages)); then
     debian_packages=(openmpi-bin libopenmpi-dev cmake g++ make slurm-wlm munge
                      libhighwayhash-dev libfarmhash-dev iproute2 procps)
     missing=()
@@ -90,10 +115,6 @@ if [[ $torch_mode == pin ]]; then
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
     done
     if ((${#missing[@]})); then
-        if [[ $(id -u) -ne 0 ]]; then
-            log "missing Debian packages: ${missing[*]} (run this script as root, or install them first)"
-            exit 1
-        fi
         log "installing Debian packages: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
@@ -103,7 +124,12 @@ fi
 
 # ---- 2. virtual environment --------------------------------------------------------------------
 # The venv remembers which torch it was made for; a venv of the other kind is never reused silently.
-if [[ ! -x "$venv/bin/python" ]]; then
+if [[ -n $conda_env ]]; then
+    if [[ ! -f "$venv/.larscale-torch" ]]; then
+        log "installing into the conda environment $venv (LARSCALE_TORCH=$torch_mode)"
+        echo "$torch_mode" >"$venv/.larscale-torch"
+    fi
+elif [[ ! -x "$venv/bin/python" ]]; then
     log "creating $venv (LARSCALE_TORCH=$torch_mode)"
     if [[ $torch_mode == system ]]; then
         # Without pip of its own: PYTHON's pip is visible, and ensurepip is missing on some images.
@@ -120,17 +146,23 @@ if [[ $made_for != "$torch_mode" ]]; then
     exit 1
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+# The editable install maps each package to its folder when it is made: a new package in setup.cfg (or a module
+# that became a package) needs it made again, so this stamp holds setup.cfg's hash (step 4).
+package_stamp="$venv/.larscale-package"
+package_want=$(sha256sum setup.cfg | cut -d' ' -f1)
 offline_pip=()
 [[ -n "$offline" ]] && offline_pip=(--no-index --find-links "$offline")
 if [[ $torch_mode == pin ]]; then
-    # The stamp holds the hash of the two pin files: when they change, pip runs again.
+    # The stamp holds the hash of the dependency files (setup.cfg declares them, constraints.txt pins them):
+    # when one changes, pip runs again. Always with -c constraints.txt: pip never resolves an unpinned torch.
     stamp="$venv/.larscale-requirements"
-    want=$(cat requirements.txt constraints.txt | sha256sum | cut -d' ' -f1)
+    want=$(cat requirements.txt constraints.txt setup.cfg | sha256sum | cut -d' ' -f1)
     if [[ ! -f "$stamp" || $(cat "$stamp") != "$want" ]]; then
         log "installing the pinned Python stack (torch is pinned: pip never resolves a CUDA build)"
         "${pip[@]}" install -q --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
         "${pip[@]}" install -q -r requirements.txt -c constraints.txt
         echo "$want" >"$stamp"
+        echo "$package_want" >"$package_stamp"   # requirements.txt installed larscale itself, editable
     fi
 else
     if ! "${pip[@]}" --version >/dev/null 2>&1; then
@@ -138,7 +170,7 @@ else
         exit 1
     fi
     # Only what PYTHON's packages lack, unpinned: pins would replace the packages its torch was built with.
-    lacking_names=$(build_py "$venv/bin/python" missing requirements.txt)
+    lacking_names=$(build_py "$venv/bin/python" missing setup.cfg --extras train,test)
     read -r -a lacking <<<"$lacking_names"
     if ((${#lacking[@]})); then
         log "installing what $python lacks: ${lacking[*]}"
@@ -189,15 +221,11 @@ if ! horovod_ok 2>/dev/null; then
     cp -n "$wheel" "$shared_cache/$key/" 2>/dev/null || true
     log "installing $(basename "$wheel")"
     "${pip[@]}" install -q --no-deps --force-reinstall "$wheel"
-    # Horovod's runtime needs (cloudpickle, psutil, pyyaml, packaging) are pinned in requirements.txt.
+    # Horovod's runtime needs (cloudpickle, psutil, pyyaml, packaging) are in setup.cfg's [train] extra.
     horovod_ok || { log "Horovod installed but lacks a framework or controller"; exit 1; }
 fi
 
 # ---- 4. larscale itself -------------------------------------------------------------------------
-# The editable install maps each package to its folder when it is made: a new package in setup.cfg (or a module
-# that became a package) needs it made again, so the stamp holds setup.cfg's hash.
-package_stamp="$venv/.larscale-package"
-package_want=$(sha256sum setup.cfg | cut -d' ' -f1)
 if ! "$venv/bin/python" -c 'import importlib.metadata as m; m.version("larscale")' >/dev/null 2>&1 \
    || [[ ! -x "$venv/bin/larscale" ]] || [[ ! -f "$package_stamp" || $(cat "$package_stamp") != "$package_want" ]]; then
     log "installing larscale (editable)"

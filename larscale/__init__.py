@@ -5,7 +5,8 @@ them alone with ``python -m <package>``. Registering a subcommand must stay chea
 tensorflow or Horovod inside themselves, so ``larscale --help`` and ``larscale predict`` never load them.
 
 A handler returns an exit status. A :class:`UsageError` raised anywhere below is the user's mistake and is
-printed as one line naming the culprit, without a traceback.
+printed as one line naming the culprit, without a traceback. So is a missing part of the training stack (torch,
+TensorFlow, Horovod, ...: ``pip install larscale`` plans without them): one line saying what to install.
 
 This package is also the one shared place below the four packages (models, scaling, jobs, analysis): the files
 that more than one of them reads or writes, each defined once and free of torch and TensorFlow:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -63,6 +65,42 @@ def errors_once(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 Registrar = Callable[[argparse._SubParsersAction], None]
 
+# The training stack, which `pip install larscale` (planning only) leaves out: import name -> what provides it.
+# A handler that needs it imports it inside itself; a subcommand that launches ranks names it in
+# ``set_defaults(needs=...)`` so the check comes before anything starts.
+_TRAIN_EXTRA = "pip install 'larscale[train]' -c constraints.txt, or ./bootstrap.sh in a checkout"
+TRAINING_STACK = {
+    "torch": _TRAIN_EXTRA, "tensorflow": _TRAIN_EXTRA, "tf_keras": _TRAIN_EXTRA, "mpi4py": _TRAIN_EXTRA,
+    "sklearn": _TRAIN_EXTRA, "PIL": _TRAIN_EXTRA, "psutil": _TRAIN_EXTRA, "tqdm": _TRAIN_EXTRA,
+    "horovod": "./bootstrap.sh builds it against this torch and MPI (or train with --backend ddp)",
+}
+
+
+def version() -> str:
+    """The installed larscale's version ("unknown" when run from a checkout that was never installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("larscale")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def missing_stack(error: ModuleNotFoundError) -> str | None:
+    """One line on the part of the training stack that ``error`` found missing, or None when it is something else
+    (a module that is installed but failed inside, or not ours to name)."""
+    top = (error.name or "").split(".")[0]
+    if top not in TRAINING_STACK or importlib.util.find_spec(top) is not None:
+        return None
+    return f"needs {top}, which is not installed here (planning commands work without it): {TRAINING_STACK[top]}"
+
+
+def require_stack(modules: Sequence[str]) -> None:
+    """Raise ModuleNotFoundError for the first of ``modules`` that is not installed (found without importing it)."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
 
 def build_parser(packages: Sequence[str], prog: str) -> argparse.ArgumentParser:
     parser = errors_once(argparse.ArgumentParser(
@@ -70,6 +108,7 @@ def build_parser(packages: Sequence[str], prog: str) -> argparse.ArgumentParser:
         description="Large-batch CNN training at scale: train with Horovod or DDP, sweep on schedulers, "
         "model communication vs computation, plan allocations.",
     ))
+    parser.add_argument("--version", action="version", version=f"larscale {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for package in packages:
         importlib.import_module(f"{package}.cli").register(subparsers)
@@ -80,9 +119,17 @@ def run(packages: Sequence[str], argv: Sequence[str] | None = None, prog: str = 
     parser = build_parser(packages, prog)
     args = parser.parse_args(argv)
     try:
+        require_stack(getattr(args, "needs", ()))
         return int(args.handler(args) or 0)
     except UsageError as err:
         print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        line = missing_stack(err)
+        if line is None:
+            raise
+        if launcher_rank() in (None, 0):  # every rank of a job lacks it: one line per job
+            print(f"{prog} {args.command}: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     smoke.add_argument("--controller", choices=("mpi", "gloo"), default="mpi")
     smoke.add_argument("--frameworks", default="torch,tensorflow")
     smoke.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are killed")
-    smoke.set_defaults(handler=run_smoke)
+    smoke.set_defaults(handler=run_smoke, needs=("torch", "horovod"))   # checked before any rank starts
 
     from scaling import bench_cli  # stdlib-only at import
 

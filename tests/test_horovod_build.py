@@ -1,5 +1,6 @@
-"""scaling.horovod_build: patches on the real Horovod sdist, build options from real (fake-machine) file layouts,
-the offline directory, the error lines, and bootstrap.sh refusing bad requests before it touches anything."""
+"""tools/horovod_build.py and tools/build_inputs.py: patches on the real Horovod sdist, build options from real
+(fake-machine) file layouts, the build tools on the PATH, the offline directory, the error lines, and bootstrap.sh
+refusing bad requests before it touches anything."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from scaling import horovod_build as hb
 from tests.conftest import REPO
+from tools import build_inputs as bi
+from tools import horovod_build as hb
 
 CPU_INTERP = hb.Interpreter(executable="/venv/bin/python", version=(3, 11), torch_version="2.13.0+cpu",
                             tensorflow_version="2.21.0", cpus=2)
@@ -31,7 +33,7 @@ def offline_dir(tmp_path_factory) -> Path:
     when one is prepared, else made here by the documented command (3.6 MiB from PyPI, a few seconds); skipped only
     when the package index cannot be reached."""
     for folder in (os.environ.get("LARSCALE_OFFLINE_DIR"), REPO / ".cache" / "offline"):
-        if folder and (Path(folder) / hb.OFFLINE_MANIFEST).is_file():
+        if folder and (Path(folder) / bi.OFFLINE_MANIFEST).is_file():
             return Path(folder)
     folder = tmp_path_factory.mktemp("offline")
     proc = subprocess.run([str(REPO / "bootstrap.sh"), "--prepare-offline", str(folder), "--python-version", "3.12"],
@@ -66,9 +68,9 @@ def gpu_request(**env: str) -> hb.Request:
 
 
 def test_patches_apply_to_the_real_sdist_once_and_then_report_applied(tmp_path, offline_dir):
-    with tarfile.open(offline_dir / hb.SDIST_NAME) as archive:
+    with tarfile.open(offline_dir / bi.SDIST_NAME) as archive:
         archive.extractall(tmp_path, filter="data")
-    src = tmp_path / f"horovod-{hb.HOROVOD_VERSION}"
+    src = tmp_path / f"horovod-{bi.HOROVOD_VERSION}"
     every_patch = [hb.CXX17_TOP, hb.CXX17_TORCH, hb.NO_XLA_OPS, hb.CUDA17, hb.GCC13_GROUP_TABLE]
     assert [p.apply(src) for p in every_patch] == ["applied"] * 5
     assert [p.apply(src) for p in every_patch] == ["already applied"] * 5
@@ -87,13 +89,13 @@ def test_a_patch_stops_the_build_when_the_sdist_text_changed(tmp_path):
     target = tmp_path / "horovod" / "common" / "ops" / "cuda" / "CMakeLists.txt"
     target.parent.mkdir(parents=True)
     target.write_text("set(CMAKE_CUDA_STANDARD 14)\n")          # neither the old nor the patched text
-    with pytest.raises(hb.BuildError, match=r"CMakeLists.txt holds 'set\(CMAKE_CUDA_STANDARD 11\)' 0 times"):
+    with pytest.raises(bi.BuildError, match=r"CMakeLists.txt holds 'set\(CMAKE_CUDA_STANDARD 11\)' 0 times"):
         hb.CUDA17.apply(tmp_path)
     target.write_text("set(CMAKE_CUDA_STANDARD 11)\n# again\nset(CMAKE_CUDA_STANDARD 11)\n")
-    with pytest.raises(hb.BuildError, match="2 times"):
+    with pytest.raises(bi.BuildError, match="2 times"):
         hb.CUDA17.apply(tmp_path)
     assert target.read_text().count("11") == 2                   # a refused patch writes nothing
-    with pytest.raises(hb.BuildError, match="group_table.h does not exist"):
+    with pytest.raises(bi.BuildError, match="group_table.h does not exist"):
         hb.GCC13_GROUP_TABLE.apply(tmp_path)
 
 
@@ -201,7 +203,7 @@ def test_system_nccl_when_no_wheel_and_an_error_line_when_none_at_all(tmp_path):
     (usr / "lib" / "x86_64-linux-gnu" / "libnccl.so.2").write_bytes(b"")
     plan = hb.plan_build(gpu_request(), GPU_INTERP, H200_TOOLS, cuda, {}, tmp_path / "link", system_nccl_roots=[usr])
     assert plan.env["HOROVOD_NCCL_HOME"] == str(usr) and plan.nccl_link is None
-    with pytest.raises(hb.BuildError) as error:
+    with pytest.raises(bi.BuildError) as error:
         hb.plan_build(gpu_request(), GPU_INTERP, H200_TOOLS, cuda, {}, tmp_path / "link",
                       system_nccl_roots=[tmp_path / "nothing"])
     assert "no NCCL found" in str(error.value) and "HOROVOD_NCCL_HOME" in str(error.value)
@@ -213,9 +215,9 @@ def test_compute_capability_falls_back_to_torch_arch_list_then_fails_clearly(tmp
     assert hb.plan_build(gpu_request(), GPU_INTERP, H200_TOOLS, no_gpu, {}, tmp_path).env[
         "HOROVOD_BUILD_CUDA_CC_LIST"] == "80,90"
     nothing = hb.Cuda(cuda.torch_cuda, cuda.nvcc, cuda.nvcc_release, (), (), cuda.site_dirs)
-    with pytest.raises(hb.BuildError, match="set HOROVOD_BUILD_CUDA_CC_LIST"):
+    with pytest.raises(bi.BuildError, match="set HOROVOD_BUILD_CUDA_CC_LIST"):
         hb.plan_build(gpu_request(), GPU_INTERP, H200_TOOLS, nothing, {}, tmp_path)
-    with pytest.raises(hb.BuildError, match="HOROVOD_BUILD_CUDA_CC_LIST=9.0"):
+    with pytest.raises(bi.BuildError, match="HOROVOD_BUILD_CUDA_CC_LIST=9.0"):
         hb.plan_build(gpu_request(), GPU_INTERP, H200_TOOLS, cuda, {"HOROVOD_BUILD_CUDA_CC_LIST": "9.0"}, tmp_path)
 
 
@@ -233,7 +235,7 @@ def test_compute_capability_falls_back_to_torch_arch_list_then_fails_clearly(tmp
      "cmake, make or ninja not found"),
 ])
 def test_bad_requests_are_refused_in_one_line_naming_the_culprit(make, culprit):
-    with pytest.raises(hb.BuildError) as error:
+    with pytest.raises(bi.BuildError) as error:
         make()
     assert culprit in str(error.value) and "\n" not in str(error.value)
 
@@ -242,14 +244,14 @@ def test_bad_requests_are_refused_in_one_line_naming_the_culprit(make, culprit):
 
 
 def test_parsers_read_real_tool_output():
-    assert hb.parse_gcc_major("g++ (Debian 12.2.0-14+deb12u1) 12.2.0\nCopyright (C) 2022") == 12
-    assert hb.parse_gcc_major("g++ (Ubuntu 13.3.0-6ubuntu2~24.04) 13.3.0\n") == 13
-    assert hb.parse_gcc_major("Ubuntu clang version 18.1.3 (1ubuntu1)\nTarget: x86_64") is None
-    assert hb.parse_cmake_version("cmake version 4.0.3\n\nCMake suite maintained by Kitware") == (4, 0, 3)
-    assert hb.parse_nvcc_release("Cuda compilation tools, release 13.0, V13.0.48\nBuild cuda_13.0") == "13.0"
-    assert hb.parse_compute_caps("9.0\n9.0\n8.0\n") == ("80", "90")
-    assert hb.parse_compute_caps('Field "compute_cap" is not a valid field to query.') == ()
-    assert hb.caps_from_arch_list(["sm_75", "sm_90a", "compute_90", "sm_100"]) == ("75", "90", "100")
+    assert bi.parse_gcc_major("g++ (Debian 12.2.0-14+deb12u1) 12.2.0\nCopyright (C) 2022") == 12
+    assert bi.parse_gcc_major("g++ (Ubuntu 13.3.0-6ubuntu2~24.04) 13.3.0\n") == 13
+    assert bi.parse_gcc_major("Ubuntu clang version 18.1.3 (1ubuntu1)\nTarget: x86_64") is None
+    assert bi.parse_cmake_version("cmake version 4.0.3\n\nCMake suite maintained by Kitware") == (4, 0, 3)
+    assert bi.parse_nvcc_release("Cuda compilation tools, release 13.0, V13.0.48\nBuild cuda_13.0") == "13.0"
+    assert bi.parse_compute_caps("9.0\n9.0\n8.0\n") == ("80", "90")
+    assert bi.parse_compute_caps('Field "compute_cap" is not a valid field to query.') == ()
+    assert bi.caps_from_arch_list(["sm_75", "sm_90a", "compute_90", "sm_100"]) == ("75", "90", "100")
 
 
 def test_parsers_read_this_machines_tools():
@@ -260,54 +262,86 @@ def test_parsers_read_this_machines_tools():
         assert tools.gcc_major is not None and tools.gcc_major >= 7
 
 
+# ---------------------------------------------------------------- build tools on the PATH (module load)
+
+
+def tool_dir(folder: Path, commands: list[str]) -> dict[str, str]:
+    """An environment whose PATH is ``folder`` holding only ``commands`` (empty scripts), as real files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for command in commands:
+        (folder / command).write_text("#!/bin/sh\n")
+        (folder / command).chmod(0o755)
+    return {"PATH": str(folder)}
+
+
+def test_missing_build_tools_are_named_once_with_debian_rhel_and_module_names(tmp_path):
+    everything = tool_dir(tmp_path / "all", ["mpicc", "g++", "cmake", "ninja"])
+    assert bi.missing_prerequisites(everything, need_mpi=True) == []
+    bare = tool_dir(tmp_path / "bare", ["g++"])
+    lacking = bi.missing_prerequisites(bare, need_mpi=True)
+    assert lacking == [bi.MPI, bi.CMAKE, bi.MAKE]
+    assert bi.missing_prerequisites(bare, need_mpi=False) == [bi.CMAKE, bi.MAKE]     # Gloo only: no MPI needed
+    # pip's cmake and ninja beside the interpreter count; a compiler named by CXX counts
+    beside = tool_dir(tmp_path / "venv-bin", ["cmake", "ninja"])["PATH"]
+    assert bi.missing_prerequisites(bare, need_mpi=False, beside_python=beside) == []
+    tool_dir(tmp_path / "icx", ["icpx", "make", "cmake"])
+    assert bi.missing_prerequisites({"PATH": str(tmp_path / "icx"), "CXX": "icpx -O2"}, need_mpi=False) == []
+    line = bi.prerequisites_message(lacking)
+    assert "\n" not in line
+    assert "an MPI with mpicc (mpicc), CMake (cmake), make or ninja (make/ninja)" in line
+    assert "module load openmpi cmake ninja" in line
+    assert "apt-get install libopenmpi-dev openmpi-bin cmake make" in line
+    assert "dnf install openmpi-devel (then module load mpi/openmpi-x86_64) cmake make" in line
+
+
 # ---------------------------------------------------------------- the offline directory
 
 
 def write_offline_dir(folder: Path, python_tag: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / hb.SDIST_NAME).write_bytes(b"sdist bytes")
+    (folder / bi.SDIST_NAME).write_bytes(b"sdist bytes")
     (folder / f"cffi-2.1.1-{python_tag}-{python_tag}-manylinux2014_x86_64.manylinux_2_17_x86_64.whl").write_bytes(b"c")
     (folder / "pycparser-3.0-py3-none-any.whl").write_bytes(b"p")
 
 
 def test_offline_dir_needs_the_sdist_and_wheels_for_this_python(tmp_path):
     write_offline_dir(tmp_path / "cp312", "cp312")
-    assert hb.check_offline_dir(tmp_path / "cp312", (3, 12))[0] == hb.SDIST_NAME
-    with pytest.raises(hb.BuildError, match=r"no cffi==2.1.1 wheel for CPython 3.11 .*has cffi-2.1.1-cp312"):
-        hb.check_offline_dir(tmp_path / "cp312", (3, 11))
-    (tmp_path / "cp312" / hb.SDIST_NAME).unlink()
-    with pytest.raises(hb.BuildError, match=f"lacks {hb.SDIST_NAME}"):
-        hb.check_offline_dir(tmp_path / "cp312", (3, 12))
-    with pytest.raises(hb.BuildError, match="no such directory .*--prepare-offline"):
-        hb.check_offline_dir(tmp_path / "absent", (3, 12))
+    assert bi.check_offline_dir(tmp_path / "cp312", (3, 12))[0] == bi.SDIST_NAME
+    with pytest.raises(bi.BuildError, match=r"no cffi==2.1.1 wheel for CPython 3.11 .*has cffi-2.1.1-cp312"):
+        bi.check_offline_dir(tmp_path / "cp312", (3, 11))
+    (tmp_path / "cp312" / bi.SDIST_NAME).unlink()
+    with pytest.raises(bi.BuildError, match=f"lacks {bi.SDIST_NAME}"):
+        bi.check_offline_dir(tmp_path / "cp312", (3, 12))
+    with pytest.raises(bi.BuildError, match="no such directory .*--prepare-offline"):
+        bi.check_offline_dir(tmp_path / "absent", (3, 12))
 
 
 def test_offline_manifest_catches_a_damaged_copy(tmp_path):
     write_offline_dir(tmp_path, "cp312")
-    files = hb.check_offline_dir(tmp_path, (3, 12))
-    digest = {name: hb._sha256(tmp_path / name) for name in files}
-    (tmp_path / hb.OFFLINE_MANIFEST).write_text(f'{{"sha256": {__import__("json").dumps(digest)}}}')
-    hb.check_offline_dir(tmp_path, (3, 12))
-    (tmp_path / hb.SDIST_NAME).write_bytes(b"sdist byt")  # truncated on the way
-    with pytest.raises(hb.BuildError, match="differs from larscale-offline.json"):
-        hb.check_offline_dir(tmp_path, (3, 12))
+    files = bi.check_offline_dir(tmp_path, (3, 12))
+    digest = {name: bi._sha256(tmp_path / name) for name in files}
+    (tmp_path / bi.OFFLINE_MANIFEST).write_text(f'{{"sha256": {__import__("json").dumps(digest)}}}')
+    bi.check_offline_dir(tmp_path, (3, 12))
+    (tmp_path / bi.SDIST_NAME).write_bytes(b"sdist byt")  # truncated on the way
+    with pytest.raises(bi.BuildError, match="differs from larscale-offline.json"):
+        bi.check_offline_dir(tmp_path, (3, 12))
 
 
 def test_wheel_tags_and_the_download_commands():
-    assert hb.wheel_fits("cffi-2.1.1-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", (3, 12))
-    assert not hb.wheel_fits("cffi-2.1.1-cp312-cp312-manylinux2014_aarch64.whl", (3, 12))
-    assert not hb.wheel_fits("cffi-2.1.1-cp311-cp311-manylinux2014_x86_64.whl", (3, 12))
-    assert hb.wheel_fits("pycparser-3.0-py3-none-any.whl", (3, 12))
-    sdist, wheels = hb.offline_download_commands(Path("/d"), "3.12", ["pip"])
+    assert bi.wheel_fits("cffi-2.1.1-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", (3, 12))
+    assert not bi.wheel_fits("cffi-2.1.1-cp312-cp312-manylinux2014_aarch64.whl", (3, 12))
+    assert not bi.wheel_fits("cffi-2.1.1-cp311-cp311-manylinux2014_x86_64.whl", (3, 12))
+    assert bi.wheel_fits("pycparser-3.0-py3-none-any.whl", (3, 12))
+    sdist, wheels = bi.offline_download_commands(Path("/d"), "3.12", ["pip"])
     assert sdist[-1] == "horovod==0.28.1" and "--no-binary" in sdist
     assert wheels[wheels.index("--abi") + 1] == "cp312" and "manylinux2014_x86_64" in wheels
-    assert wheels[-2:] == list(hb.OFFLINE_WHEELS)
-    with pytest.raises(hb.BuildError, match="--python-version 312"):
-        hb.prepare_offline(Path("/never"), "312", ["pip"])
+    assert wheels[-2:] == list(bi.OFFLINE_WHEELS)
+    with pytest.raises(bi.BuildError, match="--python-version 312"):
+        bi.prepare_offline(Path("/never"), "312", ["pip"])
 
 
 def test_the_prepared_offline_dir_fits_the_gpu_machine(offline_dir):
-    files = hb.check_offline_dir(offline_dir, (3, 12))
+    files = bi.check_offline_dir(offline_dir, (3, 12))
     assert sum((offline_dir / f).stat().st_size for f in files) < 16 * 2**20   # carried with the tree (64 MiB in all)
 
 
@@ -327,7 +361,7 @@ def test_a_venv_made_by_a_venv_python_sees_that_venvs_torch(tmp_path):
                            capture_output=True, text=True)
     # the pitfall: --system-site-packages means the base interpreter's packages, not the parent venv's
     assert plain.returncode != 0 or plain.stdout.strip() != torch.__file__
-    subprocess.run([str(parent), "-m", "scaling.horovod_build", "link-site", str(child)], check=True, cwd=REPO,
+    subprocess.run([str(parent), "-m", "tools.horovod_build", "link-site", str(child)], check=True, cwd=REPO,
                    capture_output=True)
     seen = subprocess.run([str(child / "bin" / "python"), "-c", "import torch, pip, sys; print(torch.__file__); "
                            "print(sys.prefix)"], capture_output=True, text=True, check=True).stdout.split()
@@ -335,10 +369,14 @@ def test_a_venv_made_by_a_venv_python_sees_that_venvs_torch(tmp_path):
 
 
 def test_missing_requirements_of_a_system_mode_venv(tmp_path):
-    names = hb.requirement_names((REPO / "requirements.txt").read_text())
-    assert "torch" in names and "tensorflow-cpu" in names and "pyyaml" in names
-    assert "torch" not in hb.missing_distributions(names + ["surely-not-installed-larscale-x"])
-    assert hb.missing_distributions(["surely-not-installed-larscale-x", "numpy"]) == ["surely-not-installed-larscale-x"]
+    names = bi.declared_requirements((REPO / "setup.cfg").read_text(), ["train", "test"])
+    assert "torch" in names and "tensorflow-cpu" in names and "pyyaml" in names and "pytest" in names
+    assert bi.declared_requirements((REPO / "setup.cfg").read_text(), []) == [
+        "numpy", "scipy", "pandas", "pyarrow", "matplotlib", "pyyaml"]
+    with pytest.raises(bi.BuildError, match=r"no extra \[gpu\]"):
+        bi.declared_requirements((REPO / "setup.cfg").read_text(), ["gpu"])
+    assert "torch" not in bi.missing_distributions(names + ["surely-not-installed-larscale-x"])
+    assert bi.missing_distributions(["surely-not-installed-larscale-x", "numpy"]) == ["surely-not-installed-larscale-x"]
 
 
 # ---------------------------------------------------------------- bootstrap.sh itself

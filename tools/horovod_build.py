@@ -1,10 +1,12 @@
 """How bootstrap.sh builds Horovod 0.28.1: the patches, the build environment, NCCL, CUDA, the wheel's cache key.
 
-bootstrap.sh runs ``python -m scaling.horovod_build COMMAND`` with the interpreter that will hold the environment,
-often before anything is installed in it, so this module uses the standard library only. The functions that
-decide (which patches, which variables, which compute capabilities, which key) take what was probed as plain
-values and return plain values; the ``probe_*`` functions run the tools. Every refusal is a ``BuildError`` whose
-message is one line naming the culprit, printed by the command line and turned into exit status 1.
+A build tool beside bootstrap.sh, not part of the installed package. bootstrap.sh runs ``python -m
+tools.horovod_build COMMAND`` from the repository root with the interpreter that will hold the environment, often
+before anything is installed in it, so this module uses the standard library only. The functions that decide
+(which patches, which variables, which compute capabilities, which key) take what was probed as plain values and
+return plain values; the ``probe_*`` functions run the tools. What the build takes from outside (tools on the
+PATH, the packages a venv lacks, the offline directory) is in ``tools/build_inputs.py``. Every refusal is a
+``BuildError`` whose message is one line naming the culprit, printed by the command line as exit status 1.
 
 Two ways to get PyTorch (``LARSCALE_TORCH``):
 
@@ -19,50 +21,51 @@ CUDA torch and nvcc. NCCL comes from ``HOROVOD_NCCL_HOME``/``_INCLUDE``/``_LIB``
 ``nvidia-nccl-*`` wheel that CUDA torch wheels depend on (the one NCCL torch itself loads), else from the system
 (/usr or the CUDA toolkit). Any ``HOROVOD_*`` variable already in the environment wins over what is derived here.
 
-Commands (``python -m scaling.horovod_build --help``): ``check`` (refuse a bad request before anything is built),
-``plan`` (the build's variables as ``export`` lines and the wheel's cache key), ``patch SRC`` (patch an unpacked
-sdist), ``verify`` (does the installed Horovod have what was asked), ``link-site VENV`` (let a venv see PYTHON's
-packages), ``missing REQUIREMENTS`` (what a system-mode venv lacks), ``offline-check DIR`` and
-``prepare-offline DIR``.
+Commands (``python -m tools.horovod_build --help``): ``check`` (refuse a bad request, or missing build tools,
+before anything is built), ``plan`` (the build's variables as ``export`` lines and the wheel's cache key), ``patch
+SRC`` (patch an unpacked sdist), ``verify`` (does the installed Horovod have what was asked), ``link-site VENV``
+(let a venv see PYTHON's packages), ``missing SETUP_CFG`` (what a system-mode venv lacks), ``offline-check DIR``
+and ``prepare-offline DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOROVOD_VERSION = "0.28.1"
-SDIST_NAME = f"horovod-{HOROVOD_VERSION}.tar.gz"
-# Horovod's setup.py puts cffi in setup_requires when PyTorch is built; without a network setuptools cannot fetch
-# it, so the offline directory carries it and its one dependency as wheels, installed before the build.
-OFFLINE_WHEELS = ("cffi==2.1.1", "pycparser==3.0")
-OFFLINE_MANIFEST = "larscale-offline.json"
-# pip's platform tags for a manylinux x86-64 machine (pip matches each tag exactly).
-OFFLINE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
-                     "manylinux2014_x86_64", "manylinux1_x86_64")
+from tools.build_inputs import (
+    HOROVOD_VERSION,
+    BuildError,
+    caps_from_arch_list,
+    check_cc_list,
+    check_offline_dir,
+    declared_requirements,
+    distribution_version,
+    missing_distributions,
+    missing_prerequisites,
+    own_site_dirs,
+    parse_cmake_version,
+    parse_compute_caps,
+    parse_gcc_major,
+    parse_nvcc_release,
+    prepare_offline,
+    prerequisites_message,
+    site_link_text,
+)
+
 TORCH_MODES = ("pin", "system")
 GPU_OPERATIONS = ("NCCL",)
-# Requirements a system-mode venv does without: torch is the system's, TensorFlow is not built there, ruff only lints.
-SYSTEM_MODE_SKIPPED = ("torch", "tensorflow-cpu", "tf-keras", "ruff")
 # GCC 13 no longer includes <string>, <cstdint>, ... transitively; Horovod's sources and third_party/gloo relied on it.
 GCC13_FORCED_INCLUDES = "-include string -include cstdint -include stdexcept -include limits"
 NCCL_LINK_NAME = "libnccl.so"
 NCCL_SONAME = "libnccl.so.2"
-
-
-class BuildError(Exception):
-    """A request that cannot be built; the message is one line that names the culprit."""
 
 
 def _truthy(value: str | None) -> bool:
@@ -196,53 +199,6 @@ class Plan:
     def shell(self) -> str:
         lines = [f"export {name}={shlex.quote(value)}" for name, value in self.env.items()]
         return "\n".join([*lines, f"LARSCALE_WHEEL_KEY={shlex.quote(self.key)}"]) + "\n"
-
-
-# ---------------------------------------------------------------- parsing tool output (pure)
-
-
-def parse_gcc_major(version_text: str) -> int | None:
-    """GCC's major version from ``c++ --version``; None for clang or anything unrecognised."""
-    first = version_text.strip().splitlines()[0] if version_text.strip() else ""
-    if "clang" in first.lower():
-        return None
-    match = re.search(r"\b(\d+)\.\d+(\.\d+)?\b", first)
-    return int(match.group(1)) if match else None
-
-
-def parse_cmake_version(version_text: str) -> tuple[int, ...]:
-    match = re.search(r"cmake version (\d+(?:\.\d+)*)", version_text)
-    return tuple(int(x) for x in match.group(1).split(".")) if match else ()
-
-
-def parse_nvcc_release(version_text: str) -> str | None:
-    match = re.search(r"release (\d+\.\d+)", version_text)
-    return match.group(1) if match else None
-
-
-def parse_compute_caps(nvidia_smi_output: str) -> tuple[str, ...]:
-    """``nvidia-smi --query-gpu=compute_cap --format=csv,noheader`` ("9.0" per GPU) → ("90",); unreadable → ()."""
-    caps = set()
-    for line in nvidia_smi_output.splitlines():
-        match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", line)
-        if match:
-            caps.add(f"{match.group(1)}{match.group(2)}")
-    return tuple(sorted(caps, key=int))
-
-
-def caps_from_arch_list(arch_list: Sequence[str]) -> tuple[str, ...]:
-    """``torch.cuda.get_arch_list()`` (["sm_80", "sm_90a", "compute_90"]) → ("80", "90")."""
-    caps = {m.group(1) for a in arch_list if (m := re.fullmatch(r"sm_(\d+)[a-z]?", a))}
-    return tuple(sorted(caps, key=int))
-
-
-def check_cc_list(value: str) -> tuple[str, ...]:
-    """A user's HOROVOD_BUILD_CUDA_CC_LIST ("80,90"), checked."""
-    items = [v.strip() for v in value.split(",")]
-    if not items or not all(re.fullmatch(r"\d{2,3}", v) for v in items):
-        raise BuildError(f"HOROVOD_BUILD_CUDA_CC_LIST={value}: expected comma-separated compute capabilities "
-                         "without dots, such as 80,90")
-    return tuple(items)
 
 
 # ---------------------------------------------------------------- deciding (pure)
@@ -446,22 +402,11 @@ def _run(argv: Sequence[str], timeout: float = 60) -> str:
     return proc.stdout + proc.stderr if proc.returncode == 0 else ""
 
 
-def _distribution_version(*names: str) -> str | None:
-    from importlib import metadata
-
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def probe_interpreter() -> Interpreter:
     """This interpreter, its torch and TensorFlow (by distribution metadata: nothing heavy is imported)."""
     return Interpreter(executable=sys.executable, version=sys.version_info[:2],
-                       torch_version=_distribution_version("torch"),
-                       tensorflow_version=_distribution_version("tensorflow-cpu", "tensorflow"),
+                       torch_version=distribution_version("torch"),
+                       tensorflow_version=distribution_version("tensorflow-cpu", "tensorflow"),
                        cpus=os.cpu_count() or 1)
 
 
@@ -540,135 +485,6 @@ def verify_installed(features: Sequence[str]) -> list[str]:
     return lacking
 
 
-# ---------------------------------------------------------------- venv seeing PYTHON's packages
-
-
-def site_link_text(parent_site_dirs: Sequence[str]) -> str:
-    """A .pth file's text that adds ``parent_site_dirs`` as site dirs (their own .pth files are processed too).
-
-    ``python -m venv --system-site-packages`` run by a venv's python sees the base interpreter's packages, not
-    that venv's: /opt/torch/.venv/bin/python3 makes a venv without /opt/torch/.venv's torch. This file adds them,
-    after the new venv's own site-packages, so what bootstrap installs there wins.
-    """
-    return "".join(f"import site; site.addsitedir({d!r})\n" for d in parent_site_dirs)
-
-
-def own_site_dirs() -> list[str]:
-    """This interpreter's own package dirs when it is a venv (empty for a base interpreter)."""
-    if sys.prefix == sys.base_prefix:
-        return []
-    paths = sysconfig.get_paths()
-    return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
-
-
-# ---------------------------------------------------------------- requirements of a system-mode venv
-
-
-def requirement_names(text: str) -> list[str]:
-    """Distribution names of a requirements file (comments, options and version specifiers dropped)."""
-    names = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line or line.startswith("-"):
-            continue
-        match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
-        if match:
-            names.append(match.group(0))
-    return names
-
-
-def missing_distributions(names: Sequence[str], skipped: Sequence[str] = SYSTEM_MODE_SKIPPED) -> list[str]:
-    skip = {_normalise(n) for n in skipped}
-    return [n for n in names if _normalise(n) not in skip and _distribution_version(n) is None]
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-# ---------------------------------------------------------------- the offline directory
-
-
-def wheel_fits(filename: str, python: tuple[int, int]) -> bool:
-    """Whether a wheel file installs on CPython ``python`` on x86-64 Linux (by its tags)."""
-    parts = filename[:-4].split("-") if filename.endswith(".whl") else []
-    if len(parts) < 5:
-        return False
-    py_tags, abi_tags, platform_tags = parts[-3].split("."), parts[-2].split("."), parts[-1].split(".")
-    cp = f"cp{python[0]}{python[1]}"
-    python_ok = cp in py_tags or "py3" in py_tags or any(
-        t.startswith("cp3") and "abi3" in abi_tags and int(t[3:] or 0) <= python[1] for t in py_tags)
-    abi_ok = cp in abi_tags or "none" in abi_tags or "abi3" in abi_tags
-    platform_ok = "any" in platform_tags or any(t.endswith("x86_64") and "linux" in t for t in platform_tags)
-    return python_ok and abi_ok and platform_ok
-
-
-def check_offline_dir(directory: Path, python: tuple[int, int]) -> list[str]:
-    """The files the build takes from ``directory`` (sdist, then wheels); BuildError names what is missing."""
-    if not directory.is_dir():
-        raise BuildError(f"LARSCALE_OFFLINE_DIR={directory}: no such directory (prepare one on a networked machine: "
-                         f"./bootstrap.sh --prepare-offline DIR --python-version {python[0]}.{python[1]})")
-    sdist = directory / SDIST_NAME
-    if not sdist.is_file():
-        raise BuildError(f"LARSCALE_OFFLINE_DIR={directory}: lacks {SDIST_NAME}")
-    files = [sdist.name]
-    for requirement in OFFLINE_WHEELS:
-        name, version = requirement.split("==")
-        candidates = sorted(p.name for p in directory.glob(f"{name}-{version}-*.whl"))
-        fitting = [c for c in candidates if wheel_fits(c, python)]
-        if not fitting:
-            seen = f" (has {', '.join(candidates)})" if candidates else ""
-            raise BuildError(f"LARSCALE_OFFLINE_DIR={directory}: no {requirement} wheel for CPython "
-                             f"{python[0]}.{python[1]} on x86-64 Linux{seen}")
-        files.append(fitting[0])
-    manifest = directory / OFFLINE_MANIFEST
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text()).get("sha256", {})
-        for name in files:
-            if name in recorded and _sha256(directory / name) != recorded[name]:
-                raise BuildError(f"LARSCALE_OFFLINE_DIR={directory}: {name} differs from {OFFLINE_MANIFEST} "
-                                 "(a truncated or replaced copy)")
-    return files
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def offline_download_commands(directory: Path, python_version: str, pip: Sequence[str]) -> list[list[str]]:
-    """The pip commands that fill an offline directory for CPython ``python_version`` on manylinux x86-64."""
-    digits = python_version.replace(".", "")
-    sdist = [*pip, "download", "--no-deps", "--no-binary", ":all:", "-d", str(directory),
-             f"horovod=={HOROVOD_VERSION}"]
-    wheels = [*pip, "download", "--no-deps", "--only-binary", ":all:", "--python-version", python_version,
-              "--implementation", "cp", "--abi", f"cp{digits}"]
-    for platform in OFFLINE_PLATFORMS:
-        wheels += ["--platform", platform]
-    return [sdist, [*wheels, "-d", str(directory), *OFFLINE_WHEELS]]
-
-
-def prepare_offline(directory: Path, python_version: str, pip: Sequence[str]) -> list[str]:
-    """Download the sdist and wheels into ``directory``, check them and write the manifest; returns the files."""
-    if not re.fullmatch(r"3\.\d{1,2}", python_version):
-        raise BuildError(f"--python-version {python_version}: expected a CPython version such as 3.12")
-    directory.mkdir(parents=True, exist_ok=True)
-    for argv in offline_download_commands(directory, python_version, pip):
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise BuildError(f"{' '.join(argv[:4])} ... failed: {tail}")
-    major, minor = (int(x) for x in python_version.split("."))
-    files = check_offline_dir(directory, (major, minor))
-    manifest = {"horovod": HOROVOD_VERSION, "python": python_version, "wheels": list(OFFLINE_WHEELS),
-                "sha256": {name: _sha256(directory / name) for name in files}}
-    (directory / OFFLINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return files
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -681,9 +497,9 @@ def _request_here(mode: str) -> Request:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scaling.horovod_build", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.horovod_build", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="refuse a bad request (knobs, NCCL without CUDA, offline dir)")
+    check = commands.add_parser("check", help="refuse a bad request (knobs, NCCL without CUDA, offline dir, tools)")
     plan = commands.add_parser("plan", help="print the build's export lines and LARSCALE_WHEEL_KEY")
     patch = commands.add_parser("patch", help="patch an unpacked Horovod sdist")
     patch.add_argument("src", type=Path)
@@ -691,11 +507,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sub in (check, plan, patch, verify):
         sub.add_argument("--mode", default=os.environ.get("LARSCALE_TORCH", "pin"), help="pin or system")
     check.add_argument("--offline", type=Path, help="the offline directory to check")
+    check.add_argument("--prerequisites", action="store_true",
+                       help="also refuse when the build tools (mpicc, c++, cmake, make) are not on the PATH")
     plan.add_argument("--link-dir", type=Path, required=True, help="where to make libnccl.so for the wheel's NCCL")
     link = commands.add_parser("link-site", help="let VENV see this interpreter's own packages")
     link.add_argument("venv", type=Path)
-    missing = commands.add_parser("missing", help="distributions of a requirements file this interpreter lacks")
-    missing.add_argument("requirements", type=Path)
+    missing = commands.add_parser("missing", help="distributions setup.cfg declares that this interpreter lacks")
+    missing.add_argument("setup_cfg", type=Path)
+    missing.add_argument("--extras", default="", help="comma-separated extras besides install_requires")
     offline_check = commands.add_parser("offline-check", help="list the files the build takes from DIR")
     offline_check.add_argument("directory", type=Path)
     prepare = commands.add_parser("prepare-offline", help="download the sdist and cffi wheels into DIR")
@@ -718,6 +537,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         check_request(request, probe_interpreter(), cuda)
         if args.offline:
             check_offline_dir(args.offline, sys.version_info[:2])
+        if args.prerequisites:
+            lacking = missing_prerequisites(env, request.with_mpi, beside_python=str(Path(sys.executable).parent))
+            if lacking:
+                raise BuildError(prerequisites_message(lacking))
         return 0
     if args.command in ("plan", "patch"):
         request = _request_here(args.mode)
@@ -751,9 +574,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             _note(f"{args.venv} sees the packages of {', '.join(parents)}")
         return 0
     if args.command == "missing":
-        if not args.requirements.is_file():
-            raise BuildError(f"{args.requirements}: no such requirements file")
-        print(" ".join(missing_distributions(requirement_names(args.requirements.read_text()))))
+        if not args.setup_cfg.is_file():
+            raise BuildError(f"{args.setup_cfg}: no such file")
+        extras = [e for e in args.extras.split(",") if e]
+        print(" ".join(missing_distributions(declared_requirements(args.setup_cfg.read_text(), extras))))
         return 0
     if args.command == "offline-check":
         print(" ".join(check_offline_dir(args.directory, sys.version_info[:2])))

@@ -1,0 +1,2 @@
+"""Build tools that bootstrap.sh runs from the repository root (``python -m tools.horovod_build``); not installed
+with larscale."""

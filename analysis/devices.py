@@ -61,6 +61,18 @@ class KindCollectives:
     bucket_overhead_us: float               # framework cost per bucket
     interference: float                     # backward slowdown per second of overlapped communication
     step_jitter_cv: float                   # coefficient of variation of one rank's step time
+    compute_sigma_roofline: float           # prediction intervals: relative spread of the roofline compute
+    compute_sigma_measured: float           # ... of measured images/s
+    scale_sigma: float                      # ... of what more than one rank adds
+
+
+@dataclass(frozen=True)
+class KindCompiled:
+    """A compiled step's constants for one kind of device (meaning and sources: devices.yaml comments)."""
+
+    memory_pass_share: float                # share of the memory-bound layers' passes left after fusion
+    kernel_share: float                     # share of the kernels left
+    host_us_per_op: float                   # host time per (eager) operation's worth of a replayed graph
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,7 @@ class Catalog:
     devices: dict[str, Device] = field(default_factory=dict)
     efficiency: dict[str, KindEfficiency] = field(default_factory=dict)
     collectives: dict[str, KindCollectives] = field(default_factory=dict)
+    compiled: dict[str, KindCompiled] = field(default_factory=dict)
 
 
 @cache
@@ -93,6 +106,15 @@ def collectives(kind: str, path: Path = CATALOG) -> KindCollectives:
     constants = _catalog(str(path)).collectives
     if kind not in constants:
         raise ValueError(f"the device catalog has no collectives constants for kind {kind!r}; it has: "
+                         f"{', '.join(constants)}")
+    return constants[kind]
+
+
+def compiled(kind: str, path: Path = CATALOG) -> KindCompiled:
+    """A compiled step's constants on a kind of device ("cpu" or "gpu")."""
+    constants = _catalog(str(path)).compiled
+    if kind not in constants:
+        raise ValueError(f"the device catalog has no compiled-mode constants for kind {kind!r}; it has: "
                          f"{', '.join(constants)}")
     return constants[kind]
 

@@ -53,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", choices=("layerwise", "none"), default=None,
                    help="allreduces overlap the backward pass layer by layer, or start after it (a compiled "
                    "backward); default: the profile's network.overlap")
+    p.add_argument("--compute-mode", choices=("eager", "compiled"), default=None,
+                   help="kernel by kernel, or torch.compile / CUDA graphs (fused element-wise passes, replayed "
+                   "launches); default: the profile's compute.mode")
+    p.add_argument("--gradient-dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="width of the gradients on the wire (mixed precision keeps fp32; 16 bits with Horovod's "
+                   "fp16 compression); default: the profile's network.collectives.gradient_dtype")
     p.add_argument("--format", choices=("text", "json", "csv"), default="text")
     p.set_defaults(handler=run_predict)
 
@@ -87,6 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.add_argument("--restart-overhead-s", type=float, default=120.0,
                     help="seconds each job of a checkpoint/restart chain loses to start-up (default 120)")
     pl.add_argument("--top", type=int, default=15, help="rows to print (default 15)")
+    pl.add_argument("--compute-mode", choices=("eager", "compiled"), default=None,
+                    help="eager or compiled steps (default: the profile's compute.mode)")
     pl.add_argument("--format", choices=("text", "json"), default="text")
     pl.add_argument("--out", help="directory for plan.json, plan.csv and the Pareto plot (PNG + SVG)")
     pl.set_defaults(handler=run_plan)
@@ -151,7 +159,8 @@ def run_predict(args: argparse.Namespace) -> int:
         print_profile_notes(args.machine, args.precision)
         result = predict(args.model, args.machine, nodes.reshape(-1), batch.reshape(-1), args.epochs,
                          args.ranks_per_node, args.dataset_size or IMAGENET_TRAIN_IMAGES, args.precision,
-                         image_size=args.image_size, num_classes=args.num_classes, overlap=args.overlap)
+                         image_size=args.image_size, num_classes=args.num_classes, overlap=args.overlap,
+                         compute_mode=args.compute_mode, gradient_dtype=args.gradient_dtype)
     records = result.records()
     if args.format == "json":
         json.dump(records[0] if len(records) == 1 else records, sys.stdout, indent=2)
@@ -213,10 +222,16 @@ def run_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"--top must be >= 1, got {args.top}")
     with _usage_errors():
         print_profile_notes(args.machine)
+        params = None
+        if args.compute_mode is not None:
+            from analysis.params import PerfParams
+            from analysis.predict import resolve_machine
+
+            params = PerfParams.from_machine(resolve_machine(args.machine), compute_mode=args.compute_mode)
         result = plan(args.model, args.machine, target_top1=args.target_top1, epochs=args.epochs,
                       budget_node_hours=args.budget_node_hours, max_nodes=args.max_nodes,
                       max_walltime=args.max_walltime, deadline=args.deadline, ranks_per_node=args.ranks_per_node,
-                      batches=args.batches, restart_overhead_s=args.restart_overhead_s)
+                      batches=args.batches, restart_overhead_s=args.restart_overhead_s, params=params)
     if args.format == "json":
         json.dump(result.to_dict(args.top), sys.stdout, indent=2)
         print()

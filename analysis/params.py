@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "fp8")
 # Precisions whose activations are stored in 16 bits (fp8 training keeps 16-bit activations).
 HALF_WIDTH = ("bf16", "fp16", "fp8")
 COMPUTE_MODELS = ("roofline", "sustained")
+COMPUTE_MODES = ("eager", "compiled")
 OVERLAP_MODES = ("layerwise", "none")
 
 
@@ -75,6 +76,11 @@ class PerfParams:
     # Bytes on the wire per fp32 gradient byte: 1 (fp32 gradients, as mixed precision keeps them) or 0.5
     # (fp16/bf16 compression).
     gradient_scale: float = 1.0
+    # Prediction intervals: relative standard deviations (of the log) of the compute (roofline or measured
+    # images/s) and of what more than one rank adds (analysis/predict.py); 0 gives a band of zero width.
+    compute_sigma_roofline: float = 0.0
+    compute_sigma_measured: float = 0.0
+    scale_sigma: float = 0.0
     # What the profile did not say and the model assumed (one line each; the CLI prints them).
     notes: tuple[str, ...] = field(default=(), compare=False)
 
@@ -101,7 +107,8 @@ class PerfParams:
         for name in ("cycle_s", "half_efficiency_batch", "step_overhead_s", "copy_s_per_byte"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("bucket_overhead_s", "interference", "jitter_cv"):
+        for name in ("bucket_overhead_s", "interference", "jitter_cv", "compute_sigma_roofline",
+                     "compute_sigma_measured", "scale_sigma"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.gradient_scale not in (0.5, 1.0):
@@ -111,16 +118,21 @@ class PerfParams:
                 raise ValueError(f"PerfParams.{name} must be in [0, 1], got {getattr(self, name)!r}")
 
     @classmethod
-    def from_machine(cls, machine: MachineProfile, precision: str = "fp32") -> PerfParams:
+    def from_machine(cls, machine: MachineProfile, precision: str = "fp32",
+                     compute_mode: str | None = None) -> PerfParams:
+        """``compute_mode`` ("eager" or "compiled") replaces the profile's ``compute.mode``."""
         devices = machine.node.devices
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+        mode = machine.compute.mode if compute_mode is None else compute_mode
+        if mode not in COMPUTE_MODES:
+            raise ValueError(f"unknown compute mode {mode!r}; known: {', '.join(COMPUTE_MODES)}")
         if precision not in devices.peak_tflops:
             # No faster math for this precision on this device (e.g. bf16 on an older CPU): fp32 rate.
             precision = "fp32"
         net = machine.network
         compute = machine.compute
-        roofline = compute_settings(machine, precision) if compute.model == "roofline" else None
+        roofline = compute_settings(machine, precision, mode) if compute.model == "roofline" else None
         if compute.model == "roofline":
             half_batch, half_flops = roofline.half_batch, roofline.half_flops
         else:
@@ -135,6 +147,8 @@ class PerfParams:
                           gamma_s_per_byte=net.gamma_s_per_byte),
             bucket_overhead_s=achieved.bucket_overhead_s, interference=achieved.interference,
             jitter_cv=achieved.jitter_cv, gradient_scale=achieved.gradient_scale,
+            compute_sigma_roofline=achieved.compute_sigma_roofline,
+            compute_sigma_measured=achieved.compute_sigma_measured, scale_sigma=achieved.scale_sigma,
             algorithm=net.algorithm,
             fusion_bytes=net.fusion_buffer_mb * 2**20,
             cycle_s=net.cycle_time_ms * 1e-3,
@@ -202,6 +216,9 @@ class CollectiveSettings:
     interference: float
     jitter_cv: float
     gradient_scale: float
+    compute_sigma_roofline: float
+    compute_sigma_measured: float
+    scale_sigma: float
 
 
 def collective_settings(machine: MachineProfile) -> CollectiveSettings:
@@ -227,10 +244,18 @@ def collective_settings(machine: MachineProfile) -> CollectiveSettings:
         inter = min(inter, pick("host_staging_gbytes_per_s") / nic_gbytes_per_s)
     if fitted_links:
         intra = inter = 1.0
+    measured_sigma = kind.compute_sigma_measured
+    calibrated = (machine.calibration or {}).get("compute") or {}
+    if isinstance(calibrated.get("rms_relative_residual"), (int, float)) and math.isfinite(
+            calibrated["rms_relative_residual"]):
+        # A calibrated profile's own fit residuals, no tighter than the kind's measured spread.
+        measured_sigma = max(measured_sigma, float(calibrated["rms_relative_residual"]))
     return CollectiveSettings(intra_efficiency=intra, inter_efficiency=inter,
                               bucket_overhead_s=pick("bucket_overhead_us") * 1e-6, interference=pick("interference"),
                               jitter_cv=pick("step_jitter_cv"),
-                              gradient_scale=1.0 if given.gradient_dtype == "fp32" else 0.5)
+                              gradient_scale=1.0 if given.gradient_dtype == "fp32" else 0.5,
+                              compute_sigma_roofline=kind.compute_sigma_roofline,
+                              compute_sigma_measured=measured_sigma, scale_sigma=kind.scale_sigma)
 
 
 @dataclass(frozen=True)
@@ -245,16 +270,18 @@ class RooflineSettings:
     notes: tuple[str, ...]
 
 
-def compute_settings(machine: MachineProfile, precision: str) -> RooflineSettings:
-    """The roofline model's device rates for ``machine`` at ``precision`` (a precision the device has).
+def compute_settings(machine: MachineProfile, precision: str, mode: str = "eager") -> RooflineSettings:
+    """The roofline model's device rates for ``machine`` at ``precision`` (a precision the device has), in
+    compute ``mode`` ("eager", or "compiled": fused element-wise passes, fewer kernels, replayed launches).
 
     Fields the profile leaves out take a documented default, each named in ``notes`` (one line): the memory
     bandwidth (fp32 peak / the kind's FLOP per byte), a GPU's SM count, the memory latency.
     """
-    from analysis.devices import efficiency
+    from analysis.devices import compiled, efficiency
 
     devices = machine.node.devices
     constants = efficiency(devices.kind)
+    fused = compiled(devices.kind) if mode == "compiled" else None
     where = f"machine {machine.name!r}: node.devices"
     notes: list[str] = []
     bandwidth = devices.memory_bandwidth_gbytes_per_s
@@ -278,9 +305,11 @@ def compute_settings(machine: MachineProfile, precision: str) -> RooflineSetting
         memory_bytes_per_s=memory_rate(bandwidth * 1e9, constants.memory_efficiency, units,
                                        constants.bytes_in_flight_per_unit, latency_ns * 1e-9),
         library_memory_bytes_per_s=bandwidth * 1e9 * constants.memory_efficiency,
-        activation_bytes=2.0 if precision in HALF_WIDTH else 4.0, kernel_s=constants.kernel_us * 1e-6)
+        activation_bytes=2.0 if precision in HALF_WIDTH else 4.0, kernel_s=constants.kernel_us * 1e-6,
+        memory_pass_share=fused.memory_pass_share if fused else 1.0, kernel_share=fused.kernel_share if fused else 1.0)
     compute = machine.compute
-    host_us = constants.host_us_per_op if compute.host_us_per_op is None else compute.host_us_per_op
+    default_host_us = fused.host_us_per_op if fused else constants.host_us_per_op
+    host_us = default_host_us if compute.host_us_per_op is None else compute.host_us_per_op
     if compute.half_efficiency_gflop is not None:
         half_flops: float | None = compute.half_efficiency_gflop * 1e9
     elif compute.half_efficiency_batch is None and constants.half_efficiency_gflop_per_unit is not None:

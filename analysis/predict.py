@@ -31,12 +31,15 @@ from typing import Any
 import numpy as np
 
 from analysis.comm import allreduce_affine
-from analysis.compute import compute_times
+from analysis.compute import compute_times, measured_key
 from analysis.overlap import simulate
 from analysis.params import PerfParams
 from analysis.workload import IMAGENET_TRAIN_IMAGES, Workload, load_workload
 from larscale.machine import MachineProfile, load_machine
 
+GRADIENT_DTYPES = ("fp32", "fp16", "bf16")
+# Prediction intervals span ± this many standard deviations of the log iteration time (a 90 % band).
+INTERVAL_Z = 1.645
 KEYS = ("iteration_s", "compute_s", "comm_exposed_s", "epoch_s", "time_to_train_s", "images_per_s",
         "scaling_efficiency")
 
@@ -70,6 +73,15 @@ class Prediction:
     images_per_s: np.ndarray
     scaling_efficiency: np.ndarray
     node_hours: np.ndarray
+    # The prediction interval (INTERVAL: a 90 % band from the parameters' documented spread).
+    iteration_s_low: np.ndarray
+    iteration_s_high: np.ndarray
+    images_per_s_low: np.ndarray
+    images_per_s_high: np.ndarray
+    time_to_train_s_low: np.ndarray
+    time_to_train_s_high: np.ndarray
+    node_hours_low: np.ndarray
+    node_hours_high: np.ndarray
 
     @property
     def size(self) -> int:
@@ -207,6 +219,15 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     per_epoch = dataset_size / batch_a
     iterations = np.ceil(epochs_a * per_epoch - 1e-9)
     time_to_train = iterations * iteration
+    # The interval: the compute's spread (measured images/s or the roofline) and, with more than one rank,
+    # the spread of what scale adds, combined in quadrature on the log of the iteration time.
+    measured = bool(params.measured_images_per_s.get(measured_key(workload.model, image_size)))
+    compute_sigma = params.compute_sigma_measured if measured else params.compute_sigma_roofline
+    widen_one = math.exp(INTERVAL_Z * compute_sigma)
+    widen_many = math.exp(INTERVAL_Z * math.hypot(compute_sigma, params.scale_sigma))
+    widen = np.where(ranks > 1, widen_many, widen_one)
+    iteration_high = iteration * widen
+    iteration_low = iteration / widen
     return Prediction(
         model=workload.model, machine=params.machine, nodes=nodes_a, ranks_per_node=rpn_a, ranks=ranks,
         global_batch=batch_a, batch_per_rank=b, epochs=epochs_a, iterations=iterations,
@@ -214,13 +235,18 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
         compute_s=compute_s, data_s=data_s, data_exposed_s=data_exposed, comm_total_s=overlap.comm_total_s,
         comm_exposed_s=comm_exposed, jitter_s=jitter, buckets=overlap.buckets, iteration_s=iteration,
         epoch_s=iteration * per_epoch, time_to_train_s=time_to_train, images_per_s=batch_a / iteration,
-        scaling_efficiency=single / iteration, node_hours=nodes_a * time_to_train / 3600.0)
+        scaling_efficiency=single / iteration, node_hours=nodes_a * time_to_train / 3600.0,
+        iteration_s_low=iteration_low, iteration_s_high=iteration_high, images_per_s_low=batch_a / iteration_high,
+        images_per_s_high=batch_a / iteration_low, time_to_train_s_low=iterations * iteration_low,
+        time_to_train_s_high=iterations * iteration_high, node_hours_low=nodes_a * iterations * iteration_low / 3600.0,
+        node_hours_high=nodes_a * iterations * iteration_high / 3600.0)
 
 
 def predict(model: str | Workload, machine: str | Path | MachineProfile, nodes, global_batch, epochs=90.0,
             ranks_per_node=None, dataset_size: int = IMAGENET_TRAIN_IMAGES, precision: str = "fp32",
             params: PerfParams | None = None, image_size: int | None = None, num_classes: int = 1000,
-            overlap: str | None = None) -> Prediction:
+            overlap: str | None = None, compute_mode: str | None = None,
+            gradient_dtype: str | None = None) -> Prediction:
     """Vectorised prediction: ``nodes``, ``global_batch``, ``epochs`` and ``ranks_per_node`` broadcast.
 
     ``machine`` is a bundled profile name, a path to a profile YAML or a MachineProfile; ``params``
@@ -229,13 +255,21 @@ def predict(model: str | Workload, machine: str | Path | MachineProfile, nodes, 
     ``image_size``/``num_classes`` other than the native ones recompute the layer table (small test runs), and
     ``image_size`` selects the profile's measured images/s for that size (key ``model@size``); a Workload
     given as ``model`` is used as it is, ``image_size`` then says which size it was built for. ``overlap``
-    ("layerwise" or "none") replaces the profile's ``network.overlap``.
+    ("layerwise" or "none") replaces the profile's ``network.overlap``, ``compute_mode`` ("eager" or
+    "compiled") its ``compute.mode``, ``gradient_dtype`` ("fp32", "fp16", "bf16") its
+    ``network.collectives.gradient_dtype``.
     """
     workload = resolve_workload(model, image_size, num_classes)
     if params is None:
-        params = PerfParams.from_machine(resolve_machine(machine), precision=precision)
+        params = PerfParams.from_machine(resolve_machine(machine), precision=precision, compute_mode=compute_mode)
+    elif compute_mode is not None:
+        raise ValueError("compute_mode selects the profile's parameters: give it or params, not both")
     if overlap is not None:
         params = params.replace(overlap=overlap)
+    if gradient_dtype is not None:
+        if gradient_dtype not in GRADIENT_DTYPES:
+            raise ValueError(f"unknown gradient dtype {gradient_dtype!r}; known: {', '.join(GRADIENT_DTYPES)}")
+        params = params.replace(gradient_scale=1.0 if gradient_dtype == "fp32" else 0.5)
     return predict_from(workload, params, nodes, global_batch, epochs, ranks_per_node, dataset_size,
                         image_size=image_size)
 
@@ -244,10 +278,12 @@ def predict_point(model: str, machine: str | Path | MachineProfile, nodes: int, 
                   epochs: float = 90.0, ranks_per_node: int | None = None,
                   dataset_size: int = IMAGENET_TRAIN_IMAGES, precision: str = "fp32", image_size: int | None = None,
                   num_classes: int = 1000, params: PerfParams | None = None,
-                  overlap: str | None = None) -> dict[str, Any]:
+                  overlap: str | None = None, compute_mode: str | None = None,
+                  gradient_dtype: str | None = None) -> dict[str, Any]:
     """One configuration → a dict with the stable KEYS (seconds, images/s, efficiency) and the breakdown."""
     result = predict(model, machine, nodes, global_batch, epochs, ranks_per_node, dataset_size, precision,
-                     params=params, image_size=image_size, num_classes=num_classes, overlap=overlap)
+                     params=params, image_size=image_size, num_classes=num_classes, overlap=overlap,
+                     compute_mode=compute_mode, gradient_dtype=gradient_dtype)
     record = result.record(0)
     if not math.isfinite(record["iteration_s"]):
         raise ValueError(f"prediction for {model} on {record['machine']} is not finite")

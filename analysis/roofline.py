@@ -214,6 +214,10 @@ class DeviceRates:
     # Bandwidth of the vendor library's convolution and GEMM kernels (cuDNN, cuBLAS, oneDNN): they stage
     # tiles with asynchronous copies and keep enough bytes in flight, so only the efficiency applies.
     library_memory_bytes_per_s: float = 0.0
+    # Compiled steps (torch.compile, CUDA graphs) fuse element-wise kernels into their neighbours: the share of
+    # the memory-bound layers' passes (and of all kernels) left; 1 for eager execution.
+    memory_pass_share: float = 1.0
+    kernel_share: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.library_memory_bytes_per_s:
@@ -245,15 +249,18 @@ def _pieces(layer: LayerCost, rates: DeviceRates, backward: bool) -> tuple[float
     weights = layer.weight_bytes_backward if backward else layer.weight_bytes_forward
     width = FP32_BYTES if layer.fp32 else rates.activation_bytes
     a = flops / _matrix_rate(layer, rates) if flops > 0 else 0.0
-    memory = rates.library_memory_bytes_per_s if layer.kind in MATRIX_KINDS else rates.memory_bytes_per_s
-    return a, elements * width / memory, weights / memory
+    if layer.kind in MATRIX_KINDS:
+        return a, elements * width / rates.library_memory_bytes_per_s, weights / rates.library_memory_bytes_per_s
+    memory = rates.memory_bytes_per_s
+    return a, elements * rates.memory_pass_share * width / memory, weights / memory
 
 
 def fixed_step_seconds(layers: tuple[LayerCost, ...], rates: DeviceRates) -> float:
     """Per-step device time independent of the batch: the optimizer's passes and the per-kernel cost."""
     params = sum(layer.params for layer in layers)
     kernels = sum(layer.kernels for layer in layers)
-    return OPTIMIZER_PASSES * FP32_BYTES * params / rates.memory_bytes_per_s + kernels * rates.kernel_s
+    return (OPTIMIZER_PASSES * FP32_BYTES * params / rates.memory_bytes_per_s
+            + kernels * rates.kernel_share * rates.kernel_s)
 
 
 def host_ops(layers: tuple[LayerCost, ...]) -> int:

@@ -170,11 +170,13 @@ class SplitSummary:
     over: int                   # multi-node points predicted faster than published
     under: int
     median_abs_error: float     # all points of the split
+    inside_interval: int        # points whose published value lies inside the predicted interval
 
     def line(self) -> str:
-        return (f"{self.split}: {self.points} points (median |error| {self.median_abs_error:.1%}); multi-node "
-                f"{self.multi_node_points}: max |error| {self.max_abs_error_multi_node:.1%}, median error "
-                f"{self.median_error_multi_node:+.1%}, {self.over} over / {self.under} under")
+        return (f"{self.split}: {self.points} points (median |error| {self.median_abs_error:.1%}, "
+                f"{self.inside_interval} inside their 90 % interval); multi-node {self.multi_node_points}: max "
+                f"|error| {self.max_abs_error_multi_node:.1%}, median error {self.median_error_multi_node:+.1%}, "
+                f"{self.over} over / {self.under} under")
 
 
 def summary(rows: list[ValidationRow]) -> dict[str, SplitSummary]:
@@ -187,7 +189,8 @@ def summary(rows: list[ValidationRow]) -> dict[str, SplitSummary]:
             max_abs_error_multi_node=max((abs(e) for e in multi), default=math.nan),
             median_error_multi_node=statistics.median(multi) if multi else math.nan,
             over=sum(e > 0 for e in multi), under=sum(e < 0 for e in multi),
-            median_abs_error=statistics.median(abs(r.error) for r in part) if part else math.nan)
+            median_abs_error=statistics.median(abs(r.error) for r in part) if part else math.nan,
+            inside_interval=sum(r.low <= r.published <= r.high for r in part))
     return out
 
 

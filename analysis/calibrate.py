@@ -60,7 +60,8 @@ def fit_runs_compute(base, runs: Sequence[RunMeasurement], runs_apart: bool = Fa
 
 def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | None = None,
                        name: str | None = None, inputs: dict[str, Any] | None = None,
-                       overlap: tuple[str, str] | None = None) -> dict[str, Any]:
+                       overlap: tuple[str, str] | None = None, jitter: tuple[float, int, str] | None = None
+                       ) -> dict[str, Any]:
     """The base profile (a MachineProfile) with ``network`` and ``compute`` replaced by the fits.
 
     Returns a plain mapping in the profile schema (validated by :func:`larscale.machine.parse_machine`);
@@ -111,6 +112,12 @@ def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | 
             merged.setdefault(key, {}).update(table)
         section["measured_images_per_s"] = merged
         block["compute"] = compute.summary()
+    if jitter is not None:
+        # (cv of one rank's busy time from the step logs, side-by-side runs the measured rates already include,
+        # how it was measured): analysis/jitter.py.
+        collectives = data["network"].setdefault("collectives", {})
+        collectives["step_jitter_cv"], collectives["jitter_included_ranks"] = jitter[0], jitter[1]
+        block["jitter"] = {"step_jitter_cv": jitter[0], "jitter_included_ranks": jitter[1], "source": jitter[2]}
     if overlap is not None:
         data["network"]["overlap"] = overlap[0]
         block["overlap"] = {"network.overlap": overlap[0], "source": overlap[1]}

@@ -75,6 +75,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         base = load_machine(args.machine)
         comm = compute = None
         overlap = None if args.overlap is None else (args.overlap, "given with --overlap")
+        jitter = None
         if args.bench:
             rows = [row for path in args.bench for row in read_csv(path)]
             operations = default_operations(rows) + (("pingpong",) if args.with_pingpong else ())
@@ -101,9 +102,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
                 raise UsageError(f"none of the {len(args.runs)} run(s) given with --runs is usable (see above)")
             overlap = overlap_mode(runs, base, args.overlap)
             compute = fit_runs_compute(base, runs, runs_apart=args.runs_apart)
+            jitter = runs_jitter(args.runs, runs, args.warmup_steps, args.runs_apart)
         data = calibrated_profile(base, comm, compute, name=args.name,
                                   inputs={"bench": list(args.bench), "runs": list(args.runs),
-                                          "skipped": [str(p) for p in skipped]}, overlap=overlap)
+                                          "skipped": [str(p) for p in skipped]}, overlap=overlap, jitter=jitter)
     except ValueError as err:
         raise UsageError(str(err)) from None
     from pathlib import Path
@@ -117,3 +119,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"network.overlap: {overlap[0]} ({overlap[1]})")
     print(f"wrote {out} (profile {data['name']!r})")
     return 0
+
+
+def runs_jitter(run_dirs, runs, warmup_steps: int | None, runs_apart: bool) -> tuple[float, int, str] | None:
+    """Step-time jitter from the runs' step logs (analysis/jitter.py) and how many side-by-side runs the fitted
+    rates already wait for (the slowest per step of a paced group)."""
+    from analysis.jitter import measured_jitter
+    from analysis.runs import pace_side_by_side
+
+    found = measured_jitter(run_dirs, warmup_steps)
+    if found is None:
+        return None
+    included = 1 if runs_apart else max((r.side_by_side for r in pace_side_by_side(runs)[0]), default=1)
+    return found.cv, included, found.note

@@ -73,6 +73,8 @@ class PerfParams:
     interference: float = 0.0
     # Coefficient of variation of one rank's step time: a synchronous step waits for the slowest of p ranks.
     jitter_cv: float = 0.0
+    # Ranks whose slowest step the compute measurement already includes (calibration's side-by-side runs).
+    jitter_included_ranks: int = 1
     # Bytes on the wire per fp32 gradient byte: 1 (fp32 gradients, as mixed precision keeps them) or 0.5
     # (fp16/bf16 compression).
     gradient_scale: float = 1.0
@@ -111,6 +113,8 @@ class PerfParams:
                      "compute_sigma_measured", "scale_sigma"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.jitter_included_ranks >= 1:
+            raise ValueError(f"PerfParams.jitter_included_ranks must be >= 1, got {self.jitter_included_ranks!r}")
         if self.gradient_scale not in (0.5, 1.0):
             raise ValueError(f"PerfParams.gradient_scale must be 1 (fp32) or 0.5 (16-bit), got {self.gradient_scale!r}")
         for name in ("overlap_intra", "overlap_inter", "overlap_reduce"):
@@ -146,7 +150,8 @@ class PerfParams:
                           beta_inter_s_per_byte=net.inter_node.beta_s_per_byte / achieved.inter_efficiency,
                           gamma_s_per_byte=net.gamma_s_per_byte),
             bucket_overhead_s=achieved.bucket_overhead_s, interference=achieved.interference,
-            jitter_cv=achieved.jitter_cv, gradient_scale=achieved.gradient_scale,
+            jitter_cv=achieved.jitter_cv, jitter_included_ranks=machine.network.collectives.jitter_included_ranks,
+            gradient_scale=achieved.gradient_scale,
             compute_sigma_roofline=achieved.compute_sigma_roofline,
             compute_sigma_measured=achieved.compute_sigma_measured, scale_sigma=achieved.scale_sigma,
             algorithm=net.algorithm,

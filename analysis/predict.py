@@ -180,8 +180,10 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     per_byte, serial_per_byte = per_byte * params.gradient_scale, serial_per_byte * params.gradient_scale
     # The compute-core part of each cost (never above the cost itself, rounding included).
     serial_latency, serial_per_byte = np.minimum(serial_latency, latency), np.minimum(serial_per_byte, per_byte)
-    # E[max of p step times] − mean, in standard deviations: per placement too.
-    slowest = expected_max_normal(nodes_a * rpn_a)
+    # E[max of p step times] − mean, in standard deviations (per placement), beyond what the compute
+    # measurement already waited for.
+    included = float(expected_max_normal(params.jitter_included_ranks))
+    slowest = np.maximum(expected_max_normal(nodes_a * rpn_a) - included, 0.0)
     (nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency, serial_per_byte,
      slowest) = np.broadcast_arrays(nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency,
                                     serial_per_byte, slowest)

@@ -141,6 +141,9 @@ class Collectives:
     interference: float | None = check(_unit_interval_rule, default=None)
     # Coefficient of variation of one rank's step time: a synchronous step waits for the slowest rank.
     step_jitter_cv: float | None = check(non_negative, default=None)
+    # The measured images/s already waited for the slowest of this many side-by-side runs (calibration's
+    # paced runs): the model adds only the wait beyond it.
+    jitter_included_ranks: int = check(positive, default=1)
     # Width of the gradients on the wire: fp32 (mixed precision keeps fp32 gradients) or 16-bit compression.
     gradient_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 

@@ -38,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predict", help="predict iteration time, time-to-train and throughput from the performance model",
         description="Predict the iteration time of data-parallel training (compute + exposed allreduce + data), "
         "the epoch and time-to-train, images/s and scaling efficiency. Several --nodes / --global-batch values "
-        "give their grid. JSON keys: iteration_s, compute_s, comm_exposed_s, epoch_s, time_to_train_s, "
-        "images_per_s, scaling_efficiency (stable), then the inputs and the breakdown.")
+        "give their grid. JSON: a list, one record per configuration (also for one), keys iteration_s, "
+        "compute_s, comm_exposed_s, epoch_s, time_to_train_s, images_per_s, scaling_efficiency (stable), then the "
+        "inputs and the breakdown.")
     p.add_argument("--model", required=True, help="model name (larscale models lists them)")
     p.add_argument("--machine", required=True, help="bundled machine profile name or a profile YAML path")
     p.add_argument("--nodes", required=True, type=int, nargs="+", help="node count(s)")
@@ -97,6 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="eager or compiled steps (default: the profile's compute.mode)")
     pl.add_argument("--format", choices=("text", "json"), default="text")
     pl.add_argument("--out", help="directory for plan.json, plan.csv and the Pareto plot (PNG + SVG)")
+    pl.add_argument("--emit-sweep", metavar="FILE",
+                    help="also write a sweep spec (YAML, for `larscale sweep`) that checks the chosen configurations "
+                    "at small scale: weak scaling at their batch per rank up to --emit-max-nodes nodes")
+    pl.add_argument("--emit-max-nodes", type=int, default=4, help="largest node count of that sweep (default 4)")
+    pl.add_argument("--emit-steps", type=int, default=100, help="steps per point of that sweep (default 100)")
     pl.set_defaults(handler=run_plan)
 
     t = subparsers.add_parser(
@@ -163,7 +169,7 @@ def run_predict(args: argparse.Namespace) -> int:
                          compute_mode=args.compute_mode, gradient_dtype=args.gradient_dtype)
     records = result.records()
     if args.format == "json":
-        json.dump(records[0] if len(records) == 1 else records, sys.stdout, indent=2)
+        json.dump(records, sys.stdout, indent=2)     # always a list: one shape for scripts, however many
         print()
     elif args.format == "csv":
         import csv
@@ -232,11 +238,15 @@ def run_plan(args: argparse.Namespace) -> int:
                       budget_node_hours=args.budget_node_hours, max_nodes=args.max_nodes,
                       max_walltime=args.max_walltime, deadline=args.deadline, ranks_per_node=args.ranks_per_node,
                       batches=args.batches, restart_overhead_s=args.restart_overhead_s, params=params)
+    if args.emit_sweep:
+        _emit_sweep(result, args)
     if args.format == "json":
         json.dump(result.to_dict(args.top), sys.stdout, indent=2)
         print()
     else:
         print(format_plan(result, args.top))
+        if args.emit_sweep:
+            print(f"wrote {args.emit_sweep} (check at small scale: larscale sweep submit {args.emit_sweep})")
     if args.out:
         import csv
         from dataclasses import asdict
@@ -258,6 +268,34 @@ def run_plan(args: argparse.Namespace) -> int:
             for f in [out / "plan.json", out / "plan.csv", *files]:
                 print(f"wrote {f}")
     return 0
+
+
+def _emit_sweep(result, args: argparse.Namespace) -> None:
+    """Write --emit-sweep's spec (analysis.plan.check_sweep_spec) without overwriting a file that is not one."""
+    from pathlib import Path
+
+    import yaml
+
+    from analysis.plan import check_sweep_spec
+    from larscale import UsageError
+    from larscale.machine import load_machine
+
+    path = Path(args.emit_sweep)
+    if path.is_dir():
+        raise UsageError(f"--emit-sweep {path}: is a directory")
+    machine = args.machine
+    if Path(machine).is_file():
+        machine = str(Path(machine).resolve())         # the spec may be used from another directory
+    rows = result.front or result.rows
+    threads = max(1, load_machine(args.machine).node.cores // rows[0].ranks_per_node)
+    try:
+        spec = check_sweep_spec(result, machine, max_nodes=args.emit_max_nodes, steps=args.emit_steps,
+                                top=min(args.top, 3), threads_per_rank=threads)
+    except ValueError as err:
+        raise UsageError(f"--emit-sweep: {err}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Written by larscale plan --emit-sweep (what it checks: description).\n"
+                    + yaml.safe_dump(spec, sort_keys=False, width=120))
 
 
 def run_time_to_accuracy(args: argparse.Namespace) -> int:

@@ -257,3 +257,35 @@ def format_plan(result: Plan, top: int = 15) -> str:
         lines.append(f"dropped {count}: {reason}")
     lines.extend(f"note: {n}" for n in result.notes)
     return "\n".join(lines)
+
+
+def check_sweep_spec(result: Plan, machine: str, max_nodes: int = 4, steps: int = 100, top: int = 3,
+                     threads_per_rank: int | None = None) -> dict[str, Any]:
+    """A sweep spec (jobs/spec.py's format) that checks the plan's chosen configurations at small scale.
+
+    The chosen configurations are the first ``top`` of the Pareto front (fastest first). A weak sweep at their
+    batch per rank and ranks per node (the fastest one's when they differ: one spec is one sweep) over 1, 2, 4 …
+    nodes up to ``max_nodes`` (and the largest chosen node count) measures what the plan assumed at that
+    per-rank load: `larscale report` on it calibrates the profile and projects back to the chosen scale.
+    ``machine``: the profile as the plan was given it (bundled name or YAML path); ``threads_per_rank``: the
+    node's cores shared by its ranks, as the plan's runs would use them.
+    """
+    if max_nodes < 1 or steps < 1:
+        raise ValueError(f"max_nodes and steps must be >= 1, got {max_nodes} and {steps}")
+    chosen = result.front[:top] or result.rows[:1]
+    first = chosen[0]
+    largest = min(max_nodes, max(r.nodes for r in chosen))
+    nodes = _node_grid(largest)
+    configurations = ", ".join(f"{r.nodes} nodes x {r.ranks_per_node} ranks, global batch {r.global_batch} "
+                               f"({r.batch_per_rank} per rank)" for r in chosen)
+    return {
+        "name": f"{result.model}-check-b{first.batch_per_rank}",
+        "description": f"larscale plan's choice for {result.model} on {result.machine} ({configurations}) checked "
+                       f"at small scale: weak scaling at {first.batch_per_rank} images per rank; then `larscale "
+                       "report` on this sweep calibrates the profile and projects to the chosen scale",
+        "model": result.model, "framework": "torch", "dataset": "synthetic", "machine": machine,
+        "sweep": {"kind": "weak", "nodes": nodes, "ranks_per_node": first.ranks_per_node,
+                  "batch_per_rank": first.batch_per_rank,
+                  **({"threads_per_rank": threads_per_rank} if threads_per_rank else {})},
+        "training": {"steps": steps, "optimizer": "lars", "extra_args": ["--no-eval"]},
+    }

@@ -91,6 +91,28 @@ def strong_scaling(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
     return _save(plt, fig, path)
 
 
+def speedup(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
+            title: str = "Speed-up", xlabel: str = "nodes") -> list[Path]:
+    """Speed-up over the first point vs count per series (log-log), with the ideal line (the count ratio)."""
+    plt, fig, ax = _figure()
+    counts = []
+    for label, (nodes, values) in series.items():
+        nodes, values = np.asarray(nodes, float), np.asarray(values, float)
+        counts += nodes.tolist()
+        ax.plot(nodes, values, "o-", label=label)
+    ticks = sorted(set(counts))
+    if ticks:
+        ax.plot(ticks, np.asarray(ticks) / ticks[0], "k--", lw=1, alpha=0.6, label="ideal")
+    ax.set_yscale("log", base=2)
+    _plain_log_values(ax.yaxis)
+    _count_axis(ax, counts, xlabel)
+    ax.set_ylabel("speed-up over the smallest point (x)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(plt, fig, path)
+
+
 def weak_scaling_efficiency(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
                             title: str = "Weak scaling efficiency (fixed batch per rank)",
                             xlabel: str = "nodes") -> list[Path]:

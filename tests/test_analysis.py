@@ -609,7 +609,7 @@ def test_cli_predict_json_has_the_stable_keys() -> None:
     proc = _larscale("predict", "--model", "resnet50", "--machine", "stampede2-knl", "--nodes", "2048",
                      "--global-batch", "32768", "--epochs", "90", "--format", "json")
     assert proc.returncode == 0, proc.stderr
-    record = json.loads(proc.stdout)
+    (record,) = json.loads(proc.stdout)                 # a list, also of one configuration
     assert list(record)[2:2 + len(KEYS)] == list(KEYS)
     assert record == pytest.approx(predict_point("resnet50", "stampede2-knl", 2048, 32768, 90))
 

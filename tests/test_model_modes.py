@@ -79,6 +79,6 @@ def test_cli_predict_prints_the_interval_and_takes_the_new_options() -> None:
                           "--nodes", "4", "--global-batch", "2048", "--precision", "bf16", "--compute-mode",
                           "compiled", "--gradient-dtype", "bf16", "--format", "json"],
                          capture_output=True, text=True, check=True)
-    record = json.loads(out.stdout)
+    (record,) = json.loads(out.stdout)
     assert record["images_per_s_low"] < record["images_per_s"] < record["images_per_s_high"]
     assert record["node_hours_low"] < record["node_hours"] < record["node_hours_high"]

@@ -45,6 +45,14 @@ one core's memcpy rate. ResNet-50 pays it on all ~100 MB of its gradients (~29 m
 its 151 MB fc6 weight. The copies are memory work of the cores that run the collective, so their
 compute-core share is the reduction's (``1 − reduce_overlap_fraction``).
 
+Overlap is not free. Collective kernels running beside the backward pass take SMs (NCCL runs a block per
+channel) and memory bandwidth from it: the pass slows by ``interference`` seconds per second of communication it
+hides (``network.collectives.interference``; 0.25 for GPUs, fitted on the validation set's fit rows, where
+ResNet-50 on 2-4 nodes of 8 V100 lost 10-80 ms a step that the links alone cannot explain), so
+``exposed += interference · (total − exposed)``. Each bucket also pays the framework's own cost (DDP's bucket
+launch, Horovod's negotiation: ``bucket_overhead_us``, added to the collective's latency A by
+:func:`analysis.predict.predict_from`), and Horovod's cycle delays idle launches (above).
+
 Vectorised: one pass over the events, each a handful of numpy operations on all configurations at once
 (processed in cache-sized chunks).
 """
@@ -70,7 +78,7 @@ class OverlapResult:
 
 def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, latency_s, s_per_byte,
              fusion_bytes: float, cycle_s: float, serial_latency_s=0.0, serial_s_per_byte=0.0,
-             copy_s_per_byte=0.0, serial_copy_s_per_byte=0.0) -> OverlapResult:
+             copy_s_per_byte=0.0, serial_copy_s_per_byte=0.0, interference: float = 0.0) -> OverlapResult:
     """Run the bucket schedule for every configuration (arrays broadcast to one shape; see module doc).
 
     ``latency_s``, ``s_per_byte``: a collective's full cost ``A + B·n``; ``serial_latency_s``,
@@ -78,6 +86,7 @@ def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, la
     ``copy_s_per_byte`` δ: one copy of a byte through the fusion buffer (two per copied byte), of which
     ``serial_copy_s_per_byte`` occupies the compute cores. ``cycle_s`` is one number for all configurations
     (configurations without communication, A = B = 0, get no cycle wait: nothing is exposed for them).
+    ``interference``: seconds the backward pass loses per second of communication hidden behind it.
     """
     arrays = [np.asarray(a, dtype=float) for a in np.broadcast_arrays(
         backward_s, latency_s, s_per_byte, serial_latency_s, serial_s_per_byte, copy_s_per_byte,
@@ -116,6 +125,9 @@ def simulate(ready_fraction: np.ndarray, event_bytes: np.ndarray, backward_s, la
     buckets = np.where(no_comm, 0.0, buckets)
     fused = np.where(no_comm, 0.0, fused_bytes)
     exposed = np.maximum(finish - flat[0], 0.0) + serial
+    if interference:
+        # The collectives that hide behind the backward pass take SMs and memory bandwidth from it.
+        exposed = exposed + interference * np.maximum(comm_total - exposed, 0.0)
     finish = finish + serial
     return OverlapResult(finish_s=finish.reshape(shape), comm_total_s=comm_total.reshape(shape),
                          comm_exposed_s=exposed.reshape(shape), buckets=buckets.reshape(shape),

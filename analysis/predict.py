@@ -6,7 +6,8 @@ For ``nodes`` nodes with ``ranks_per_node`` ranks each (p ranks), global batch `
     comm_exposed_s  = allreduce time not hidden behind the backward pass (analysis.overlap, analysis.comm):
                       the schedule's wait after the backward pass, plus the part of all communication that
                       needs the compute cores and so cannot hide (the profile's overlap fractions); with
-                      ``network.overlap: none`` every gradient is ready only when the backward pass ends
+                      ``network.overlap: none`` every gradient is ready only when the backward pass ends;
+                      plus the backward pass's slowdown beside the collectives it hides (interference)
     data_s          = b·ranks_per_node / (node's decode rate)   (0 when the profile gives no rate)
     jitter_s        = compute_s · cv · E[max of p standard normals]   (the wait for the slowest rank)
     iteration_s     = max(compute_s + comm_exposed_s + jitter_s, data_s)   if data is prefetched, else the sum
@@ -201,11 +202,8 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
              else np.ones_like(workload.event_ready_fraction))
     overlap = simulate(ready, workload.event_bytes, times.backward_s, latency, per_byte,
                        params.fusion_bytes, params.cycle_s, serial_latency, serial_per_byte,
-                       copy, copy * (1.0 - params.overlap_reduce))
-    # Collective kernels beside the backward pass take SMs and memory bandwidth: the pass slows by
-    # ``interference`` seconds per second of communication it hides (analysis/overlap.py).
-    comm_exposed = overlap.comm_exposed_s + params.interference * np.maximum(
-        overlap.comm_total_s - overlap.comm_exposed_s, 0.0)
+                       copy, copy * (1.0 - params.overlap_reduce), interference=params.interference)
+    comm_exposed = overlap.comm_exposed_s
     # A synchronous step waits for the slowest of p ranks: E[max of p step times] − mean.
     jitter = compute_s * params.jitter_cv * slowest
     data_s = b * rpn_a / params.data_images_per_s_per_node

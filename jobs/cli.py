@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="run the points directly (local) or through a reachable Slurm")
     demo.add_argument("--figures", default=None, metavar="DIR",
                       help="also copy the main figures here (the README's: docs/figures)")
-    demo.set_defaults(handler=run_demo)
+    demo.set_defaults(handler=run_demo, needs=("torch", "horovod", "mpi4py"))   # checked before any point runs
     sweep = subparsers.add_parser(
         "sweep", help="sweep node counts x batch sizes as scheduler jobs: plan, submit, status, collect",
         description="Turn a sweep spec (YAML) into batch scripts for the machine's scheduler, print what it "

@@ -95,6 +95,17 @@ def missing_stack(error: ModuleNotFoundError) -> str | None:
     return f"needs {top}, which is not installed here (planning commands work without it): {TRAINING_STACK[top]}"
 
 
+def report_missing_stack(prog: str, error: ModuleNotFoundError) -> int:
+    """Print the one line on a missing part of the training stack (rank 0 only: every rank lacks it) and return
+    exit status 2, never worth retrying; re-raise any other ModuleNotFoundError."""
+    line = missing_stack(error)
+    if line is None:
+        raise error
+    if launcher_rank() in (None, 0):
+        print(f"{prog}: {line}", file=sys.stderr)
+    return 2
+
+
 def require_stack(modules: Sequence[str]) -> None:
     """Raise ModuleNotFoundError for the first of ``modules`` that is not installed (found without importing it)."""
     for module in modules:
@@ -125,12 +136,7 @@ def run(packages: Sequence[str], argv: Sequence[str] | None = None, prog: str = 
         print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:
-        line = missing_stack(err)
-        if line is None:
-            raise
-        if launcher_rank() in (None, 0):  # every rank of a job lacks it: one line per job
-            print(f"{prog} {args.command}: {line}", file=sys.stderr)
-        return 2
+        return report_missing_stack(f"{prog} {args.command}", err)
     except KeyboardInterrupt:
         return 130
 

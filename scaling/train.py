@@ -81,10 +81,11 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     framework = build_framework(config)
     comm = build_communicator(config)
     try:
-        return run_rank(config, framework, comm, stop)
+        status = run_rank(config, framework, comm, stop)
     finally:
         del framework  # its model may hold the communicator's resources (DDP's process group): let go of them first
         comm.close()
+    return comm.leave(status)
 
 
 def build_parser(prog: str = "python -m scaling.train") -> argparse.ArgumentParser:
@@ -99,7 +100,7 @@ def report_usage_error(prog: str, err: Exception) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from larscale import UsageError
+    from larscale import UsageError, report_missing_stack
     from larscale.runformat import EXIT_USAGE
 
     args = build_parser().parse_args(argv)
@@ -108,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         report_usage_error("larscale train", err)
         return EXIT_USAGE
+    except ModuleNotFoundError as err:  # a job script's ranks on a node without torch: one line, no traceback
+        return report_missing_stack("larscale train", err)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,22 @@ def test_cli_prints_every_row_and_both_summaries() -> None:
     for row in doc["rows"]:
         assert f"| {row['id']} |" in out.stdout
     assert "fit: " in out.stdout and "held_out: " in out.stdout
+
+
+def test_held_out_targets_at_scale(rows) -> None:
+    held = summary(rows)["held_out"]
+    assert held.multi_node_points >= 10
+    assert held.max_abs_error_multi_node <= 0.25          # every multi-node point within 25 %
+    assert abs(held.median_error_multi_node) <= 0.10      # median within 10 %
+
+
+def test_the_documented_scale_spread_is_the_fit_rows_residual(rows) -> None:
+    import math
+
+    from analysis.devices import collectives
+
+    fit_rows = [r for r in rows if r.split == "fit"]
+    rms = math.sqrt(statistics.fmean(math.log1p(r.error) ** 2 for r in fit_rows))
+    assert collectives("gpu").scale_sigma == pytest.approx(rms, abs=0.005)
+    inside = sum(r.low <= r.published <= r.high for r in rows if r.split == "held_out")
+    assert inside >= 0.75 * sum(r.split == "held_out" for r in rows)

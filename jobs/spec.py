@@ -229,7 +229,7 @@ class JobOptions:
     # Scheduler options written among the directives after the profile's (jobs/schedulers/ validates them).
     site_lines: list[str] = field(default_factory=list)
     # A container for the ranks (overrides the profile's); "none" runs without the profile's container.
-    container: Container | Literal["none"] | None = None
+    container: Any = None      # a Container mapping, "none" or unset (checked in __post_init__)
     # Submit each job this many times, each to start after the one before ends (any exit) and resume from its
     # last checkpoint: a run longer than the queue's walltime as a chain of jobs.
     chain: int = check(lambda v: None if 1 <= v <= 100 else f"must be 1..100, got {v!r}", default=1)
@@ -250,6 +250,11 @@ class JobOptions:
         words = [self.python] if isinstance(self.python, str) else (self.python or [])
         if self.python is not None and (not words or any(not w or "\0" in w for w in words)):
             raise SchemaError("python", "must be a non-empty path (or list of words) without NUL bytes")
+        if isinstance(self.container, dict):
+            object.__setattr__(self, "container", from_mapping(Container, self.container, "container"))
+        elif self.container not in (None, "none") and not isinstance(self.container, Container):
+            raise SchemaError("container", f"expected a mapping (runtime, image, binds) or 'none', got "
+                              f"{self.container!r}")
         if self.launcher is not None and not re.match(r"^[a-z][a-z0-9_-]*$", self.launcher):
             raise SchemaError("launcher", f"a launcher name (srun, mpirun, ...), got {self.launcher!r}")
 

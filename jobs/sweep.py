@@ -212,7 +212,7 @@ def predict_seconds(spec: SweepSpec, machine: MachineProfile, nodes: int, ranks_
 
 
 def plan(spec: SweepSpec | str | Path | dict, machine: MachineProfile | str | Path | None = None,
-         output_dir: str | Path | None = None, python: str | None = None) -> Plan:
+         output_dir: str | Path | None = None, python: str | list[str] | None = None) -> Plan:
     """Expand a spec into points with walltimes and costs (see the module docstring).
 
     ``spec`` may be a SweepSpec, a YAML path or a mapping; ``machine`` overrides the spec's profile.
@@ -296,8 +296,8 @@ def plan(spec: SweepSpec | str | Path | dict, machine: MachineProfile | str | Pa
                     seed=spec.training.seed + rep, lr=lr, walltime_s=walltime_s, walltime_source=source,
                     predicted_s=predicted, refused=refused))
     out = Path(output_dir if output_dir is not None else (spec.output or Path("runs") / spec.name)).absolute()
-    words = [python] if python else ([spec.job.python] if isinstance(spec.job.python, str) else spec.job.python)
-    words = words or [sys.executable]
+    chosen = python or spec.job.python
+    words = [chosen] if isinstance(chosen, str) else list(chosen or []) or [sys.executable]
     return Plan(spec=spec, machine=machine, output_dir=out, points=points, python=words[0],
                 python_args=tuple(words[1:]))
 

@@ -69,8 +69,11 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-def _config(root: Path, node: str, cpus: int, ctld_port: int, d_port: int, munge_socket: Path) -> str:
+def _config(root: Path, node: str, cpus: int, ctld_port: int, d_port: int, munge_socket: Path, gpus: int = 0) -> str:
+    # GPUs as count-only generic resources (no device files): Slurm schedules and accounts them, nothing binds.
+    gres = f" Gres=gpu:{gpus}" if gpus else ""
     return f"""\
+{"GresTypes=gpu" if gpus else ""}
 ClusterName=larscaletest
 SlurmctldHost={node}
 SlurmctldPort={ctld_port}
@@ -98,7 +101,7 @@ KillWait=10
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
-NodeName={node} CPUs={cpus} RealMemory=4000 State=UNKNOWN
+NodeName={node} CPUs={cpus} RealMemory=4000{gres} State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE OverSubscribe=NO State=UP
 """
 
@@ -116,7 +119,7 @@ def _stop(processes: dict[str, subprocess.Popen]) -> None:
                 proc.wait(timeout=10)
 
 
-def start_cluster(root: Path, cpus: int | None = None, ready_timeout: float = 60) -> SlurmCluster:
+def start_cluster(root: Path, cpus: int | None = None, ready_timeout: float = 60, gpus: int = 0) -> SlurmCluster:
     if os.geteuid() != 0:
         # slurmd runs as root (SlurmUser=root) and munged reads the root-only key: a user cannot start this Slurm.
         pytest.skip(f"no Slurm can be started without root (uid {os.geteuid()}): the Slurm tests are skipped")
@@ -129,7 +132,9 @@ def start_cluster(root: Path, cpus: int | None = None, ready_timeout: float = 60
         (root / sub).mkdir(parents=True, exist_ok=True)
     munge_socket = root / "munge" / "munge.socket"
     conf = root / "slurm.conf"
-    conf.write_text(_config(root, node, cpus, _free_port(), _free_port(), munge_socket))
+    conf.write_text(_config(root, node, cpus, _free_port(), _free_port(), munge_socket, gpus))
+    if gpus:
+        (root / "gres.conf").write_text(f"NodeName={node} Name=gpu Count={gpus}\n")
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster = SlurmCluster(root=root, conf=conf, node=node, cpus=cpus, env=env)
     try:
@@ -181,5 +186,22 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         else:
             os.environ["SLURM_CONF"] = old
         # Cancel whatever is left so slurmd does not leave job processes behind, then stop the daemons.
+        subprocess.run(["scancel", "--full", "--user", "root"], env=cluster.env, capture_output=True, timeout=30)
+        _stop(cluster.processes)
+
+
+@pytest.fixture(scope="module")
+def slurm_gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A one-node Slurm whose node has 4 GPUs as count-only GRES (no devices: jobs are scheduled, not bound)."""
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm-gpu"), gpus=4)
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
         subprocess.run(["scancel", "--full", "--user", "root"], env=cluster.env, capture_output=True, timeout=30)
         _stop(cluster.processes)

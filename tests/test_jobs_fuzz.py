@@ -136,7 +136,7 @@ def shell_box():
         root_path = Path(root)
         bin_dir = root_path / "bin"
         bin_dir.mkdir()
-        for tool in ("srun", "mpirun", "ibrun", "horovodrun", "jsrun"):
+        for tool in ("srun", "mpirun", "ibrun", "horovodrun", "jsrun", "mpiexec", "flux"):
             (bin_dir / tool).write_text(FAKE_TOOL)
             (bin_dir / tool).chmod(0o755)
         (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
@@ -181,3 +181,53 @@ def test_hostile_values_never_reach_a_shell_unquoted(shell_box, combo, data) -> 
         point = group.points[0].point_id
         assert (out_dir / "status" / f"{point}.exit").read_text() == "0\n"
         assert not [p for p in os.listdir(work_path) if p not in ("job.sh", "argv", "argv.env", out_dir.name)]
+
+
+# ------------------------------------------------------------------------------------------------ site lines, containers
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["apptainer", "singularity", "podman-hpc", "pyxis", "shifter"]),
+       st.sampled_from(["slurm", "pbs", "lsf"]), st.data())
+def test_hostile_site_lines_images_and_binds(shell_box, runtime: str, scheduler: str, data) -> None:
+    """A site line, a container image and a bind path from a hostile user: refused with the field named, or
+    written where they are inert (a directive line bash reads as a comment) or quoted (one argv word each)."""
+    from jobs.scripts import check_launch
+
+    root, bin_dir = shell_box
+    with tempfile.TemporaryDirectory(dir=root) as work:
+        work_path = Path(work)
+        canary = work_path / "canary"
+        site = data.draw(st.sampled_from(["", "-", "--x=", "-l "]), label="prefix") + data.draw(
+            hostile(str(canary)), label="site")
+        image, bind = (data.draw(hostile(str(canary)), label=k) for k in ("image", "bind"))
+        out_dir = work_path / "out"
+        out_dir.mkdir()
+        machine = replace(load_machine("dgx-h100"), scheduler=scheduler, launcher="srun", launcher_flags=[])
+        spec = base_spec(job={"site_lines": [site], "container": {"runtime": runtime, "image": image,
+                                                                  "binds": [bind]}, "qos": None})
+        try:
+            the_plan = plan(spec, machine=machine, output_dir=out_dir, python="python3")
+            check_launch(the_plan)
+            text = render(the_plan, job_groups(the_plan)[0])
+        except SchemaError as err:
+            assert "\n" not in str(err) and err.path.startswith(("job.site_lines[0]", "job.container")), str(err)
+            return
+        prefix = {"slurm": "#SBATCH ", "pbs": "#PBS ", "lsf": "#BSUB "}[scheduler]
+        assert [line for line in text.splitlines() if site in line] == [prefix + site]
+        script = work_path / "job.sh"
+        script.write_text(text)
+        log = work_path / "argv"
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LARSCALE_ARGV_LOG": str(log), "SLURM_JOB_NODELIST": "node1",
+               "HOME": str(work_path)}
+        proc = subprocess.run(["bash", str(script)], cwd=work_path, env=env, capture_output=True, text=True,
+                              timeout=30)
+        assert not canary.exists(), f"hostile value was executed:\n{text}"
+        assert proc.returncode == 0, proc.stderr
+        argv = log.read_bytes().decode().split("\0")[:-1]
+        if runtime in ("apptainer", "singularity", "podman-hpc"):
+            assert image in argv
+        if runtime == "pyxis":
+            assert f"--container-image={image}" in argv
+        if runtime == "shifter":
+            assert f"#SBATCH --image={image}" in text.splitlines()

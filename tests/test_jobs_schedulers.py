@@ -48,7 +48,7 @@ def test_gpu_directives(name: str, wanted: list[str]) -> None:
 def test_an_unknown_scheduler_or_launcher_is_refused_when_planning() -> None:
     from larscale.schema import SchemaError
 
-    with pytest.raises(SchemaError, match=r"^machine.scheduler: unknown scheduler 'sge'; choose one of slurm, "):
+    with pytest.raises(SchemaError, match=r"^machine.scheduler: unknown scheduler 'sge'; choose one of flux, local, lsf, pbs, slurm"):
         plan(base_spec(), machine=replace(load_machine("stampede2-knl"), scheduler="sge"), output_dir="/x")
     from jobs.scripts import check_launch
 

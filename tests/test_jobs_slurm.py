@@ -46,7 +46,7 @@ node:
 network:
   intra_node: {bandwidth_gbps: 20, latency_us: 4.0}
   inter_node: {bandwidth_gbps: 20, latency_us: 4.0}
-limits: {max_nodes: 1, max_walltime: "00:20:00"}
+limits: {max_nodes: 1, max_walltime: "00:20:00", poll_interval_s: 1}
 """
 
 

@@ -26,8 +26,10 @@ Costs per algorithm (single link, q = 1, L = ⌈log2 p⌉):
   its NICs, so a node's NICs together carry ``2(p−1)/p·n`` — what nccl-tests' busbw measures, and why a
   multi-node busbw never exceeds the node's NIC bandwidth (NVIDIA/nccl#412: ~24 GB/s across nodes on one
   HDR 200 Gb/s NIC, ~160 GB/s inside the node). The ring is pipelined and runs at its slowest edge, the NICs:
-  ``2⌈log2 m⌉α_e + 2(q−1)α_i + 2(p−1)/p·nβ_e + (p−1)/p·nγ`` with β_e of the node's total NIC bandwidth (8 GPUs
-  sharing one NIC get an eighth each; rail-optimised nodes have one per GPU). Latency: NCCL's double binary
+  ``2⌈log2 m⌉α_e + 2(q−1)α_i + 2(p−1)/p·nβ_e`` with β_e of the node's total NIC bandwidth (8 GPUs sharing one
+  NIC get an eighth each; rail-optimised nodes have one per GPU). NCCL adds the received data inside the same
+  pipelined copy kernels, so the reduction hides behind the link: no γ term (with one, 8 GB allreduces on HGX
+  H100 nodes came out at 327 GB/s busbw against the 384 their NICs give). Latency: NCCL's double binary
   trees for small messages give ``2⌈log2 m⌉`` inter-node steps (plus the chain inside the node), growing with
   log2 of the nodes: what matters at thousands of GPUs with 16-64 images each, where every bucket pays α.
   (Its earlier form let the q GPUs' shards cross with ``2(m−1)/m·n`` bytes a node — half a ring's on two nodes,
@@ -146,11 +148,11 @@ def allreduce_terms(algorithm: str, nbytes, nodes, ranks_per_node=1) -> Collecti
     if algorithm == "nccl":
         l_nodes = _ceil_log2(m)
         # Across nodes NCCL's rings pass through every node: a node's NICs carry 2(p−1)/p·n, and the pipelined
-        # ring runs at its slowest edge (the NICs), so the NVLink bytes do not add to the time.
+        # ring runs at its slowest edge (the NICs), so the NVLink bytes do not add to the time. The reduction
+        # runs inside the same pipelined copy kernels, hidden behind the link: no γ term.
         return CollectiveTerms(alpha_intra=2 * (q - 1), alpha_inter=2 * l_nodes,
                                beta_intra=np.where(multi, 0.0, 2 * (q - 1) / q * n),
-                               beta_inter=np.where(multi, 2 * (p - 1) / p * n, 0.0),
-                               gamma=reduce_share * n)
+                               beta_inter=np.where(multi, 2 * (p - 1) / p * n, 0.0), gamma=zero)
     # hierarchical: binomial reduce to the node leader, ring among leaders, binomial broadcast.
     return CollectiveTerms(alpha_intra=2 * lq, alpha_inter=2 * (m - 1), beta_intra=2 * lq * n,
                            beta_inter=2 * (m - 1) / m * n,

@@ -90,6 +90,11 @@ def load_set(path: Path = VALIDATION_SET) -> dict[str, Any]:
             raise ValueError(f"{path}: row {row['id']}: its source or cluster is not described in the file")
         if ("published" in row) == ("efficiency" in row):
             raise ValueError(f"{path}: row {row['id']}: give either published images/s or efficiency")
+    for row in doc.get("collectives", []):
+        if row["split"] not in SPLITS:
+            raise ValueError(f"{path}: collective {row['id']}: split must be one of {', '.join(SPLITS)}")
+        if row["source"] not in doc["sources"] or row["cluster"] not in doc["clusters"]:
+            raise ValueError(f"{path}: collective {row['id']}: its source or cluster is not described in the file")
     return doc
 
 
@@ -105,7 +110,8 @@ def cluster_machine(cluster: dict[str, Any], framework: str, model: str, batch: 
     d = device(cluster["device"])
     fw = FRAMEWORKS[framework]
     if cluster["intra"] == "nvlink":
-        intra = {"bandwidth_gbps": d.nvlink_gbytes_per_s / 2 * 8, "latency_us": 5.0, "topology": "nvlink"}
+        per_direction = cluster.get("intra_gbytes_per_s") or d.nvlink_gbytes_per_s / 2
+        intra = {"bandwidth_gbps": per_direction * 8, "latency_us": 5.0, "topology": "nvlink"}
     else:
         intra = {"bandwidth_gbps": PCIE_GEN3_GBPS, "latency_us": 5.0, "topology": "pcie"}
     doc = {
@@ -229,3 +235,54 @@ def fit(path: Path = VALIDATION_SET) -> tuple[dict[str, float], float]:
             best = (loss, trial)
     assert best is not None
     return best[1], best[0]
+
+
+@dataclass(frozen=True)
+class CollectiveRow:
+    """A published allreduce bus bandwidth beside the model's (the allreduce alone, as nccl-tests times it)."""
+
+    id: str
+    cluster: str
+    gpus: int
+    nodes: int
+    bytes: float
+    split: str
+    source: str
+    published_gbytes_per_s: float
+    predicted_gbytes_per_s: float
+    error: float
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nodes > 1
+
+
+def collective_rows(path: Path = VALIDATION_SET) -> list[CollectiveRow]:
+    """Every collective benchmark of the set: busbw = n/t · 2(p−1)/p with t the model's allreduce time."""
+    from analysis.comm import allreduce_time, bus_bandwidth
+    from analysis.params import PerfParams
+
+    doc = load_set(path)
+    out = []
+    for row in doc.get("collectives", []):
+        cluster = doc["clusters"][row["cluster"]]
+        gpus, nodes = int(row["gpus"]), int(row["nodes"])
+        machine = cluster_machine(cluster, "pytorch_ddp", "resnet50", 1, 1.0, gpus // nodes, nodes)
+        params = PerfParams.from_machine(machine)
+        seconds = allreduce_time(params.algorithm, float(row["bytes"]), nodes, gpus // nodes, params.link)
+        predicted = float(bus_bandwidth(float(row["bytes"]), seconds, gpus)) / 1e9
+        out.append(CollectiveRow(id=row["id"], cluster=row["cluster"], gpus=gpus, nodes=nodes,
+                                 bytes=float(row["bytes"]), split=row["split"], source=row["source"],
+                                 published_gbytes_per_s=float(row["busbw"]), predicted_gbytes_per_s=predicted,
+                                 error=predicted / float(row["busbw"]) - 1.0))
+    return out
+
+
+def collective_table(rows: list[CollectiveRow]) -> str:
+    lines = ["| id | split | GPUs | nodes | MiB | published busbw (GB/s) | predicted | error | source |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.id} | {r.split} | {r.gpus} | {r.nodes} | {r.bytes / 2**20:,.0f} "
+                     f"| {r.published_gbytes_per_s:,.1f} | {r.predicted_gbytes_per_s:,.1f} | {r.error:+.1%} "
+                     f"| {r.source} |")
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from analysis.validation import VALIDATION_SET, summary, table, validate_rows
+    from analysis.validation import VALIDATION_SET, collective_rows, collective_table, summary, table, validate_rows
     from larscale import UsageError
 
     path = Path(args.path) if args.path else VALIDATION_SET
@@ -30,15 +30,19 @@ def run_validate(args: argparse.Namespace) -> int:
         raise UsageError(f"--set: {path} does not exist")
     try:
         rows = validate_rows(path)
+        collectives = [r for r in collective_rows(path) if args.split is None or r.split == args.split]
     except (ValueError, KeyError) as err:
         raise UsageError(f"--set {path}: {err}") from None
     shown = [r for r in rows if args.split is None or r.split == args.split]
     parts = summary(rows)
     if args.format == "json":
-        print(json.dumps({"rows": [asdict(r) for r in shown],
+        print(json.dumps({"rows": [asdict(r) for r in shown], "collectives": [asdict(r) for r in collectives],
                           "summary": {k: asdict(v) for k, v in parts.items()}}, indent=2))
         return 0
     print(table(shown))
+    if collectives:
+        print("\nAllreduce bus bandwidth (the collective alone):\n")
+        print(collective_table(collectives))
     print()
     for part in parts.values():
         print(part.line())

@@ -80,3 +80,16 @@ def test_the_documented_scale_spread_is_the_fit_rows_residual(rows) -> None:
     assert collectives("gpu").scale_sigma == pytest.approx(rms, abs=0.005)
     inside = sum(r.low <= r.published <= r.high for r in rows if r.split == "held_out")
     assert inside >= 0.75 * sum(r.split == "held_out" for r in rows)
+
+
+def test_collective_benchmarks_ring_rows_within_ten_percent() -> None:
+    from analysis.validation import collective_rows
+
+    rows = {r.id: r for r in collective_rows()}
+    assert {r.split for r in rows.values()} == {"fit", "held_out"}
+    # The efficiencies' own source is reproduced; the held-out rings and multi-node rows within 10 %.
+    for key in ("a800-intra", "a800-hdr-12n", "a100-4hdr-2n", "a100-4hdr-3n", "h100-ring-2n", "h100-4n"):
+        assert abs(rows[key].error) <= 0.10, key
+    # NVLink SHARP (NCCL's NVLS algorithms on NVSwitch, one and two nodes) reduces inside the switch: not
+    # modelled, the model stays below it.
+    assert rows["h100-1n"].error < -0.15 and rows["h100-2n"].error < -0.15

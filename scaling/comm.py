@@ -60,3 +60,7 @@ class Communicator(Protocol):
     def close(self) -> None:
         """Leave the job (after the last collective)."""
 
+    def leave(self, status: int) -> int:
+        """The rank's exit status, once its run ended normally and :meth:`close` was called (a backend whose
+        libraries cannot be torn down safely by the interpreter's exit ends the process here instead)."""
+

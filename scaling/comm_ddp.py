@@ -300,17 +300,44 @@ class DistributedDataParallel:
         return self._gradients
 
     def close(self) -> None:
-        """Leave together, then tear the process groups down before the interpreter exits: rank 0 hosts the
-        rendezvous store (srun, mpirun), and a rank still tearing its Gloo threads down when the store's host is
-        gone was seen to abort at exit ("terminate called without an active exception", exit 134)."""
+        """Leave together (a barrier), let go of the DDP wrapper (its reducer holds the process group) and destroy
+        the process groups while every rank is still here."""
         import torch.distributed as dist
 
         if dist.is_initialized():
-            with contextlib.suppress(Exception):
+            try:
                 self.barrier()
-            # The DDP wrapper's reducer holds the process group: released first, so that destroying the group
-            # really ends its threads now rather than during the interpreter's shutdown.
+            except Exception as err:  # a peer already gone: the run's own status says what happened
+                print(f"larscale train: rank {self.launch.rank}: the closing barrier failed: {err}", file=sys.stderr,
+                      flush=True)
             self._gradients = None
             gc.collect()
-            with contextlib.suppress(Exception):
+            try:
                 dist.destroy_process_group()
+            except Exception as err:
+                print(f"larscale train: rank {self.launch.rank}: destroying the process group failed: {err}",
+                      file=sys.stderr, flush=True)
+
+    def leave(self, status: int) -> int:
+        """End the process now, with ``status``, rather than through the interpreter's exit.
+
+        ``destroy_process_group`` does not end Gloo's threads (its two work loops and its TCP loop) nor, on the rank
+        that hosts it, the rendezvous store's server thread: the process group's C++ object stays referenced after
+        it, so those threads are torn down by the interpreter's finalisation and the C++ runtime's exit, racing
+        them. A thread that reaches for the interpreter lock after finalisation began is ended by CPython with
+        ``pthread_exit``, and a joinable ``std::thread`` destroyed at exit calls ``std::terminate``: either way
+        the rank dies of SIGABRT ("terminate called without an active exception", exit 134) after a complete
+        run. Everything the run writes is written and closed by now (step logs, checkpoints, summary.json), so
+        the rank flushes its streams, finalises MPI where mpirun started it (Open MPI counts a rank that exits
+        without MPI_Finalize as failed) and exits without tearing anything else down. See
+        benchmarks/ddp_exit_loop.py."""
+        import logging
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
+        os._exit(status)

@@ -89,6 +89,9 @@ class _Horovod:
     def close(self) -> None:
         """Nothing to do: Horovod shuts its background thread down at exit."""
 
+    def leave(self, status: int) -> int:
+        return status
+
     def watch(self, watchdog: Any, timeout: float) -> None:
         """Nothing to do: every Horovod wait is a call the lifecycle makes under its watchdog."""
 

@@ -75,6 +75,20 @@ def check_out(out: Path, sweeps) -> None:
         raise ReportError(f"--out {out}: exists and is not a directory")
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command as given (for the page's "how this was made")."""
+    import shlex
+
+    words = ["larscale", "report", *args.sweeps, "--out", args.out]
+    for name in ("machine", "fit_max_ranks", "to_nodes", "ranks_per_node", "epochs", "top1"):
+        value = getattr(args, name)
+        if value is not None:
+            words += [f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    if args.bench:
+        words += ["--bench", *args.bench]
+    return shlex.join(words)
+
+
 def run_report(args: argparse.Namespace) -> int:
     from analysis.scaling_study import StudyOptions
     from analysis.study_report import write_study
@@ -100,7 +114,7 @@ def run_report(args: argparse.Namespace) -> int:
         options = StudyOptions(bench=tuple(args.bench), fit_max_ranks=args.fit_max_ranks, to_nodes=args.to_nodes,
                                ranks_per_node=args.ranks_per_node, epochs=args.epochs, top1=args.top1,
                                restart_overhead_s=args.restart_overhead_s, configurations=args.configurations)
-        study = write_study(sweeps, base, options, out)
+        study = write_study(sweeps, base, options, out, command=command_line(args))
     except ValueError as err:
         raise UsageError(str(err)) from None
     print(f"report: {study.index} (and index.html, summary.json, {len(study.figures)} figures)")

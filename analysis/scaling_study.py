@@ -240,7 +240,8 @@ def project(calibration: Calibration, sweeps: Sequence[Sweep], options: StudyOpt
     profile = calibration.profile
     nodes = options.to_nodes or profile.limits.max_nodes
     if nodes < 1 or nodes > profile.limits.max_nodes:
-        raise ReportError(f"--to-nodes {nodes}: machine {profile.name!r} has 1..{profile.limits.max_nodes} nodes "
+        base = calibration.data["calibration"]["base_profile"]
+        raise ReportError(f"--to-nodes {nodes}: machine {base!r} has 1..{profile.limits.max_nodes} nodes "
                           "(limits.max_nodes)")
     points = measured_points(sweeps)
     rpn = options.ranks_per_node or max(p.ranks_per_node for p in points)

@@ -92,31 +92,27 @@ def devices(path: Path = CATALOG) -> dict[str, Device]:
     return dict(_catalog(str(path)).devices)
 
 
-def efficiency(kind: str, path: Path = CATALOG) -> KindEfficiency:
-    """The compute model's constants for a kind of device ("cpu" or "gpu")."""
-    constants = _catalog(str(path)).efficiency
+def _for_kind(section: str, kind: str, path: Path):
+    constants = getattr(_catalog(str(path)), section)
     if kind not in constants:
-        raise ValueError(f"the device catalog has no efficiency constants for kind {kind!r}; it has: "
+        raise ValueError(f"the device catalog has no {section} constants for kind {kind!r}; it has: "
                          f"{', '.join(constants)}")
     return constants[kind]
+
+
+def efficiency(kind: str, path: Path = CATALOG) -> KindEfficiency:
+    """The compute model's constants for a kind of device ("cpu" or "gpu")."""
+    return _for_kind("efficiency", kind, path)
 
 
 def collectives(kind: str, path: Path = CATALOG) -> KindCollectives:
     """What collectives achieve and cost on a kind of device ("cpu" or "gpu")."""
-    constants = _catalog(str(path)).collectives
-    if kind not in constants:
-        raise ValueError(f"the device catalog has no collectives constants for kind {kind!r}; it has: "
-                         f"{', '.join(constants)}")
-    return constants[kind]
+    return _for_kind("collectives", kind, path)
 
 
 def compiled(kind: str, path: Path = CATALOG) -> KindCompiled:
     """A compiled step's constants on a kind of device ("cpu" or "gpu")."""
-    constants = _catalog(str(path)).compiled
-    if kind not in constants:
-        raise ValueError(f"the device catalog has no compiled-mode constants for kind {kind!r}; it has: "
-                         f"{', '.join(constants)}")
-    return constants[kind]
+    return _for_kind("compiled", kind, path)
 
 
 def device(name: str, path: Path = CATALOG) -> Device:

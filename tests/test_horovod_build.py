@@ -388,6 +388,7 @@ def test_missing_requirements_of_a_system_mode_venv(tmp_path):
     ({"LARSCALE_TORCH": "conda"}, "LARSCALE_TORCH=conda"),
     ({"LARSCALE_OFFLINE_DIR": "/nonexistent/offline"}, "LARSCALE_OFFLINE_DIR=/nonexistent/offline"),
     ({"PYTHON": "/nonexistent/python3"}, "PYTHON=/nonexistent/python3"),
+    ({"LARSCALE_NO_SYSTEM_PACKAGES": "yes"}, "LARSCALE_NO_SYSTEM_PACKAGES=yes: expected 1"),
 ])
 def test_bootstrap_refuses_bad_requests_before_touching_anything(tmp_path, env, culprit):
     if env.get("PYTHON") == sys.executable and hb.probe_cuda(os.environ).torch_cuda:

@@ -4,8 +4,9 @@
   Horovod; the planning commands work, a training command says in one line what to install.
 - A cluster login node: bootstrap.sh as that user on a module-like python that has torch and TensorFlow, with MPI
   and compilers on the PATH (as ``module load`` gives) and no package manager on it: Horovod for that torch and MPI
-  (here the cached wheel of the root bootstrap's identical build: nothing is compiled), and the venv trains 2
-  ranks; the laptop install collects the sweep. The bootstrap also names every missing build tool in one line.
+  (here the cached wheel of the root bootstrap's identical build: nothing is compiled), and the venv trains 1 and
+  2 ranks; the laptop install collects that sweep and reports on it. bootstrap.sh also names every missing build
+  tool in one line.
 
 The user owns a copy of the checkout (tracked and untracked files, not .venv or .cache) in a folder of its own.
 pip's cache for the user lives in .cache/install-test (ignored by git) and is kept between runs.
@@ -13,6 +14,7 @@ pip's cache for the user lives in .cache/install-test (ignored by git) and is ke
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import pwd
@@ -40,14 +42,15 @@ SBIN = "/usr/sbin:/sbin:" + SYSTEM_PATH
 PACKAGE_MANAGERS = ("apt", "apt-get", "apt-cache", "aptitude", "dpkg", "dpkg-query", "dnf", "yum", "rpm", "zypper",
                     "sudo", "su", "conda", "mamba")
 STACK = ("torch", "tensorflow", "horovod", "mpi4py", "tools")
-TINY_SWEEP = """\
-name: tiny2
-model: tiny
+# The smallest sweep `larscale report` takes: a model it has tables for, 1 and 2 ranks (fit on one, predict the other).
+SMALL_SWEEP = """\
+name: small
+model: resnet50
 framework: torch
 dataset: synthetic
 machine: local
-sweep: {kind: weak, nodes: [1], ranks_per_node: [2], batch_per_rank: 2, threads_per_rank: 1}
-training: {steps: 3, optimizer: lars, lr: 0.1, lr_scaling: linear, base_batch: 4, image_size: 16, num_classes: 10,
+sweep: {kind: weak, nodes: [1], ranks_per_node: [1, 2], batch_per_rank: 2, threads_per_rank: 1}
+training: {steps: 4, optimizer: lars, lr: 0.1, lr_scaling: linear, base_batch: 4, image_size: 32, num_classes: 10,
            extra_args: ["--no-eval"]}
 job: {walltime: "00:10:00"}
 """
@@ -186,7 +189,9 @@ def test_laptop_install_plans_without_the_training_stack(user: User, laptop: Pat
     assert found.stdout.strip() == "[]", found            # no torch, TensorFlow, Horovod, mpi4py; no build tools
     larscale = str(laptop / "larscale")
     version = user.run([larscale, "--version"])
-    assert version.returncode == 0 and version.stdout.strip() == "larscale 0.1.0", version
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    assert version.returncode == 0 and version.stdout.strip() == f"larscale {config['metadata']['version']}", version
     predict = user.run([larscale, "predict", "--model", "resnet50", "--machine", "stampede2-knl", "--nodes", "64",
                         "128", "--global-batch", "32768", "--epochs", "90", "--format", "json"])
     assert predict.returncode == 0, predict.stderr
@@ -199,8 +204,7 @@ def test_laptop_install_plans_without_the_training_stack(user: User, laptop: Pat
     assert any((user.home / "seed").iterdir())
     sweep = user.run([larscale, "sweep", "plan", str(user.checkout / "jobs" / "examples" / "resnet50-knl-strong.yaml")])
     assert sweep.returncode == 0, sweep.stderr
-    commands = user.run([larscale, "--help"]).stdout
-    for command in ("time-to-accuracy", "calibrate", *(("report",) if " report " in commands else ())):
+    for command in ("time-to-accuracy", "calibrate", "report"):    # report runs on a real sweep below
         helped = user.run([larscale, command, "--help"])
         assert helped.returncode == 0, helped.stderr
     # what needs the training stack says so in one line, with the install command, before anything runs
@@ -264,16 +268,21 @@ def test_bootstrap_without_root_builds_on_the_site_torch_and_trains_two_ranks(us
                                         f"{sys.version_info[1]}/site-packages/horovod/__init__.py"),
                                     str(user.checkout / "larscale" / "__init__.py")], where
 
-    # the venv trains 2 real ranks (Open MPI from the PATH, Horovod's MPI controller) as one sweep point
-    (user.home / "tiny.yaml").write_text(TINY_SWEEP)
-    submit = user.run([str(venv_bin / "larscale"), "sweep", "submit", "tiny.yaml", "--scheduler", "local"], env=env)
+    # the venv trains real ranks (Open MPI from the PATH, Horovod's MPI controller): a 1- and a 2-rank sweep point
+    (user.home / "small.yaml").write_text(SMALL_SWEEP)
+    submit = user.run([str(venv_bin / "larscale"), "sweep", "submit", "small.yaml", "--scheduler", "local"], env=env)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    summary = json.loads(next((user.home / "runs" / "tiny2").rglob("summary.json")).read_text())
-    assert summary["ranks"] == 2, summary
-    # the laptop install (no training stack) collects what the training venv ran
-    collect = user.run([str(laptop / "larscale"), "sweep", "collect", str(user.home / "runs" / "tiny2"), "--strict"])
+    sweep = user.home / "runs" / "small"
+    ranks = sorted(json.loads(p.read_text())["ranks"] for p in sweep.rglob("summary.json"))
+    assert ranks == [1, 2], ranks
+    # the laptop install (no training stack) collects what the training venv ran, and reports on it
+    laptop_larscale = str(laptop / "larscale")
+    collect = user.run([laptop_larscale, "sweep", "collect", str(sweep), "--strict"])
     assert collect.returncode == 0, collect.stderr
-    assert "n1-p2-b4" in (user.home / "runs" / "tiny2" / "results.csv").read_text()
+    assert "n1-p2-b4" in (sweep / "results.csv").read_text()
+    report = user.run([laptop_larscale, "report", str(sweep), "--out", str(user.home / "report")])
+    assert report.returncode == 0, report.stderr
+    assert (user.home / "report" / "index.md").is_file() and (user.home / "report" / "summary.json").is_file()
     # the test suite run by that user skips the Slurm tests (no root, no Slurm here) and says why
     slurm = user.run([str(venv_bin / "python"), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                       "tests/test_jobs_slurm.py"], cwd=user.checkout, env=env)

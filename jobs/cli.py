@@ -71,6 +71,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="json: one object with every point's state, job, attempts and reason")
     status.set_defaults(handler=run_status)
 
+    bench = subparsers.add_parser(
+        "bench-import", help="turn nccl-tests all_reduce_perf or OSU osu_allreduce output into the benchmark CSV",
+        description="Read the log of NVIDIA nccl-tests' all_reduce_perf (or rccl-tests') or of the OSU "
+        "Micro-Benchmarks' osu_allreduce and write the allreduce rows of the benchmark CSV that "
+        "`larscale calibrate --bench` reads.")
+    bench.add_argument("log", help="the tool's output, as printed")
+    bench.add_argument("--tool", choices=("nccl-tests", "osu"), required=True)
+    bench.add_argument("--ranks", type=int, help="ranks of the run (OSU: required; nccl-tests: from its Rank lines)")
+    bench.add_argument("--nodes", type=int, help="nodes of the run (nccl-tests: from its Rank lines, else 1)")
+    bench.add_argument("--library", default=None, help="what moved the bytes (default: nccl / mpi)")
+    bench.add_argument("--out", required=True, help="benchmark CSV to write")
+    bench.set_defaults(handler=run_bench_import)
+
     collect = actions.add_parser("collect", help="gather every run into results.csv and results.parquet",
                                  description="Read every run's summary and step logs into one table; list failed, "
                                  "missing and malformed runs with the reason.")
@@ -225,6 +238,31 @@ def run_demo(args: argparse.Namespace) -> int:
 
     return run_demo(DemoConfig.make(args.out, quick=args.quick, fresh=args.fresh, scheduler=args.scheduler,
                                     figures=args.figures))
+
+
+def run_bench_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from larscale import UsageError
+    from larscale.benchformat import format_table, write_csv
+    from larscale.benchimport import BenchImportError, parse_nccl_tests, parse_osu
+
+    try:
+        text = Path(args.log).read_text(errors="replace")
+    except OSError as err:
+        raise UsageError(f"{args.log}: {err.strerror}") from None
+    try:
+        if args.tool == "nccl-tests":
+            rows = parse_nccl_tests(text, ranks=args.ranks, nodes=args.nodes, library=args.library or "nccl")
+        else:
+            if args.ranks is None:
+                raise UsageError("--ranks is required for OSU output (osu_allreduce does not print it)")
+            rows = parse_osu(text, ranks=args.ranks, nodes=args.nodes or 1, library=args.library or "mpi")
+    except BenchImportError as err:
+        raise UsageError(f"{args.log}: {err}") from None
+    print(format_table(rows))
+    print(f"wrote {write_csv(rows, args.out)}")
+    return 0
 
 
 def run_collect(args: argparse.Namespace) -> int:

@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "MPI reduce_local and pingpong rows. Run under a launcher or give --ranks N.",
     )
     add_bench_arguments(bench, operations="horovod_allreduce,horovod_allreduce_fused,reduce_local,pingpong")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="where Horovod's tensors live: cuda times the allreduce over device memory (NCCL, "
+                       "RCCL under ROCm), each rank on the GPU of its local rank; the MPI rows stay on the host")
     bench.set_defaults(handler=run_bench_hvd)
 
 
@@ -81,6 +84,7 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
             "--warmup", str(args.warmup), "--repetitions", str(args.repetitions),
             "--min-rep-ms", str(args.min_rep_ms), "--max-seconds-per-size", str(args.max_seconds_per_size),
             "--operations", args.operations, "--label", args.label]
+    argv += ["--device", args.device] if getattr(args, "device", "cpu") != "cpu" else []
     return argv + (["--out", args.out] if args.out else [])
 
 
@@ -130,6 +134,10 @@ def run_bench(args: argparse.Namespace, subcommand: str = "bench-comm", factorie
 
 
 def run_bench_hvd(args: argparse.Namespace) -> int:
-    from scaling.hvdcomm import horovod_factories
+    import functools
 
-    return run_bench(args, subcommand="bench-hvd", factories_of=horovod_factories)
+    from scaling.hvdcomm import check_device, horovod_factories
+
+    check_device(args.device)      # before any rank starts: one line when this machine has no such device
+    return run_bench(args, subcommand="bench-hvd",
+                     factories_of=functools.partial(horovod_factories, device=args.device))

@@ -28,8 +28,13 @@ subtracts the expected wait of back-to-back calls (see :func:`analysis.fit_comm.
 α is the collective's own latency; the prediction adds the cycle wait of its own schedule
 (:mod:`analysis.overlap`).
 
+With ``--device cuda`` the Horovod tensors live in GPU memory, each rank on the GPU of its local rank, so the rows
+time NCCL (RCCL under ROCm) over NVLink/Infinity Fabric and the NICs, where the gradients of a GPU run travel; each
+timed call ends with a device synchronisation. The MPI rows (reduce_local, pingpong) stay on the host.
+
     mpirun -np 2 python -m larscale bench-hvd --out hvd.csv
     larscale bench-hvd --ranks 2 --out hvd.csv          # starts the ranks itself
+    mpirun -np 8 python -m larscale bench-hvd --device cuda --out hvd-nccl.csv
 """
 
 from __future__ import annotations
@@ -41,7 +46,20 @@ from collections.abc import Callable
 FUSED_PIECES = 16
 
 
-def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None]]], str]:
+def check_device(device: str) -> None:
+    """A usage error (one line) when ``device`` is cuda and this PyTorch sees no GPU."""
+    if device != "cuda":
+        return
+    import torch
+
+    from larscale import UsageError
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: this PyTorch ({torch.__version__}, CUDA {torch.version.cuda}, ROCm "
+                         f"{getattr(torch.version, 'hip', None)}) sees no GPU; run on a GPU node or use --device cpu")
+
+
+def horovod_factories(comm, device: str = "cpu") -> tuple[dict[str, Callable[[int], Callable[[], None]]], str]:
     """Initialise Horovod (PyTorch, on ``comm``'s ranks) and return the Horovod call factories.
 
     Also returns the text for the CSV's library column: Horovod's version, controller and the fusion and
@@ -59,11 +77,17 @@ def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None
     settings = ", ".join(f"{name}={os.environ[name]}" for name in ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME")
                          if name in os.environ) or "Horovod defaults"
     library = f"Horovod {horovod.__version__} ({controller} controller; {settings})"
+    if device == "cuda":
+        torch.cuda.set_device(hvd.local_rank())
+        library += f"; device memory, {'NCCL' if hvd.nccl_built() else 'no NCCL: staged through the host'}"
+    place = torch.device("cuda", hvd.local_rank()) if device == "cuda" else torch.device("cpu")
 
     expected = (hvd.size() + 1) / 2      # the mean of 1..p: exact in float32 for any p we run
 
     def checked(reduce: Callable[[], None], tensors: list, what: str) -> Callable[[], None]:
         """Run ``reduce`` once, check that every tensor holds the mean at both ends, and return it to be timed."""
+        if device == "cuda":   # a timed call ends when the device has finished it
+            run, reduce = reduce, lambda: (run(), torch.cuda.synchronize())
         reduce()
         ends = [(float(t[0]), float(t[-1])) for t in tensors]
         if any(end != (expected, expected) for end in ends):
@@ -71,7 +95,7 @@ def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None
         return reduce
 
     def horovod_allreduce(elements: int) -> Callable[[], None]:
-        tensor = torch.full((elements,), float(hvd.rank() + 1), dtype=torch.float32)
+        tensor = torch.full((elements,), float(hvd.rank() + 1), dtype=torch.float32, device=place)
         return checked(lambda: hvd.allreduce_(tensor, op=hvd.Average, name="larscale.bench_hvd"), [tensor],
                        f"Horovod allreduce of {elements} float32")
 
@@ -85,7 +109,7 @@ def horovod_factories(comm) -> tuple[dict[str, Callable[[int], Callable[[], None
             return None
         sizes = [elements // FUSED_PIECES] * FUSED_PIECES
         sizes[-1] += elements - sum(sizes)
-        tensors = [torch.full((n,), float(hvd.rank() + 1), dtype=torch.float32) for n in sizes]
+        tensors = [torch.full((n,), float(hvd.rank() + 1), dtype=torch.float32, device=place) for n in sizes]
         return checked(lambda: hvd.grouped_allreduce_(tensors, op=hvd.Average, name="larscale.bench_hvd_fused"),
                        tensors, f"Horovod grouped allreduce of {elements} float32 in {FUSED_PIECES} tensors")
 

@@ -107,3 +107,15 @@ def test_cli_writes_the_csv_calibration_reads(tmp_path: Path) -> None:
                           "2", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "not OSU Micro-Benchmarks output" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bench_hvd_device_cuda_without_a_gpu_is_one_line() -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: benchmarks/gpu_check.sh runs bench-hvd --device cuda there")
+    proc = subprocess.run([sys.executable, "-m", "larscale", "bench-hvd", "--device", "cuda", "--ranks", "2"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "--device cuda: this PyTorch" in proc.stderr and "sees no GPU" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "launching" not in proc.stdout

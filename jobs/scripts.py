@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import shlex
 
-from jobs.launchers import BASE_ENV, LAUNCHERS, ShellWord, get_launcher, launcher_name
 from jobs.containers import get_runtime
+from jobs.launchers import BASE_ENV, LAUNCHERS, ShellWord, get_launcher, launcher_name
 from jobs.schedulers import JobRequest, SiteLineError, directive_value, get_scheduler, scheduler_names
 from jobs.sweep import JobGroup, Plan, Point
 from larscale.schema import SchemaError
@@ -58,7 +58,7 @@ def job_request(plan: Plan, group: JobGroup) -> JobRequest:
     runtime = get_runtime(plan)
     site: list[str] = []
     for where, given in (("machine.site_lines", m.site_lines), ("job.site_lines", job.site_lines),
-                         (f"container ({runtime.name if runtime else ''})", runtime.site_lines(plan) if runtime else [])):
+                         ("job.container", runtime.site_lines(plan) if runtime else [])):
         for i, line in enumerate(given):
             try:
                 site.append(sched.check_site_line(line, f"{where}[{i}]"))

@@ -13,12 +13,15 @@ from larscale.benchformat import read_csv
 from larscale.benchimport import BenchImportError, parse_nccl_tests, parse_osu
 from tests.conftest import REPO
 
+# (its longest line, kept whole, is split only in this file's source)
+HEADER_LINE = ("# nThread 1 nGpus 1 minBytes 8192 maxBytes 8589934592 step: 2(factor) warmup iters: 10 iters: 100 "
+               "agg iters: 1 validation: 1 graph: 0 unalign: 0\n")
 # nccl-tests 2.20.0 all_reduce_perf on two DGX Spark (GB10) hosts, one GPU each: NVIDIA/dgx-spark-playbooks#103
 # (https://github.com/NVIDIA/dgx-spark-playbooks/pull/103), the first rows of the table as posted.
 NCCL_TWO_HOSTS = """\
 # nccl-tests version 2.20.0 (b4d5bee) nccl-headers=23102 nccl-library=23102
 # Collective test starting: all_reduce_perf
-# nThread 1 nGpus 1 minBytes 8192 maxBytes 8589934592 step: 2(factor) warmup iters: 10 iters: 100 agg iters: 1 validation: 1 graph: 0 unalign: 0
+""" + HEADER_LINE + """\
 #
 # Using devices
 #  Rank  0 Group  0 Pid 1666603 on spark-d708 device  0 [000f:01:00] NVIDIA GB10

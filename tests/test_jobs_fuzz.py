@@ -183,7 +183,7 @@ def test_hostile_values_never_reach_a_shell_unquoted(shell_box, combo, data) -> 
         assert not [p for p in os.listdir(work_path) if p not in ("job.sh", "argv", "argv.env", out_dir.name)]
 
 
-# ------------------------------------------------------------------------------------------------ site lines, containers
+# ------------------------------------------------------------------------------------ site lines, containers
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from jobs.manifest import load_manifest
-from jobs.schedulers import JobRequest, SCHEDULERS, SiteLineError, get_scheduler
+from jobs.schedulers import SCHEDULERS, JobRequest, SiteLineError, get_scheduler
 from jobs.schedulers.flux import f58_to_decimal
 from jobs.submit import parse_job_id, status, submit, wait
 from jobs.sweep import plan
@@ -48,7 +46,8 @@ def test_gpu_directives(name: str, wanted: list[str]) -> None:
 def test_an_unknown_scheduler_or_launcher_is_refused_when_planning() -> None:
     from larscale.schema import SchemaError
 
-    with pytest.raises(SchemaError, match=r"^machine.scheduler: unknown scheduler 'sge'; choose one of flux, local, lsf, pbs, slurm"):
+    with pytest.raises(SchemaError, match=r"^machine.scheduler: unknown scheduler 'sge'; choose one of flux, local, "
+                       r"lsf, pbs, slurm"):
         plan(base_spec(), machine=replace(load_machine("stampede2-knl"), scheduler="sge"), output_dir="/x")
     from jobs.scripts import check_launch
 
@@ -173,7 +172,8 @@ def test_flux_sweep_one_query_per_poll_and_max_jobs(tmp_path: Path) -> None:
     hold.unlink()
     allow_fast_polls(the_plan.output_dir)
     done = wait(the_plan.output_dir, timeout=120, poll_s=0.2, env=env)
-    assert {r.state for r in done.points.values()} == {"complete"}, [(r.point_id, r.reason) for r in done.points.values()]
+    assert {r.state for r in done.points.values()} == {"complete"}, [(r.point_id, r.reason)
+                                                                     for r in done.points.values()]
     # The held job was submitted once the first had ended, never beside it.
     assert done.points["n1-p1-b4"].job_id == "149394041430081538"
     assert [a.job_id for a in done.points["n1-p1-b2"].attempts] == ["149394041430081537"]

@@ -9,7 +9,8 @@ transcript of the real tool from flux-framework/flux-workflow-examples (job-subm
     JOBID USER NAME ST NTASKS NNODES RUNTIME RANKS
     ƒ3ETxsR9H moussa1 io-forward R 1 1 2.858s 2
 
-larscale asks for just the two columns it needs (``-o "{id.f58} {status_abbrev}"``, flux-jobs(1)). Inside the job the script turns ``FLUX_JOB_ID`` into the same decimal id (``flux job id``).
+larscale asks for just the two columns it needs (``-o "{id.f58} {status_abbrev}"``, flux-jobs(1)). Inside the
+job the script turns ``FLUX_JOB_ID`` into the same decimal id (``flux job id``).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class Flux(Scheduler):
                              "job.account")
         minutes = -(-job.walltime_s // 60)
         # One slot per rank: its cores and GPUs; the nodes hold ranks_per_node slots each.
-        out = [f"# flux: --job-name={job.name}", f"# flux: -N {job.nodes}", f"# flux: -n {job.nodes * job.ranks_per_node}",
-               f"# flux: -c {job.threads_per_rank}"]
+        out = [f"# flux: --job-name={job.name}", f"# flux: -N {job.nodes}",
+               f"# flux: -n {job.nodes * job.ranks_per_node}", f"# flux: -c {job.threads_per_rank}"]
         if job.gpus_per_node:
             out.append(f"# flux: -g {max(1, job.gpus_per_node // job.ranks_per_node)}")
         out += [f"# flux: -t {minutes}m", f"# flux: --signal=SIGUSR1@{job.signal_s}s",

@@ -139,17 +139,22 @@ def describe(record: dict) -> str:
         f"{r['model']} on {r['machine']}: {r['nodes']} nodes x {r['ranks_per_node']} ranks, global batch "
         f"{r['global_batch']} ({r['batch_per_rank']} per rank), {r['epochs']:g} epochs",
         f"  iteration        {r['iteration_s']:.4f} s = compute {r['compute_s']:.4f} s + exposed communication "
-        f"{r['comm_exposed_s']:.4f} s + exposed data loading {r['data_exposed_s']:.4f} s",
+        f"{r['comm_exposed_s']:.4f} s + slowest rank {r['jitter_s']:.4f} s + exposed data loading "
+        f"{r['data_exposed_s']:.4f} s",
         f"    forward        {r['forward_s']:.4f} s",
         f"    backward       {r['backward_s']:.4f} s",
         f"    optimizer etc. {r['overhead_s']:.4f} s",
         f"    communication  {r['comm_total_s']:.4f} s in {r['buckets']} fused allreduces, {hidden:.0%} hidden behind "
         "the backward pass",
+        f"    slowest rank   {r['jitter_s']:.4f} s waiting for it (step-time jitter)",
         f"    data loading   {r['data_s']:.4f} s per iteration",
         f"  epoch            {_fmt_seconds(r['epoch_s'])}",
         f"  time to train    {_fmt_seconds(r['time_to_train_s'])} ({r['iterations']} iterations)",
         f"  throughput       {r['images_per_s']:,.0f} images/s, scaling efficiency {r['scaling_efficiency']:.1%}",
         f"  cost             {r['node_hours']:,.1f} node-hours",
+        f"  90 % interval    {r['images_per_s_low']:,.0f}-{r['images_per_s_high']:,.0f} images/s, "
+        f"{_fmt_seconds(r['time_to_train_s_low'])} to {_fmt_seconds(r['time_to_train_s_high'])}, "
+        f"{r['node_hours_low']:,.1f}-{r['node_hours_high']:,.1f} node-hours",
     ]
     return "\n".join(lines)
 

@@ -181,13 +181,15 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     per_byte, serial_per_byte = per_byte * params.gradient_scale, serial_per_byte * params.gradient_scale
     # The compute-core part of each cost (never above the cost itself, rounding included).
     serial_latency, serial_per_byte = np.minimum(serial_latency, latency), np.minimum(serial_per_byte, per_byte)
-    # E[max of p step times] − mean, in standard deviations (per placement), beyond what the compute
-    # measurement already waited for.
+    # Per placement too: the wait for the slowest rank in units of the compute time (cv times E[max of p step
+    # times] − mean in standard deviations, beyond what the compute measurement already waited for), and the
+    # interval's factor (below).
     included = float(expected_max_normal(params.jitter_included_ranks))
-    slowest = np.maximum(expected_max_normal(nodes_a * rpn_a) - included, 0.0)
-    (nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency, serial_per_byte,
-     slowest) = np.broadcast_arrays(nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency,
-                                    serial_per_byte, slowest)
+    slowest = params.jitter_cv * np.maximum(expected_max_normal(nodes_a * rpn_a) - included, 0.0)
+    widen = interval_factor(workload, params, nodes_a * rpn_a, image_size)
+    (nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency, serial_per_byte, slowest,
+     widen) = np.broadcast_arrays(nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency,
+                                  serial_per_byte, slowest, widen)
     if check:
         validate(params, nodes_a, rpn_a, batch_a, epochs_a)
     ranks = nodes_a * rpn_a
@@ -204,10 +206,14 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
                        params.fusion_bytes, params.cycle_s, serial_latency, serial_per_byte,
                        copy, copy * (1.0 - params.overlap_reduce), interference=params.interference)
     comm_exposed = overlap.comm_exposed_s
-    # A synchronous step waits for the slowest of p ranks: E[max of p step times] − mean.
-    jitter = compute_s * params.jitter_cv * slowest
+    # A synchronous step waits for the slowest of p ranks.
+    busy = compute_s + comm_exposed
+    if params.jitter_cv > 0:
+        jitter = compute_s * slowest
+        busy += jitter
+    else:
+        jitter = np.zeros_like(compute_s)
     data_s = b * rpn_a / params.data_images_per_s_per_node
-    busy = compute_s + comm_exposed + jitter
     single_data_s = b / params.data_images_per_s_per_node
     if params.data_overlapped:
         iteration = np.maximum(busy, data_s)
@@ -219,27 +225,34 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     per_epoch = dataset_size / batch_a
     iterations = np.ceil(epochs_a * per_epoch - 1e-9)
     time_to_train = iterations * iteration
-    # The interval: the compute's spread (measured images/s or the roofline) and, with more than one rank,
-    # the spread of what scale adds, combined in quadrature on the log of the iteration time.
-    measured = bool(params.measured_images_per_s.get(measured_key(workload.model, image_size)))
-    compute_sigma = params.compute_sigma_measured if measured else params.compute_sigma_roofline
-    widen_one = math.exp(INTERVAL_Z * compute_sigma)
-    widen_many = math.exp(INTERVAL_Z * math.hypot(compute_sigma, params.scale_sigma))
-    widen = np.where(ranks > 1, widen_many, widen_one)
-    iteration_high = iteration * widen
-    iteration_low = iteration / widen
+    images_per_s = batch_a / iteration
+    node_hours = nodes_a * time_to_train / 3600.0
     return Prediction(
         model=workload.model, machine=params.machine, nodes=nodes_a, ranks_per_node=rpn_a, ranks=ranks,
         global_batch=batch_a, batch_per_rank=b, epochs=epochs_a, iterations=iterations,
         forward_s=times.forward_s, backward_s=times.backward_s, overhead_s=times.overhead_s,
         compute_s=compute_s, data_s=data_s, data_exposed_s=data_exposed, comm_total_s=overlap.comm_total_s,
         comm_exposed_s=comm_exposed, jitter_s=jitter, buckets=overlap.buckets, iteration_s=iteration,
-        epoch_s=iteration * per_epoch, time_to_train_s=time_to_train, images_per_s=batch_a / iteration,
-        scaling_efficiency=single / iteration, node_hours=nodes_a * time_to_train / 3600.0,
-        iteration_s_low=iteration_low, iteration_s_high=iteration_high, images_per_s_low=batch_a / iteration_high,
-        images_per_s_high=batch_a / iteration_low, time_to_train_s_low=iterations * iteration_low,
-        time_to_train_s_high=iterations * iteration_high, node_hours_low=nodes_a * iterations * iteration_low / 3600.0,
-        node_hours_high=nodes_a * iterations * iteration_high / 3600.0)
+        epoch_s=iteration * per_epoch, time_to_train_s=time_to_train, images_per_s=images_per_s,
+        scaling_efficiency=single / iteration, node_hours=node_hours,
+        iteration_s_low=iteration / widen, iteration_s_high=iteration * widen, images_per_s_low=images_per_s / widen,
+        images_per_s_high=images_per_s * widen, time_to_train_s_low=time_to_train / widen,
+        time_to_train_s_high=time_to_train * widen, node_hours_low=node_hours / widen,
+        node_hours_high=node_hours * widen)
+
+
+def interval_factor(workload: Workload, params: PerfParams, ranks, image_size: int | None = None) -> np.ndarray:
+    """``exp(z·σ)`` per configuration: the prediction interval is the iteration time divided and multiplied by it.
+
+    σ combines in quadrature the compute's spread (measured images/s or the roofline) and, with more than one
+    rank, the spread of what scale adds (communication, the slowest rank, interference), on the log of the
+    iteration time; z = INTERVAL_Z (a 90 % band).
+    """
+    measured = bool(params.measured_images_per_s.get(measured_key(workload.model, image_size)))
+    compute_sigma = params.compute_sigma_measured if measured else params.compute_sigma_roofline
+    one = math.exp(INTERVAL_Z * compute_sigma)
+    many = math.exp(INTERVAL_Z * math.hypot(compute_sigma, params.scale_sigma))
+    return np.where(np.asarray(ranks) > 1, many, one)
 
 
 def predict(model: str | Workload, machine: str | Path | MachineProfile, nodes, global_batch, epochs=90.0,

@@ -59,6 +59,9 @@ class PlanRow:
     memory_gb_per_rank: float
     pareto: bool = False
     augmentation: str = ""       # the seed table's data-augmentation regime the epochs come from ("" if given)
+    # The node-hours at the ends of the prediction's 90 % interval (each with its own restart chain).
+    node_hours_low: float = math.nan
+    node_hours_high: float = math.nan
 
     @property
     def label(self) -> str:
@@ -198,6 +201,11 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
     jobs = np.maximum(np.ceil(pred.time_to_train_s / np.maximum(walltime_of - restart_overhead_s, 1.0)), 1)
     wall = pred.time_to_train_s + jobs * restart_overhead_s
     node_hours = nodes_a * wall / 3600
+    # The same at the interval's ends: a slower run may need a longer restart chain.
+    ends = {}
+    for end, train_s in (("low", pred.time_to_train_s_low), ("high", pred.time_to_train_s_high)):
+        chain = np.maximum(np.ceil(train_s / np.maximum(walltime_of - restart_overhead_s, 1.0)), 1)
+        ends[end] = nodes_a * (train_s + chain * restart_overhead_s) / 3600
     rows = []
     for i in range(nodes_a.size):
         if memory[i] > memory_limit:
@@ -216,7 +224,8 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
             comm_exposed_s=float(pred.comm_exposed_s[i]), scaling_efficiency=float(pred.scaling_efficiency[i]),
             time_to_train_s=float(pred.time_to_train_s[i]), jobs=int(jobs[i]), wall_s=float(wall[i]),
             node_hours=float(node_hours[i]), memory_gb_per_rank=float(memory[i]),
-            augmentation=epochs_of[int(batch_a[i])][2]))
+            augmentation=epochs_of[int(batch_a[i])][2], node_hours_low=float(ends["low"][i]),
+            node_hours_high=float(ends["high"][i])))
     if not rows:
         raise ValueError("no configuration fits: " + ", ".join(f"{k}: {v}" for k, v in rejected.items()))
     mask = pareto_mask([r.wall_s for r in rows], [r.node_hours for r in rows])
@@ -240,7 +249,7 @@ def _seconds(value: str | float, name: str) -> float:
 def format_plan(result: Plan, top: int = 15) -> str:
     """A text table of the ranked candidates (Pareto-optimal ones starred) and what was dropped."""
     head = (f"{'':1} {'nodes':>6} {'batch':>6} {'b/rank':>6} {'epochs':>7} {'iter s':>8} {'eff':>5} "
-            f"{'train h':>8} {'jobs':>4} {'wall h':>7} {'node-h':>9} {'mem GB':>7}  augmentation")
+            f"{'train h':>8} {'jobs':>4} {'wall h':>7} {'node-h':>9} {'90 % node-h':>13} {'mem GB':>7}  augmentation")
     lines = [f"plan for {result.model} on {result.machine}"
              + (f", target top-1 {result.target_top1:g}%" if result.target_top1 is not None else "")
              + f"; walltime limit {result.max_walltime_s / 3600:g} h, restart overhead {result.restart_overhead_s:g} s",
@@ -250,6 +259,7 @@ def format_plan(result: Plan, top: int = 15) -> str:
         lines.append(f"{'*' if r.pareto else ' '} {r.nodes:>6} {r.global_batch:>6} {r.batch_per_rank:>6} "
                      f"{epochs:>7} {r.iteration_s:>8.3f} {r.scaling_efficiency:>5.2f} "
                      f"{r.time_to_train_s / 3600:>8.2f} {r.jobs:>4} {r.wall_s / 3600:>7.2f} {r.node_hours:>9.1f} "
+                     f"{f'{r.node_hours_low:.0f}-{r.node_hours_high:.0f}':>13} "
                      f"{r.memory_gb_per_rank:>7.1f}  {r.augmentation or '-'}")
     lines.append(f"{len(result.rows)} feasible; * = Pareto front (time vs node-hours), {len(result.front)} points; "
                  "≤ = at most this many epochs (the tables hold no shorter run)")

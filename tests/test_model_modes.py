@@ -82,3 +82,12 @@ def test_cli_predict_prints_the_interval_and_takes_the_new_options() -> None:
     (record,) = json.loads(out.stdout)
     assert record["images_per_s_low"] < record["images_per_s"] < record["images_per_s_high"]
     assert record["node_hours_low"] < record["node_hours"] < record["node_hours_high"]
+
+
+def test_plan_carries_the_interval_into_node_hours() -> None:
+    from analysis.plan import format_plan, plan
+
+    result = plan("resnet50", "stampede2-knl", target_top1=74.9, budget_node_hours=2000, max_walltime="02:00:00")
+    for row in result.rows:
+        assert row.node_hours_low < row.node_hours < row.node_hours_high
+    assert "90 % node-h" in format_plan(result)

@@ -79,8 +79,24 @@ class ValidationRow:
         return self.nodes > 1
 
 
+ROW_KEYS = ("id", "cluster", "framework", "model", "precision", "batch", "gpus", "nodes", "one_gpu", "source", "split")
+
+
 def load_set(path: Path = VALIDATION_SET) -> dict[str, Any]:
-    doc = yaml.safe_load(Path(path).read_text())
+    """The validation set, checked: ValueError names the file, the row and what is wrong."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: not YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), dict) for k in ("sources", "clusters")) \
+            or not isinstance(doc.get("rows"), list):
+        raise ValueError(f"{path}: needs mappings 'sources' and 'clusters' and a list 'rows'")
+    for number, row in enumerate(doc["rows"]):
+        missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}: rows[{number}] lacks {', '.join(missing)}")
     for row in doc["rows"]:
         if row["split"] not in SPLITS:
             raise ValueError(f"{path}: row {row['id']}: split must be one of {', '.join(SPLITS)}")

@@ -32,7 +32,7 @@ def run_validate(args: argparse.Namespace) -> int:
         rows = validate_rows(path)
         collectives = [r for r in collective_rows(path) if args.split is None or r.split == args.split]
     except (ValueError, KeyError) as err:
-        raise UsageError(f"--set {path}: {err}") from None
+        raise UsageError(f"--set: {err}") from None
     shown = [r for r in rows if args.split is None or r.split == args.split]
     parts = summary(rows)
     if args.format == "json":

@@ -93,3 +93,17 @@ def test_collective_benchmarks_ring_rows_within_ten_percent() -> None:
     # NVLink SHARP (NCCL's NVLS algorithms on NVSwitch, one and two nodes) reduces inside the switch: not
     # modelled, the model stays below it.
     assert rows["h100-1n"].error < -0.15 and rows["h100-2n"].error < -0.15
+
+
+@pytest.mark.parametrize("text, culprit", [
+    ("rows: [\n", "bad.yaml:2: not YAML"),
+    ("- 1\n", "needs mappings 'sources' and 'clusters'"),
+    ("sources: {}\nclusters: {}\nrows:\n  - {id: x}\n", "rows[0] lacks cluster"),
+])
+def test_cli_bad_validation_set_is_one_line_exit_2(tmp_path, text: str, culprit: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "larscale", "validate", "--set", str(path)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert culprit in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

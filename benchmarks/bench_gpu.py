@@ -9,7 +9,7 @@ synthetic tensors).
 Rows (each measured once per round; the rounds interleave them in a shuffled order, so a drifting machine
 moves every row alike):
 
-    bare_eager_lars      the loop below with scaling.optim.LARS: model, fixed random batch on the device,
+    bare_eager_lars      the loop below with scaling.optim_fast.FastLARS: model, fixed random batch on the device,
                          autocast, cross-entropy, backward, step; nothing else
     bare_eager_sgd       the same with torch.optim.SGD(momentum, weight decay, foreach=True)
     bare_compiled_lars   the same as bare_eager_lars with torch.compile(model)
@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import models  # noqa: E402
-from scaling.optim import LARS  # noqa: E402
+from scaling.optim_fast import FastLARS as LARS  # noqa: E402
 
 ROWS = ("bare_eager_lars", "bare_eager_sgd", "bare_compiled_lars", "larscale_eager", "larscale_compile", "lars_step")
 LR, MOMENTUM, WEIGHT_DECAY, TRUST = 0.1, 0.9, 5e-4, 0.001

@@ -1,4 +1,4 @@
-"""Time one optimizer step on ResNet-50's parameter shapes: scaling.optim.LARS against its yardsticks.
+"""Time one optimizer step on ResNet-50's parameter shapes: scaling.optim_fast.FastLARS against its yardsticks.
 
     python benchmarks/bench_lars.py [--device cpu|cuda] [--reps 21] [--threads 1] [--chunk-bytes N ...] [--json F]
 
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from scaling.optim import LARS  # noqa: E402
+from scaling.optim_fast import FastLARS as LARS  # noqa: E402
 
 TARGET_VS_SGD = 1.3
 TARGET_VS_PYTHON = 0.8      # CPU only

@@ -80,7 +80,7 @@ fi
 if grep -Eq '^[[:space:]]+gpu:' setup.cfg; then
     selection=(-m gpu tests)
 else
-    selection=(tests/test_lars.py -k cuda)
+    selection=(tests/test_lars_fast.py -k cuda)
 fi
 stage tests "$out/tests.log" "$venv_python" -m pytest -q -p no:cacheprovider -rs "${selection[@]}"
 

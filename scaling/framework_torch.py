@@ -75,9 +75,9 @@ def make_torch_optimizer(config: TrainConfig, plan: RunPlan, model: Any) -> Any:
     groups = torch_param_groups(model, plan.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=plan.base_lr, momentum=plan.momentum)
-    from scaling.optim import LARS
+    from scaling.optim_fast import FastLARS
 
-    return LARS(groups, lr=plan.base_lr, momentum=plan.momentum, weight_decay=plan.weight_decay,
+    return FastLARS(groups, lr=plan.base_lr, momentum=plan.momentum, weight_decay=plan.weight_decay,
                 trust_coefficient=plan.trust_coefficient)
 
 

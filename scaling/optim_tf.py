@@ -21,7 +21,7 @@ Two classes share the update (``lars_update``):
 
 ``LARS`` is ``KerasLARS`` when ``tf.keras`` is Keras 2, else ``LARSModule``.
 The velocity is stored as is here (one slot per variable): TensorFlow fuses the per-variable update inside its
-graph, and this implementation is the readable reference; ``scaling.optim.LARS`` is the speed-tuned one.
+graph; ``scaling.optim.LARS`` is PyTorch's readable reference, ``scaling.optim_fast.FastLARS`` its fast one.
 """
 
 from __future__ import annotations

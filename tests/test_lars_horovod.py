@@ -36,7 +36,7 @@ def torch_worker() -> None:
     import horovod.torch as hvd
     import torch
 
-    from scaling.optim import LARS
+    from scaling.optim_fast import FastLARS as LARS  # what the trainer runs
 
     hvd.init()
     torch.set_num_threads(1)

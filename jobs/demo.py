@@ -3,14 +3,18 @@
 1. plan a weak- and a strong-scaling sweep (1 and 2 ranks; ResNet-50 and AlexNet at a small per-rank batch,
    synthetic data, a few dozen steps) on the bundled ``local`` profile and print its cost;
 2. run them as real Horovod jobs through the ``local`` scheduler (or Slurm), showing points done/running/failed;
-3. run ``bench-hvd`` (Horovod's own allreduce) and 1-rank calibration runs (each workload alone and two side by
-   side, at the points' batches, in rounds), calibrate the local profile from them, and put the calibrated
-   model's prediction beside every measured point, with the load average while it ran and, where the
-   calibration repeated the point exactly, the repeat: what says whether an error is the model's or the
-   machine's;
-4. reproduce the seed papers' headline times from the bundled Stampede2 profiles;
-5. answer a planning question on Stampede2 KNL (ResNet-50 to 74.9 % top-1 within a node-hour budget);
-6. write a report directory (``index.md`` with every table and plot, the CSV/Parquet data behind them).
+3. run ``bench-hvd`` (Horovod's own allreduce) and put each model's two sweeps through `larscale report`'s code
+   (:mod:`analysis.study_report`): per-point tables and scaling plots, the local profile calibrated on the 1-rank
+   points with the 2-rank ones predicted out of sample, a projection and an allocation request, each model on
+   its own page under ``study/MODEL/``;
+4. run 1-rank calibration runs (each workload alone and two side by side, at the points' batches, in rounds),
+   calibrate the local profile from them, and put the calibrated model's prediction beside every measured
+   point, with the load average while it ran and, where the calibration repeated the point exactly, the
+   repeat: what says whether an error is the model's or the machine's;
+5. reproduce the seed papers' headline times from the bundled Stampede2 profiles;
+6. answer a planning question on Stampede2 KNL (ResNet-50 to 74.9 % top-1 within a node-hour budget);
+7. write the demo's page (``index.md`` and ``index.html`` with every table and plot, the CSV/Parquet data
+   behind them), which links the model pages.
 
 Nothing is precomputed. Re-running reuses finished points and the bench-hvd CSV (the sweep manifests know
 the points) unless ``--fresh``, which moves the previous output aside rather than deleting it.
@@ -327,6 +331,29 @@ def predicted_vs_measured(cfg: DemoConfig, complete, profile, calibration_runs: 
     return pd.DataFrame(diagnose(rows, trace, cores_available(), load, repeats)), load
 
 
+def add_model_study(report, cfg: DemoConfig, model: str, bench_csv: Path) -> None:
+    """One model's weak and strong sweeps through `larscale report`'s code (its own page under study/MODEL/),
+    summarised on the demo's page: the per-point table and the scaling figures."""
+    from analysis.report_cli import base_profile
+    from analysis.scaling_study import StudyOptions
+    from analysis.study_report import embed_study, write_study
+    from analysis.sweepdirs import ReportError, read_sweeps
+
+    dirs = [cfg.out / "sweeps" / f"{model}-{kind}" for kind in ("weak", "strong")]
+    out = cfg.out / "study" / model
+    command = f"larscale report {' '.join(map(str, dirs))} --bench {bench_csv} --out {out}"
+    _say(f"  {command}")
+    try:
+        sweeps = read_sweeps(dirs)
+        study = write_study(sweeps, base_profile(None, sweeps), StudyOptions(bench=(str(bench_csv),)), out,
+                            say=lambda line: _say("  " + line.strip()), command=command)
+    except ReportError as err:
+        _say(f"  ! {model}: no report: {err}")
+        report.text(f"**{model}**: no report ({err}).")
+        return
+    embed_study(report, study, model, command)
+
+
 def run_demo(cfg: DemoConfig) -> int:
     from larscale import UsageError
 
@@ -342,7 +369,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def run_study(cfg: DemoConfig, trace, started: float) -> int:
-    """Steps 1-6 of the module docstring into ``cfg.out``; ``trace`` fills with load samples while they run."""
+    """Steps 1-7 of the module docstring into ``cfg.out``; ``trace`` fills with load samples while they run."""
     import pandas as pd
 
     from analysis import plots
@@ -368,52 +395,23 @@ def run_study(cfg: DemoConfig, trace, started: float) -> int:
         _say("no point completed: see the logs under " + str(cfg.out / "sweeps"))
         return 1
 
-    report.section("1-2. Measured points")
+    report.section("1-3. Measured points and each model's report")
     columns = [c for c in ("sweep", "model", "ranks", "global_batch", "batch_per_rank", "images_per_s",
-                           "median_step_s", "mean_compute_s", "mean_allreduce_s", "mean_optimizer_s",
-                           "mean_data_s", "state") if c in results]
+                           "median_step_s", "state") if c in results]
     report.table(results[columns])
-    strong, weak, bars = {}, {}, {"labels": [], "compute": [], "allreduce (blocked)": [], "optimizer": [],
-                                 "data": []}
-    for model in MODELS:
-        rows = complete[complete["model"] == model]
-        s = rows[rows["sweep"] == f"{model}-strong"].sort_values("ranks")
-        w = rows[rows["sweep"] == f"{model}-weak"].sort_values("ranks")
-        if len(s) >= 2:
-            strong[model] = (s["ranks"].tolist(), s["median_step_s"].tolist())
-        if len(w) >= 2:
-            base = w["images_per_s"].iloc[0] / w["ranks"].iloc[0]
-            weak[model] = (w["ranks"].tolist(), (w["images_per_s"] / (w["ranks"] * base)).tolist())
-        for _, r in pd.concat([w, s]).drop_duplicates(["ranks", "global_batch"]).iterrows():
-            bars["labels"].append(f"{model} {int(r['ranks'])}r B={int(r['global_batch'])}")
-            bars["compute"].append(r["mean_compute_s"])
-            bars["allreduce (blocked)"].append(r["mean_allreduce_s"])
-            bars["optimizer"].append(r["mean_optimizer_s"])
-            bars["data"].append(r["mean_data_s"])
-    if strong:
-        report.plot("strong_scaling", plots.strong_scaling(
-            strong, cfg.out / "plots" / "strong_scaling", title="Strong scaling on this machine (measured)",
-            ylabel="seconds per iteration", xlabel="ranks on one node"),
-            "Strong scaling: iteration time vs ranks on this one node, dashed = ideal.")
-    if weak:
-        report.plot("weak_scaling", plots.weak_scaling_efficiency(
-            weak, cfg.out / "plots" / "weak_scaling", title="Weak scaling efficiency on this machine (measured)",
-            xlabel="ranks on one node"),
-            "Weak scaling efficiency: images/s at p ranks on this node ÷ (p × images/s at 1 rank).")
-    labels = bars.pop("labels")
-    report.plot("breakdown", plots.breakdown_bars(labels, bars, cfg.out / "plots" / "breakdown",
-                                                  title="Measured iteration breakdown (slowest-rank medians)"),
-                "Where each measured iteration goes: forward+backward, time blocked on the allreduce, optimizer "
-                "step, data.")
 
-    _step(3, "bench-hvd, calibrate the local profile, predict every point")
+    _step(3, "bench-hvd, then each model's sweeps through `larscale report`")
     bench_csv = bench_comm(cfg)
+    for model in MODELS:
+        add_model_study(report, cfg, model, bench_csv)
+
+    _step(4, "calibrate the local profile from 1-rank runs alone and side by side, predict every point")
     calibration_runs = compute_calibration_runs(cfg)
     profile_path = calibrate_local(cfg, bench_csv, calibration_runs)
     comparison, calibration_load = predicted_vs_measured(cfg, complete, load_machine(profile_path),
                                                        calibration_runs, trace)
     report.data("predicted_vs_measured", comparison)
-    report.section("3. Predicted vs measured (calibrated local profile)")
+    report.section("4. Predicted vs measured (calibrated local profile)")
     report.text(f"Calibrated from `{bench_csv.name}` (bench-hvd: Horovod's allreduce, 2 ranks) and, in "
                 f"{cfg.calibration_rounds} round(s), per model and per batch "
                 f"({', '.join(map(str, calibration_batches(cfg)))}), two 1-rank runs side by side (the per-core "
@@ -441,10 +439,10 @@ def run_study(cfg: DemoConfig, trace, started: float) -> int:
         _say(f"  {r.sweep:<16} {r.model:<12} {r.ranks} rank(s) B={r.global_batch:<3} predicted {r.predicted_s:7.3f} s "
              f" measured {r.measured_s:7.3f} s  error {r.error:+6.1%}  load {r.load_avg:4.1f}  {r.verdict}")
 
-    _step(4, "reproduce the seed papers' headline times from the bundled Stampede2 profiles")
+    _step(5, "reproduce the seed papers' headline times from the bundled Stampede2 profiles")
     seed = reproduce(cfg.out / "reproduce")
     _say(headline_table(seed.rows))
-    report.section("4. The seed papers' headline results, predicted")
+    report.section("5. The seed papers' headline results, predicted")
     report.text(headline_table(seed.rows))
     for path in seed.files:
         if path.suffix == ".png":
@@ -458,14 +456,14 @@ def run_study(cfg: DemoConfig, trace, started: float) -> int:
                 "target_weak_scaling": "Predicted weak scaling efficiency on the seed machines at the published "
                                        "images per node."}[path.stem])
 
-    _step(5, "plan: ResNet-50 to 74.9 % top-1 on Stampede2 KNL within a node-hour budget")
+    _step(6, "plan: ResNet-50 to 74.9 % top-1 on Stampede2 KNL within a node-hour budget")
     question = dict(model="resnet50", machine="stampede2-knl", target_top1=74.9, budget_node_hours=2000.0,
                     max_walltime="02:00:00")
     answer = plan_allocation(**question)
     _say(format_plan(answer, top=10))
     front = pd.DataFrame([vars(r) | {"label": r.label} for r in answer.front])
     report.data("plan_pareto_front", front)
-    report.section("5. Planning: ResNet-50 to 74.9 % top-1 on Stampede2 KNL, ≤ 2000 node-hours, 2 h jobs")
+    report.section("6. Planning: ResNet-50 to 74.9 % top-1 on Stampede2 KNL, ≤ 2000 node-hours, 2 h jobs")
     report.text("```\n" + format_plan(answer, top=10) + "\n```")
     everything = answer.rows
     report.plot("pareto", plots.pareto_front([r.wall_s / 3600 for r in everything],
@@ -481,8 +479,8 @@ def run_study(cfg: DemoConfig, trace, started: float) -> int:
     index = report.write()
     if cfg.figures is not None:
         cfg.figures.mkdir(parents=True, exist_ok=True)
-        for image in report.images:
-            if image.stem in README_FIGURES:
+        for image in report.images:              # the first of a name: ResNet-50's where both models have one
+            if image.stem in README_FIGURES and not (cfg.figures / image.name).exists():
                 shutil.copyfile(image, cfg.figures / image.name)
         _say(f"copied {len(README_FIGURES)} figures to {cfg.figures}")
     _say(f"\nreport: {index} ({time.monotonic() - started:.0f} s)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,12 @@ def test_report_page_and_images(report) -> None:
             assert image.format == "PNG" and min(image.size) >= 200
     for svg in (out / "plots").glob("*.svg"):
         assert svg.read_text().lstrip().startswith(("<?xml", "<svg"))
+    # Each model's sweeps went through `larscale report`'s code: its page, data and summary under study/MODEL/.
+    for model in ("resnet50", "alexnet"):
+        summary = json.loads((out / "study" / model / "summary.json").read_text())
+        assert summary["command"].startswith("larscale report ") and len(summary["points"]) == 4
+        assert (out / "study" / model / "index.html").exists() and f"study/{model}/index.html" in page
+    assert (out / "index.html").exists()
 
 
 def test_predicted_vs_measured_has_a_row_per_point(report) -> None:

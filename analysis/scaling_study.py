@@ -294,9 +294,8 @@ def allocation(calibration: Calibration, projection: Projection, model: str, opt
     central = plans["central"]
     profile = calibration.profile
     devices = profile.node.devices.count
-    charge = getattr(profile, "charge", None)
-    factor = getattr(charge, "factor", None)
-    unit = getattr(charge, "unit", "node-hours")
+    factor = profile.charge.factor if profile.charge is not None else None
+    unit = profile.charge.unit if profile.charge is not None else "node-hours"
 
     def train_s(name: str, row) -> float:
         match = [r for r in plans[name].rows if (r.nodes, r.global_batch) == (row.nodes, row.global_batch)]
@@ -304,8 +303,7 @@ def allocation(calibration: Calibration, projection: Projection, model: str, opt
 
     rows = []
     for row in central.front[: options.configurations]:
-        limit_s = profile.max_walltime_for(row.nodes)[0] if hasattr(profile, "max_walltime_for") else \
-            profile.limits.max_walltime_s
+        limit_s = profile.max_walltime_for(row.nodes)[0]          # the queue's limit for this job size
         usable = max(limit_s - options.restart_overhead_s, 1.0)
         bounds = {}
         seconds = [train_s(name, row) for name in plans]

@@ -156,8 +156,7 @@ def check_profile_matches(profile, sweeps: Sequence[Sweep]) -> None:
     ran_on = sweeps[0].machine.get("name")
     if not ran_on:
         return
-    calibration = getattr(profile, "calibration", None) or {}
-    base = calibration.get("base_profile") if isinstance(calibration, dict) else None
+    base = (profile.calibration or {}).get("base_profile")
     if ran_on not in (profile.name, base):
         raise ReportError(f"--machine {profile.name}: the sweeps ran on machine {ran_on!r} "
                           f"({sweeps[0].path / MANIFEST}); give that profile or one calibrated from it")

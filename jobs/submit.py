@@ -34,7 +34,7 @@ from jobs.manifest import (
     now,
 )
 from jobs.progress import RunProgress, read_progress
-from jobs.schedulers import SubmitError, get_scheduler
+from jobs.schedulers import SchedulerUnavailable, SubmitError, get_scheduler
 from jobs.scripts import SCHEDULERS, check_launch, render, submit_command
 from jobs.sweep import Plan, job_groups
 from larscale.runformat import EXIT_RESUMABLE
@@ -100,7 +100,11 @@ def _live_states(manifest: Manifest, job_ids: list[str], env: Mapping[str, str] 
     fresh = manifest.polled_at is not None and time.time() - manifest.polled_at < poll_interval_s(manifest)
     if fresh and all(j in cached for j in job_ids):
         return {j: (cached[j][0], cached[j][1]) for j in job_ids}
-    live = scheduler_states(manifest.scheduler, job_ids, env)
+    try:
+        live = scheduler_states(manifest.scheduler, job_ids, env)
+    except SchedulerUnavailable:
+        # No answer is not an answer: jobs known to be queued or running stay so until the scheduler says.
+        return {j: (cached[j][0], cached[j][1]) if j in cached else ("pending", "NO ANSWER") for j in job_ids}
     manifest.polled_at = time.time()
     manifest.scheduler_cache = {j: [state, word] for j, (state, word) in live.items()}
     return live

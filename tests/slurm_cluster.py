@@ -70,7 +70,7 @@ class SlurmCluster:
 
 
 def _config(root: Path, node: str, cpus: int, ctld_port: int, d_port: int, munge_socket: Path, gpus: int = 0) -> str:
-    # GPUs as count-only generic resources (no device files): Slurm schedules and accounts them, nothing binds.
+    # GPUs as generic resources that Slurm schedules and accounts; nothing binds them (TaskPlugin=task/none).
     gres = f" Gres=gpu:{gpus}" if gpus else ""
     return f"""\
 {"GresTypes=gpu" if gpus else ""}
@@ -134,7 +134,10 @@ def start_cluster(root: Path, cpus: int | None = None, ready_timeout: float = 60
     conf = root / "slurm.conf"
     conf.write_text(_config(root, node, cpus, _free_port(), _free_port(), munge_socket, gpus))
     if gpus:
-        (root / "gres.conf").write_text(f"NodeName={node} Name=gpu Count={gpus}\n")
+        # slurmd 22.05 reports 0 GPUs for a record without File= (Count= alone, or Flags=CountOnly), and it stats
+        # each file: stand-in character devices, one per GPU, make a node of N GPUs where none exists.
+        stand_ins = ("/dev/zero", "/dev/null", "/dev/full", "/dev/random", "/dev/urandom")[:gpus]
+        (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={node} Name=gpu File={','.join(stand_ins)}\n")
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster = SlurmCluster(root=root, conf=conf, node=node, cpus=cpus, env=env)
     try:

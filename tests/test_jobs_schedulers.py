@@ -194,3 +194,19 @@ def test_flux_walltime_chain_runs_links_after_each_other(tmp_path: Path) -> None
     assert done.state == "complete" and done.job_id in rec.chain
     log = (the_plan.output_dir / "logs" / "flux-149394041430081538.out").read_text()
     assert "is complete: not run again" in log       # the second link found the point complete
+
+
+def test_a_scheduler_that_does_not_answer_leaves_jobs_active(tmp_path: Path) -> None:
+    """squeue timing out (a busy controller) is no answer: the queued job stays pending, not 'missing'."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/bash\necho 4242\n")
+    (bin_dir / "squeue").write_text("#!/bin/bash\necho 'slurm_load_jobs error: Socket timed out on send/recv "
+                                    "operation' >&2\nexit 1\n")
+    for tool in ("sbatch", "squeue"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    the_plan = plan(base_spec(sweep={"nodes": [1]}), output_dir=tmp_path / "sweep")
+    submit(the_plan, env=env)
+    rec = status(the_plan.output_dir, env).points["n1-p2-b256"]
+    assert rec.state == "pending" and "NO ANSWER" in rec.reason and rec.job_id == "4242"

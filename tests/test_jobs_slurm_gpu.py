@@ -97,7 +97,10 @@ def test_two_job_chain_resumes_and_completes(slurm_gpu_cluster: SlurmCluster, tm
     slurm_gpu_cluster.run(["scancel", "--signal=USR1", "--batch", first])
     done = wait(the_plan.output_dir, timeout=900, poll_s=1, env=slurm_gpu_cluster.env).points[point.point_id]
     log = "\n".join(p.read_text() for p in (the_plan.output_dir / "logs").glob("*.out"))
-    assert done.state == "complete" and done.exit_status == 0, (done, log[-6000:])
+    jobs = {j: scontrol_fields(slurm_gpu_cluster, j) for j in (first, second)}
+    assert done.state == "complete" and done.exit_status == 0, (
+        done.state, done.reason, done.chain, {j: (f.get("JobState"), f.get("Reason"), f.get("Dependency"))
+                                               for j, f in jobs.items()}, log[-3000:])
     launches = read_launches(records_path(the_plan.output_dir, point.point_id))
     assert [(x.job, x.exit_status, x.resume) for x in launches] == [(first, 75, False), (second, 0, True)], log[-4000:]
     one, two = scontrol_fields(slurm_gpu_cluster, first), scontrol_fields(slurm_gpu_cluster, second)

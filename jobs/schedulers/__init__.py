@@ -37,6 +37,23 @@ class SubmitError(RuntimeError):
     """The scheduler refused a submission, or its answer could not be read (its message is included)."""
 
 
+class SchedulerUnavailable(RuntimeError):
+    """The scheduler did not answer (a timeout, a controller restarting): its jobs' states are unknown, not ended."""
+
+
+# Words of a status command that could not reach its controller (Slurm, PBS, LSF, Flux), as opposed to one that
+# answered that a job is unknown.
+UNREACHABLE = ("timed out", "unable to contact", "connection refused", "not responding", "could not connect",
+               "communication", "cannot connect", "unreachable")
+
+
+def check_answered(proc: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
+    """``proc`` unless it failed because the scheduler could not be reached (then SchedulerUnavailable)."""
+    if proc.returncode != 0 and any(w in (proc.stderr or "").lower() for w in UNREACHABLE):
+        raise SchedulerUnavailable(f"{what} did not answer: {(proc.stderr or '').strip()[:200]}")
+    return proc
+
+
 class SiteLineError(ValueError):
     """A site line that cannot go into a directive (the reason names the line)."""
 

@@ -15,7 +15,16 @@ job the script turns ``FLUX_JOB_ID`` into the same decimal id (``flux job id``).
 
 from __future__ import annotations
 
-from jobs.schedulers import JobRequest, Runner, Scheduler, States, SubmitError, job_id_or_error, scheduler
+from jobs.schedulers import (
+    JobRequest,
+    Runner,
+    Scheduler,
+    States,
+    SubmitError,
+    check_answered,
+    job_id_or_error,
+    scheduler,
+)
 
 # flux jobs' status_abbrev (flux-jobs(1), JOB STATUS): pending (D/P/S, PD), running (R, C: cleanup), finished
 # (CD completed, F failed, CA canceled, TO timeout) maps to None: the run's own files decide.
@@ -85,7 +94,8 @@ class Flux(Scheduler):
         out: States = {}
         if not job_ids:
             return out
-        proc = run(["flux", "jobs", "-a", "-n", "-o", "{id.f58} {status_abbrev}", *job_ids])
+        proc = check_answered(run(["flux", "jobs", "-a", "-n", "-o", "{id.f58} {status_abbrev}", *job_ids]),
+                              "flux jobs")
         for line in proc.stdout.splitlines():
             parts = line.split()
             if len(parts) == 2:

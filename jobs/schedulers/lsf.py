@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.schedulers import JobRequest, Runner, Scheduler, States, job_id_or_error, scheduler
+from jobs.schedulers import JobRequest, Runner, Scheduler, States, check_answered, job_id_or_error, scheduler
 
 STATES = {"PEND": "pending", "PSUSP": "pending", "RUN": "running", "USUSP": "running", "SSUSP": "running"}
 
@@ -49,7 +49,7 @@ class Lsf(Scheduler):
         out: States = {}
         if not job_ids:
             return out
-        proc = run(["bjobs", "-noheader", "-o", "jobid stat", *job_ids])
+        proc = check_answered(run(["bjobs", "-noheader", "-o", "jobid stat", *job_ids]), "bjobs")
         for line in proc.stdout.splitlines():
             parts = line.split()
             if len(parts) == 2:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from jobs.schedulers import JobRequest, Runner, Scheduler, States, job_id_or_error, scheduler
+from jobs.schedulers import JobRequest, Runner, Scheduler, States, check_answered, job_id_or_error, scheduler
 from larscale.machine import format_walltime
 
 STATES = {"Q": "pending", "H": "pending", "W": "pending", "T": "pending", "S": "running", "R": "running",
@@ -50,7 +50,7 @@ class Pbs(Scheduler):
     def query(self, job_ids: list[str], run: Runner) -> States:
         if not job_ids:
             return {}
-        proc = run(["qstat", "-x", "-f", "-F", "json", *job_ids])
+        proc = check_answered(run(["qstat", "-x", "-f", "-F", "json", *job_ids]), "qstat")
         try:
             jobs = json.loads(proc.stdout).get("Jobs", {}) if proc.stdout.strip() else {}
         except (json.JSONDecodeError, AttributeError):

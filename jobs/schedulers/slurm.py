@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.schedulers import JobRequest, Runner, Scheduler, States, job_id_or_error, scheduler
+from jobs.schedulers import JobRequest, Runner, Scheduler, States, check_answered, job_id_or_error, scheduler
 from larscale.machine import format_walltime
 
 # Slurm's state words → ours. Anything finished maps to None: the run's own files decide.
@@ -55,7 +55,7 @@ class Slurm(Scheduler):
         out: States = {}
         if not job_ids:
             return out
-        proc = run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)])
+        proc = check_answered(run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)]), "squeue")
         for line in proc.stdout.splitlines():
             parts = line.split()
             if len(parts) == 2:
@@ -72,7 +72,7 @@ class Slurm(Scheduler):
                     if job in gone and word:
                         out[job] = (STATES.get(word), word)
             for job in (j for j in gone if j not in out):
-                proc = run(["scontrol", "-o", "show", "job", job])
+                proc = check_answered(run(["scontrol", "-o", "show", "job", job]), "scontrol")
                 fields = dict(t.split("=", 1) for t in proc.stdout.split() if "=" in t)
                 word = fields.get("JobState", "")
                 out[job] = (STATES.get(word), word or "UNKNOWN")

@@ -87,6 +87,9 @@ def _point(sweep: str, kind: str, model: str, root: Path, record: dict[str, Any]
     run_dir = Path(record.get("run_dir") or root / "runs" / record["point_id"])
     if not run_dir.is_absolute():
         run_dir = root / run_dir
+    inside = root / "runs" / str(record["point_id"])
+    if inside.exists():             # this directory's own run, also when the sweep was copied off its cluster
+        run_dir = inside
     state, reason = str(record.get("state") or "planned"), str(record.get("reason") or "")
     run = None
     summary = run_dir / "summary.json"

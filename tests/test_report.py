@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -182,6 +183,20 @@ def test_every_figure_is_a_valid_png_or_svg_and_the_html_is_self_contained(repor
 def test_the_sweep_directories_are_not_modified(report) -> None:
     _, _, before, after = report
     assert before == after
+
+
+def test_a_copied_sweep_with_a_damaged_run_lists_it_as_malformed(sweeps, tmp_path: Path) -> None:
+    copy = tmp_path / "copied"
+    shutil.copytree(sweeps["weak"], copy)             # run_dir in the manifest still names the original place
+    (copy / "runs" / "n1-p2-b4" / "summary.json").write_text('{"status": "complete", ')
+    proc = larscale("report", str(copy), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    problems = pd.read_csv(tmp_path / "out" / "data" / "problems.csv")
+    assert problems["point"].tolist() == ["n1-p2-b4"] and problems["state"].tolist() == ["malformed"]
+    assert "n1-p2-b4/summary.json:1: not JSON" in problems["reason"].iloc[0]
+    points = pd.read_csv(tmp_path / "out" / "data" / "points.csv")
+    assert points["point"].tolist() == ["n1-p1-b2"] and str(copy) in json.loads(
+        (tmp_path / "out" / "summary.json").read_text())["sweeps"][0]["path"]
 
 
 @pytest.mark.parametrize("case", ["not a sweep", "all failed", "mixed models", "other machine", "out inside"])

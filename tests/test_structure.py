@@ -130,3 +130,30 @@ def test_one_copy_of_the_shared_helpers() -> None:
                           or isinstance(n, ast.Assign) and any(getattr(t, "id", None) == name for t in n.targets)
                           for n in ast.parse(p.read_text()).body)]
         assert len(defined) == 1, f"{name} defined in {defined}"
+
+
+# Every Python module of these packages stays readable in one sitting (the project's style rule).
+MAX_MODULE_LINES = 600
+LINE_CHECKED_PACKAGES = ("larscale", "models", "scaling", "jobs", "analysis", "tools")
+
+
+def long_modules(root: Path, limit: int = MAX_MODULE_LINES) -> list[str]:
+    """'path: N lines' for every .py file under the packages of ``root`` longer than ``limit`` lines."""
+    found = []
+    for package in LINE_CHECKED_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            lines = len(path.read_text().splitlines())
+            if lines > limit:
+                found.append(f"{path.relative_to(root)}: {lines} lines")
+    return found
+
+
+def test_the_length_check_finds_a_long_module(tmp_path: Path) -> None:
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "long.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    (tmp_path / "tools" / "short.py").write_text("x = 1\n" * MAX_MODULE_LINES)
+    assert long_modules(tmp_path) == [f"tools/long.py: {MAX_MODULE_LINES + 1} lines"]
+
+
+def test_no_module_over_600_lines() -> None:
+    assert long_modules(REPO) == []

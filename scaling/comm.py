@@ -10,13 +10,14 @@ A communicator is built by :func:`scaling.train.build_communicator` from ``--bac
 
 What the lifecycle (scaling/loop.py) uses is framework-neutral and listed in :class:`Communicator`. Averaging the
 gradients is not: it meets the framework's model and optimizer, so each communicator also offers its framework's
-hook (``torch_gradients`` for PyTorch, ``average`` and ``broadcast_variables`` for TensorFlow), which the framework
-adapter calls.
+hook (:class:`TorchCommunicator`'s ``torch_gradients``, which returns :class:`TorchGradients`;
+:class:`TensorFlowCommunicator`'s ``average`` and ``broadcast_variables``), which the framework adapter calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from scaling.rank import RankInfo
@@ -64,3 +65,39 @@ class Communicator(Protocol):
         """The rank's exit status, once its run ended normally and :meth:`close` was called (a backend whose
         libraries cannot be torn down safely by the interpreter's exit ends the process here instead)."""
 
+
+
+class TorchGradients(Protocol):
+    """Gradient averaging for one PyTorch model, as :meth:`TorchCommunicator.torch_gradients` returns it (Horovod's
+    DistributedOptimizer or DistributedDataParallel behind it)."""
+
+    module: Any     # what forward runs on (the model, or its DDP wrapper)
+    optimizer: Any  # the optimizer to step (Horovod's wraps the one it was given)
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """The context of one micro-batch's forward and backward; ``last``: the allreduce belongs to this one."""
+
+    def backward(self, loss: Any) -> None:
+        """Backward of ``loss``; the allreduces of ready gradients start inside it."""
+
+    def wait(self) -> float:
+        """Block until every gradient is averaged. Returns the seconds of backward that waited for them."""
+
+    def step_context(self) -> contextlib.AbstractContextManager:
+        """The context ``optimizer.step()`` runs in."""
+
+    def broadcast_parameters(self, state: Mapping[str, Any]) -> None:
+        """Rank 0's tensors of ``state`` (a state_dict) on every rank, in place."""
+
+
+class TorchCommunicator(Communicator, Protocol):
+    def torch_gradients(self, model: Any, optimizer: Any, accumulation: int) -> TorchGradients:
+        """Averaging of ``model``'s gradients over the ranks, ``accumulation`` backward passes per step."""
+
+
+class TensorFlowCommunicator(Communicator, Protocol):
+    def average(self, grads: Sequence[Any]) -> list[Any]:
+        """The ranks' mean of every gradient (inside a tf.function)."""
+
+    def broadcast_variables(self, variables: Sequence[Any]) -> None:
+        """Rank 0's values of ``variables`` on every rank."""

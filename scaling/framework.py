@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
+from scaling.comm import Communicator
 from scaling.rank import RankInfo
 from scaling.runplan import RunPlan
 
@@ -74,7 +75,7 @@ class Framework(Protocol):
     def setup(self, info: RankInfo) -> DeviceSetup:
         """Device, threads, precision for this rank; before anything is built."""
 
-    def build(self, plan: RunPlan, comm: Any) -> None:
+    def build(self, plan: RunPlan, comm: Communicator) -> None:
         """Model, optimizer (its gradients averaged through ``comm``) and loss; identical on every rank."""
 
     def checkpoint_bytes(self) -> int:
@@ -83,7 +84,7 @@ class Framework(Protocol):
     def restore(self, state: dict[str, Any] | None) -> None:
         """Load a checkpoint's weights and optimizer state into this rank (rank 0; others get None)."""
 
-    def broadcast_state(self, comm: Any, resumed: bool) -> None:
+    def broadcast_state(self, comm: Communicator, resumed: bool) -> None:
         """Every rank takes rank 0's weights (and optimizer state when ``resumed``)."""
 
     def seed_rng(self, seed: int, rank: int, start_step: int) -> None:

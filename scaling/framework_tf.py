@@ -24,6 +24,7 @@ from typing import Any
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Horovod needs tf.Variables (Keras 2), see README
 
 from scaling import checkpoint as ckpt  # noqa: E402
+from scaling.comm import TensorFlowCommunicator  # noqa: E402
 from scaling.config import TrainConfig, usage_error  # noqa: E402
 from scaling.framework import DeviceSetup, HostClock  # noqa: E402
 from scaling.rank import RankInfo  # noqa: E402
@@ -183,7 +184,7 @@ class TensorFlowTraining:
             raise usage_error(f"rank {info.rank}: {err}", every_rank=True) from None
         return DeviceSetup(self.backend.device_name, self.backend.threads, dict(self.backend.details))
 
-    def build(self, plan: RunPlan, comm: Any) -> None:
+    def build(self, plan: RunPlan, comm: TensorFlowCommunicator) -> None:
         tf, c = self.tf, self.config
         self.accumulation = plan.batch.accumulation
         with tf.device(self.backend.device_name):
@@ -228,7 +229,7 @@ class TensorFlowTraining:
             for variable, value in zip(self.optimizer.variables, state["optimizer"], strict=True):
                 variable.assign(value)
 
-    def broadcast_state(self, comm: Any, resumed: bool) -> None:
+    def broadcast_state(self, comm: TensorFlowCommunicator, resumed: bool) -> None:
         comm.broadcast_variables(self.model.variables)
         comm.broadcast_variables(self.optimizer.variables)
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from scaling.comm import TorchCommunicator, TorchGradients
 from scaling.config import TrainConfig, usage_error
 from scaling.framework import DeviceSetup, HostClock
 from scaling.rank import RankInfo
@@ -289,7 +290,7 @@ class TorchTraining:
         return DeviceSetup(str(self.backend.device), self.backend.threads,
                            {"channels_last": self.backend.channels_last, **self.backend.details})
 
-    def build(self, plan: RunPlan, comm: Any) -> None:
+    def build(self, plan: RunPlan, comm: TorchCommunicator) -> None:
         torch, c = self.torch, self.config
         self.accumulation = plan.batch.accumulation
         # Identical initial weights on every rank (same seed; broadcast from rank 0 anyway). Parameters stay in the
@@ -299,7 +300,7 @@ class TorchTraining:
         torch.manual_seed(c.seed)
         self.model = build_torch_model(c.model, plan.num_classes, plan.image_size).to(self.backend.device)
         optimizer = make_torch_optimizer(c, plan, self.model)
-        self.grads = comm.torch_gradients(self.model, optimizer, plan.batch.accumulation)
+        self.grads: TorchGradients = comm.torch_gradients(self.model, optimizer, plan.batch.accumulation)
         self.optimizer = self.grads.optimizer
         self.forward_module = torch.compile(self.grads.module) if c.compile else self.grads.module
         self.criterion = torch.nn.CrossEntropyLoss()
@@ -313,7 +314,7 @@ class TorchTraining:
             self.model.load_state_dict(state["model"])
             self._restored = (state["optimizer"], state.get("scaler"))
 
-    def broadcast_state(self, comm: Any, resumed: bool) -> None:
+    def broadcast_state(self, comm: TorchCommunicator, resumed: bool) -> None:
         self.grads.broadcast_parameters(self.model.state_dict())
         if resumed:
             # The optimizer state travels pickled, not through hvd.broadcast_optimizer_state: that one sends

@@ -10,8 +10,10 @@ Every rank runs :func:`run_rank`; what differs between PyTorch and TensorFlow is
    fit on the disk; everyone learns both from one broadcast, and all refuse together when they do not fit;
 4. weights (and, on a resume, optimizer state) broadcast from rank 0; random streams restored per rank when the
    rank count is unchanged, else seeded from (seed, rank, step);
-5. the steps, each timed in phases (below), logged, and followed by the stop vote and the checkpoint cadence;
-6. the final checkpoint, the evaluation, the summary; exit 0 complete, 75 stopped by a signal, 1 failed.
+5. the steps (:class:`Steps`; the body of one is :func:`train_step`), each timed in phases (below), logged, and
+   followed by the stop vote and the checkpoint cadence;
+6. :func:`finish_rank`, one routine for the three exits: the final checkpoint, the evaluation, the summary; exit 0
+   complete, 75 stopped by a signal, 1 failed.
 
 A step, per rank, in phases (seconds, written to ``steps/rank-NNNNN.jsonl``): ``data_s`` waiting for the batch,
 ``compute_s`` forward + backward (the allreduces of ready gradients start inside backward and overlap with it),
@@ -37,7 +39,9 @@ from typing import Any
 
 from larscale.runformat import EXIT_COMPLETE, EXIT_FAILED, EXIT_RESUMABLE, StepLog
 from scaling import checkpoint as ckpt
+from scaling.comm import Communicator
 from scaling.config import TrainConfig, usage_error
+from scaling.framework import Clock, Framework
 from scaling.rank import RankStart, StopFlag, log, start_rank
 from scaling.runplan import RunPlan, checkpoints_planned, dataset_facts, make_plan, train_set_size
 from scaling.summary import Progress, StepTimes, build_summary, write_summary
@@ -91,8 +95,8 @@ class Run:
     """What the lifecycle's helpers share for one rank's run."""
 
     config: TrainConfig
-    framework: Any
-    comm: Any
+    framework: Framework
+    comm: Communicator
     start: RankStart
     plan: RunPlan
     dataset_name: str
@@ -186,7 +190,122 @@ def resume_header(run: Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return header, state
 
 
-def run_rank(config: TrainConfig, framework: Any, comm: Any, stop: StopFlag) -> int:
+def train_step(run: Run, data: Any, clock: Clock, step: int, boundary: Any, timeout: float) -> StepMarks:
+    """One optimizer step: the micro-batches' forward and backward, the wait for the averaged gradients, the update,
+    each phase between two clock marks. ``boundary`` is the mark the step starts from."""
+    plan, framework = run.plan, run.framework
+    run.comm.watch(run.start.watchdog, timeout)
+    marks = StepMarks(step, step // plan.steps_per_epoch, plan.lr_at(step), boundary)
+    framework.set_lr(marks.lr)
+    batches = data.micro_batches(step)
+    accumulation = plan.batch.accumulation
+    for micro in range(accumulation):
+        images, labels = next(batches)
+        ready = clock.mark()
+        marks.losses.append(framework.forward_backward(images, labels, last=micro == accumulation - 1))
+        marks.micro.append((ready, clock.mark()))
+    with run.waiting("gradient allreduce", timeout=timeout):
+        marks.hidden_wait_s = framework.wait_gradients()
+    marks.reduced = clock.mark()
+    framework.apply()
+    marks.applied = clock.mark()
+    return marks
+
+
+@dataclass
+class Steps:
+    """The step loop of one rank: where it is, the stop vote in flight, and the steps not logged yet."""
+
+    run: Run
+    data: Any
+    clock: Clock
+    step_log: StepLog
+    progress: Progress
+    step: int
+    vote: Any = None
+    waiting_to_log: list[StepMarks] = field(default_factory=list)
+
+    def run_to_end(self) -> None:
+        """Steps until the plan's last; raises StopRequested when the ranks agreed to stop at a step boundary."""
+        run, clock, config = self.run, self.clock, self.run.config
+        start_step, total_steps = self.step, run.plan.total_steps
+        boundary = clock.mark()
+        while self.step < total_steps:
+            timeout = run.first_step_timeout if self.step == start_step else config.stall_timeout
+            marks = train_step(run, self.data, clock, self.step, boundary, timeout)
+            self.step += 1
+            # The flags summed at the previous boundary decide now; a new vote starts and overlaps the next step.
+            agreed_stop = False
+            with run.waiting("stop-flag vote"):  # begin blocks too where the vote is synchronous (TensorFlow)
+                if self.vote is not None:
+                    agreed_stop = run.comm.end_stop_vote(self.vote)
+                self.vote = run.comm.begin_stop_vote(run.start.stop.local)
+            marks.end, marks.wall_time = clock.mark(), time.time()
+            self.waiting_to_log.append(marks)
+            self.log_steps()
+            if agreed_stop:
+                raise StopRequested
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < total_steps:
+                self.log_steps(all_of_them=True)  # every step before a checkpoint is in the log, as a resume expects
+                run.save_checkpoint(self.step)
+            boundary = clock.mark()
+
+    def log_steps(self, all_of_them: bool = False) -> None:
+        """Write the records of the steps whose marks can be read (all of them, waiting, when asked)."""
+        run, clock = self.run, self.clock
+        if all_of_them:
+            clock.synchronize()
+        while self.waiting_to_log and (all_of_them or clock.ready(self.waiting_to_log[0].end)):
+            marks = self.waiting_to_log.pop(0)
+            record = step_record(marks, clock, run.framework.loss_value(marks.losses), run.rank, run.ranks, run.plan)
+            self.step_log.write(record)
+            run.times.add(record)
+            self.progress.update(record)
+
+    def end_vote(self) -> None:
+        """Collect the stop vote still in flight: every rank takes part in it before the next collective."""
+        if self.vote is not None:
+            with self.run.waiting("stop-flag vote"):
+                self.run.comm.end_stop_vote(self.vote)
+            self.vote = None
+
+
+def finish_rank(steps: Steps, status: str, error: Exception | None = None) -> int:
+    """How each of the three exits ends a rank's run; returns its exit status.
+
+    ``complete`` and ``interrupted``: every step logged, the stop vote ended, the checkpoint, (``complete``: the
+    evaluation), the summary. ``failed``: no collective (a peer may be gone): rank 0 writes the summary with its own
+    step times."""
+    run, config, step = steps.run, steps.run.config, steps.step
+    if status == "failed":
+        steps.progress.close()
+        if not isinstance(error, ckpt.CheckpointWriteError):  # that one's message says it all
+            traceback.print_exc()
+        print(f"larscale train: rank {run.rank}: failed at step {step}: {type(error).__name__}: {error}",
+              file=sys.stderr, flush=True)
+        if run.rank == 0:
+            with contextlib.suppress(Exception):
+                write_summary(config.out, run.summary("failed", step, [run.times], None))
+        return EXIT_FAILED
+    steps.log_steps(all_of_them=True)
+    steps.progress.close()
+    steps.end_vote()
+    run.save_checkpoint(step)
+    evaluation = evaluate(run, steps.data) if status == "complete" and config.eval else None
+    run.finish(status, step, evaluation)
+    if status == "complete":
+        log(run.rank, f"complete: {step} steps; summary {Path(config.out) / 'summary.json'}")
+        return EXIT_COMPLETE
+    # Everyone waits until rank 0 wrote the checkpoint and summary: a launcher may kill the job as soon as the
+    # first rank exits non-zero.
+    with run.waiting("final barrier"):
+        run.comm.barrier()
+    log(run.rank, f"stopped by {run.start.stop.signal_name or 'a signal on another rank'} at step {step}; "
+        f"checkpoint {run.last_checkpoint}; resume with --resume (exit {EXIT_RESUMABLE})")
+    return EXIT_RESUMABLE
+
+
+def run_rank(config: TrainConfig, framework: Framework, comm: Communicator, stop: StopFlag) -> int:
     """One rank's whole run. Returns the exit status (raises UsageError for the user's mistakes). ``stop`` is the
     installed SIGTERM/SIGUSR1 flag; the run restores the previous handlers when it ends."""
     spec, image_size, num_classes = dataset_facts(config)
@@ -223,94 +342,16 @@ def run_rank(config: TrainConfig, framework: Any, comm: Any, stop: StopFlag) -> 
         f"{config.precision}{', channels-last' if start.device.details.get('channels_last') else ''}"
         f"{', compiled' if config.compile else ''}")
 
-    clock = framework.clock()
-    progress = Progress(rank, start_step, plan.total_steps, config.log_every)
-    waiting_to_log: list[StepMarks] = []
-    vote = None
-    step = start_step
-
-    def log_steps(all_of_them: bool = False) -> None:
-        """Write the records of the steps whose marks can be read (all of them, waiting, when asked)."""
-        if all_of_them:
-            clock.synchronize()
-        while waiting_to_log and (all_of_them or clock.ready(waiting_to_log[0].end)):
-            marks = waiting_to_log.pop(0)
-            record = step_record(marks, clock, framework.loss_value(marks.losses), rank, ranks, plan)
-            step_log.write(record)
-            run.times.add(record)
-            progress.update(record)
-
+    steps = Steps(run, data, framework.clock(), step_log,
+                  Progress(rank, start_step, plan.total_steps, config.log_every), start_step)
     try:
         with framework.device_scope():
-            boundary = clock.mark()
-            while step < plan.total_steps:
-                timeout = run.first_step_timeout if step == start_step else config.stall_timeout
-                comm.watch(start.watchdog, timeout)
-                marks = StepMarks(step, step // plan.steps_per_epoch, plan.lr_at(step), boundary)
-                framework.set_lr(marks.lr)
-                batches = data.micro_batches(step)
-                for micro in range(b.accumulation):
-                    images, labels = next(batches)
-                    ready = clock.mark()
-                    marks.losses.append(framework.forward_backward(images, labels, last=micro == b.accumulation - 1))
-                    marks.micro.append((ready, clock.mark()))
-                with run.waiting("gradient allreduce", timeout=timeout):
-                    marks.hidden_wait_s = framework.wait_gradients()
-                marks.reduced = clock.mark()
-                framework.apply()
-                marks.applied = clock.mark()
-                step += 1
-                # The flags summed at the previous boundary decide now; a new vote starts and overlaps the next step.
-                agreed_stop = False
-                with run.waiting("stop-flag vote"):  # begin blocks too where the vote is synchronous (TensorFlow)
-                    if vote is not None:
-                        agreed_stop = comm.end_stop_vote(vote)
-                    vote = comm.begin_stop_vote(start.stop.local)
-                marks.end, marks.wall_time = clock.mark(), time.time()
-                waiting_to_log.append(marks)
-                log_steps()
-                if agreed_stop:
-                    raise StopRequested
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < plan.total_steps:
-                    log_steps(all_of_them=True)  # every step before a checkpoint is in the log, as a resume expects
-                    run.save_checkpoint(step)
-                boundary = clock.mark()
-            log_steps(all_of_them=True)
-            if vote is not None:
-                with run.waiting("stop-flag vote"):
-                    comm.end_stop_vote(vote)
-                vote = None
-            run.save_checkpoint(step)
-            evaluation = evaluate(run, data) if config.eval else None
-        run.finish("complete", step, evaluation)
-        progress.close()
-        log(rank, f"complete: {step} steps; summary {Path(config.out) / 'summary.json'}")
-        return EXIT_COMPLETE
+            steps.run_to_end()
+            return finish_rank(steps, "complete")
     except StopRequested:
-        log_steps(all_of_them=True)
-        progress.close()
-        if vote is not None:
-            with run.waiting("stop-flag vote"):
-                comm.end_stop_vote(vote)
-        run.save_checkpoint(step)
-        run.finish("interrupted", step, None)
-        # Everyone waits until rank 0 wrote the checkpoint and summary: a launcher may kill the job as soon as the
-        # first rank exits non-zero.
-        with run.waiting("final barrier"):
-            comm.barrier()
-        log(rank, f"stopped by {start.stop.signal_name or 'a signal on another rank'} at step {step}; checkpoint "
-            f"{run.last_checkpoint}; resume with --resume (exit {EXIT_RESUMABLE})")
-        return EXIT_RESUMABLE
+        return finish_rank(steps, "interrupted")
     except Exception as err:
-        progress.close()
-        if not isinstance(err, ckpt.CheckpointWriteError):  # that one's message says it all
-            traceback.print_exc()
-        print(f"larscale train: rank {rank}: failed at step {step}: {type(err).__name__}: {err}", file=sys.stderr,
-              flush=True)
-        if rank == 0:
-            with contextlib.suppress(Exception):
-                write_summary(config.out, run.summary("failed", step, [run.times], None))
-        return EXIT_FAILED
+        return finish_rank(steps, "failed", err)
     finally:
         step_log.close()
         start.watchdog.stop()

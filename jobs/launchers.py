@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from jobs.schedulers import get_scheduler
 from jobs.sweep import TRAIN_MODULE, Plan, Point
+from larscale.backends import LAUNCHER_BACKENDS
 
 # Environment every rank gets (the trainer's TensorFlow path needs tf-keras, see README).
 BASE_ENV = (("TF_USE_LEGACY_KERAS", "1"), ("PYTHONUNBUFFERED", "1"))
@@ -228,7 +229,7 @@ class Torchrun(Launcher):
     directly under any scheduler."""
 
     name = "torchrun"
-    backends = ("ddp",)
+    backends = LAUNCHER_BACKENDS["torchrun"]
     # torchrun's agent passes SIGTERM on to its workers (SIGUSR1 would end the agent and orphan them), then
     # waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s) before it kills them: the checkpoint must fit in that.
     stop_signal = "TERM"

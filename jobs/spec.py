@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from larscale import backends
 from larscale.machine import Container, walltime_seconds
 from larscale.schema import SchemaError, check, from_mapping, load_yaml, positive, to_mapping
 
@@ -285,12 +286,16 @@ class SweepSpec:
             raise SchemaError("output", "must be a non-empty path without NUL bytes")
         if self.repetitions > 100:
             raise SchemaError("repetitions", f"at most 100, got {self.repetitions}")
-        if self.training.backend == "ddp" and self.framework != "torch":
-            raise SchemaError("training.backend", f"ddp (torch.distributed) trains PyTorch models only; "
-                              f"framework is {self.framework!r}: use backend horovod")
-        if self.job.launcher == "torchrun" and self.training.backend != "ddp":
-            raise SchemaError("job.launcher", "torchrun starts torch.distributed workers: it needs "
-                              "training.backend: ddp (Horovod ranks start under mpirun, srun or horovodrun)")
+        backend = self.training.backend
+        if not backends.trains(backend, self.framework):
+            raise SchemaError("training.backend", f"{backend} ({backends.BACKENDS[backend].title}) trains "
+                              f"{backends.frameworks_title(backend)} models only; framework is {self.framework!r}: "
+                              f"use backend {' or '.join(backends.backends_for(self.framework))}")
+        needed = backends.LAUNCHER_BACKENDS.get(self.job.launcher or "")
+        if needed and backend not in needed:
+            raise SchemaError("job.launcher", f"{self.job.launcher} starts "
+                              f"{' or '.join(backends.BACKENDS[b].title for b in needed)} workers only: it needs "
+                              f"training.backend: {' or '.join(needed)}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from larscale import errors_once
+from larscale import backends, errors_once
 from larscale.runformat import DEFAULT_WARMUP_STEPS
 
 FRAMEWORKS = ("torch", "tensorflow")
-# How gradients are averaged: Horovod's ring-allreduce (MPI or Gloo controller, NCCL on GPUs), or PyTorch's own
-# DistributedDataParallel (gloo on CPU, NCCL on GPU) for sites where Horovod does not build.
-BACKENDS = ("horovod", "ddp")
+# How gradients are averaged, and which frameworks each backend trains: larscale/backends.py.
+BACKENDS = tuple(backends.BACKENDS)
 OPTIMIZERS = ("lars", "sgd")
 SCHEDULES = ("poly", "step", "cosine")
 DEFAULT_BATCH_PER_RANK = 32
@@ -177,8 +176,11 @@ def check_config(config: TrainConfig) -> None:
         raise usage_error("--precision fp16 needs --device cuda; on CPU use bf16 or fp32")
     if config.warmup_steps is not None and config.warmup_epochs is not None:
         raise usage_error("give --warmup-steps or --warmup-epochs, not both")
-    if config.backend == "ddp" and config.framework != "torch":
-        raise usage_error("--backend ddp is PyTorch's DistributedDataParallel; TensorFlow runs use --backend horovod")
+    if config.backend in BACKENDS and config.framework in FRAMEWORKS \
+            and not backends.trains(config.backend, config.framework):
+        raise usage_error(f"--backend {config.backend} is {backends.BACKENDS[config.backend].title}; "
+                          f"{backends.FRAMEWORK_TITLES[config.framework]} runs use --backend "
+                          f"{' or '.join(backends.backends_for(config.framework))}")
     if config.compile and config.framework != "torch":
         raise usage_error("--compile is torch.compile (PyTorch); TensorFlow already compiles its steps with "
                           "tf.function")

@@ -48,7 +48,8 @@ from scaling import data  # noqa: E402
 IMAGENET_LIKE_SIZES = ((500, 375), (375, 500), (500, 333), (400, 300))  # the commonest ImageNet shapes
 JPEG_QUALITY = 90
 GRAIN_SIGMA = 28.0      # grey levels of noise on top of the smooth field: ~105 KB mean (ImageNet ~110 KB)
-# Images per second one GPU consumes (shared/RECIPES.md, H200, bf16, batch 256 / 1024).
+# Images per second one H200 consumes, bf16, batch 256 / 1024 (measured 2026-11-30 by `benchmarks/bench_gpu.py`'s
+# bare_eager_lars and bare_compiled_lars rows; AlexNet-BN with --model alexnet_bn --batch 1024).
 GPU_RATES = {"resnet50_eager_h200": 4650.0, "resnet50_compiled_h200": 6720.0, "alexnet_bn_eager_h200": 25700.0}
 
 

@@ -17,18 +17,12 @@ from pathlib import Path
 # horovodrun --gloo (Horovod's Gloo controller), or torchrun --standalone (DDP, --backend ddp).
 CONTROLLERS = ("mpi", "gloo", "torchrun")
 
-# glibc malloc keeps freed memory for reuse instead of unmapping it (mallopt(3): M_MMAP_THRESHOLD,
-# M_TRIM_THRESHOLD, M_ARENA_MAX, read from these variables at start-up). By default blocks above 128 KiB (up to
-# 32 MiB as the dynamic threshold grows) come from mmap and go back with munmap, so every step's large tensors
-# and Open MPI's per-call temporary buffers are page-faulted in anew; on a VM page faults are expensive.
-# One arena: a thread other than the main one (Horovod's background thread, which runs every allreduce)
-# allocates from its own arena, whose heaps cannot exceed 64 MiB, so a larger block there is mmapped whatever
-# the threshold — strace showed Open MPI's 64 MiB temporary buffer mmapped and unmapped on every 64 MiB
-# Horovod allreduce without it, and never with it. Measured on the 2-core dev VM (glibc 2.36): allocating
-# and filling 150 MB took 53 ms by default, 7 ms with these; a 2-rank Horovod allreduce of 64 MiB ~60-110 ms
-# without the arena limit, 30-40 ms with it (mpi4py's from the main thread: 23-46 ms); a 1-rank AlexNet
-# step ~0.57 -> ~0.43 s. Every local launch gets them, so calibration runs, benchmarks and the runs they
-# predict see the same allocator (a caller's own values win).
+# glibc malloc settings (mallopt(3): M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_ARENA_MAX, read from these variables
+# at start-up): keep freed memory for reuse instead of unmapping it, so each step's large tensors and Open MPI's
+# per-call buffers are not page-faulted in anew. One arena, because another thread's arena (Horovod's background
+# thread runs every allreduce) cannot hold a block over 64 MiB and would mmap it whatever the threshold. Every
+# local launch gets them, so calibration, benchmarks and the runs they predict see one allocator (a caller's own
+# values win). Their effect: benchmarks/README.md, "Measurement history".
 QUIET_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
                 "MALLOC_ARENA_MAX": "1"}
 

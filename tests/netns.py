@@ -1,69 +1,33 @@
 """Two emulated hosts on one machine: network namespaces joined by a veth pair, optionally rate-limited by tbf.
 
 :class:`NetnsPair` creates namespaces ``lsA<tag>`` and ``lsB<tag>``, a veth pair with one end in each
-(``10.<o>.77.1`` and ``.2``), an optional ``tbf`` qdisc on both ends (one rate limit per direction; this kernel
-has tbf and htb, not netem), an rsh agent script that runs a command inside the namespace named as the "host",
+(``10.<o>.77.1`` and ``.2``), an optional ``tbf`` qdisc on both ends (one rate limit per direction; tbf, because
+not every kernel has netem), an rsh agent script that runs a command inside the namespace named as the "host",
 and a hostfile with one slot per namespace, so ``ip netns exec lsA mpirun ...`` starts one rank in each. Open
 MPI is forced onto TCP over the veth (``--mca btl tcp,self``, ``btl_tcp_if_include``/``oob_tcp_if_include``
 the veth subnet). :meth:`NetnsPair.down` deletes both namespaces (and with them the veth pair); the pytest
 fixture ``netns_pair`` always calls it. Everything needs root; the fixture skips otherwise.
 
-Why shared/RECIPES.md saw 8 ms for 1 KiB over the veth (and 566 ms for 16 MiB at 1 Gbit/s), measured on this
-machine (2-core VM, kernel 6.18 with HZ=250, Open MPI 4.1.4, mpi4py ping-pong and Allreduce, 2 ranks):
+Why each Open MPI and tc setting (the measurements behind them: benchmarks/README.md, "Measurement history"):
 
-1. **Both ranks were pinned to core 0.** The recipe's ``mpirun`` line has no ``--bind-to``; Open MPI binds to
-   cores by default for np <= 2, and each "host" has its own daemon, which binds *its* first rank to core 0:
-   ``--report-bindings`` shows ``[B/.]`` for both ranks. Open MPI busy-polls: a rank waiting for a message spins
-   until the scheduler preempts it at a tick, and only then does the peer on the same core run and answer.
-   Every message costs whole ticks: the 1 KiB one-way time was 4.0, 6.0 or 8.0 ms (multiples of the 4 ms tick),
-   with or without a tbf qdisc (also with plain ``pfifo`` and with no qdisc), while with the ranks on
-   different cores it is 7–9 µs. Not the cause: Nagle (Open MPI sets TCP_NODELAY, ``btl_tcp_use_nagle=0``),
-   delayed ACKs (their 40 ms granularity never appeared), ``tcp_autocorking`` (toggling it changed nothing
-   once placement was controlled), the tbf burst. Fix: ``--bind-to none``. With the ranks unbound on a
-   shared 2-core box the scheduler may still put both on one core (seen: 6 ms medians in some runs), so also
-   ``--mca mpi_yield_when_idle 1``: the progress loop yields, and two ranks sharing a core exchange 1 KiB in
-   16 µs instead of 6 ms (7 µs one-way when they do not share one).
-2. **Open MPI's TCP BTL used half the duplex link.** With tbf 1 Gbit/s each way a 16 MiB ping-pong took
-   140 ms one way (= the link) and a plain TCP socket moved 16 MiB in *both* directions at once in 139 ms, but
-   the 2-rank Allreduce took 280–290 ms whatever the algorithm (``coll_tuned_allreduce_algorithm`` 2, 3, 4, 6)
-   and 233 ms with 4 MiB socket buffers (``btl_tcp_sndbuf/rcvbuf``). With ``--mca btl_tcp_links 2`` (two TCP
-   connections per peer pair) it takes 158–168 ms, ~90 % of the link rate (64 MiB: 600 ms vs 537 ms ideal).
-   **Then a control message stuck behind a 32 MiB fragment.** Even with two links, a 64 MiB allreduce took
-   580, 840 or 1140 ms call to call (link time 537 ms; steps of one 32 MiB phase, 268 ms) once Horovod was
-   initialised in the process, and Horovod's own allreduce the same. The TCP BTL advertises RDMA ``put``, so
-   above ``btl_tcp_min_rdma_pipeline_size`` ob1 moves a large message with the RDMA pipeline protocol, and
-   ``btl_tcp_rdma_pipeline_frag_size`` is 2 GiB by default: the rest of the message is *one* put fragment,
-   and a TCP endpoint sends its fragments in order. When the ranks enter the exchange a little apart
-   (Horovod's background threads do), a rank's reply to its peer's request is queued behind its own 32 MiB
-   put, and the peer's half starts only when that put has crossed the link: the two directions run one after
-   the other. Two fixes were measured (64 MiB Horovod allreduces, 32 calls each): 256 KiB put fragments
-   (``btl_tcp_rdma_pipeline_frag_size 262144``) gave 567-586 ms in 30 calls (the others ~660 ms), but in
-   training the allreduces running beside the backward pass then moved at half the link rate (a receiver
-   must ask for every fragment, and its progress thread shares a busy core) and 64 MiB buckets still lost a
-   whole phase in 3 steps of 4 (800 ms); without ``put`` (``btl_tcp_flags send,inplace,need-ack,need-csum``:
-   ob1's send pipeline, which the sender drives) the microbenchmark gave 570-594 ms and the training buckets
-   took 6-27 % more than the link time (AlexNet's 67 MB fc7 in 583-620 ms, 750 ms twice in 8 steps; 151 MB
-   fc6 in 1.28-1.43 s). The flags are used, with *one* link: without put, two links per peer pair hung a plain
-   256 KiB ``MPI_Allreduce`` every time (Open MPI 4.1.4), and one link then runs both directions at once: a
-   64 MiB mpi4py allreduce in 578-583 ms, Horovod's in 568-592 ms (one 668 in 32); in training (8 steps)
-   fc8's 16 MB in 147-235 ms beside the backward pass (link 131 ms), fc7 in 569-708 ms (537), fc6 in
-   1.27-1.46 s (1.21). The half-duplex allreduce above was this same stall, which two links had made rarer.
-3. **tbf shape.** burst 128 KiB (as in the recipe): a 32 KiB bucket slowed the allreduce by a third
-   (16 MiB 213 ms vs 158 ms); queue ``latency`` 10 or 100 ms made no difference once (2) was fixed; 20 ms is
-   used (a bounded queue). Messages below the burst pass at veth speed, so the measured cost is not affine
-   around the burst size: tests/test_predicted_vs_measured.py fits from twice the burst up, the range
-   gradient buckets live in.
-4. **Start-up flakes** seen while measuring, avoided here: the daemon in the second namespace crashed once in
-   ``hwloc_shmem_topology_write`` (the rtc/hwloc component shares the topology through shared memory mapped
-   at a fixed address) → ``--mca rtc ^hwloc``; a start failed with ``mkdir .../ompi.<host>.0/jf.N: File
-   exists``: not a leftover but a race, both daemons seeing the same host name (network namespaces share the
-   UTS name) and creating the same session directory at once → each emulated host runs in its own UTS
-   namespace with its own host name (``unshare --uts``; Horovod and the trainer count nodes by host name
-   too) and its own ``TMPDIR``.
-5. As a precaution (not measured separately) ``net.ipv4.tcp_slow_start_after_idle=0`` in both namespaces:
-   training leaves the link idle between steps for longer than the retransmission timeout, after which Linux
-   would restart each step's first transfer from a small congestion window, unlike the back-to-back
-   benchmark. The sysctl is per network namespace, so the host is untouched.
+1. ``--bind-to none`` and ``--mca mpi_yield_when_idle 1``: each emulated host has its own daemon, which binds
+   *its* first rank to core 0, and Open MPI busy-polls, so two ranks on one core answer each other only at
+   scheduler ticks (milliseconds per message instead of microseconds). Unbound ranks may still share a core on
+   a small machine; yielding in the progress loop keeps that cheap.
+2. ``btl_tcp_flags send,inplace,need-ack,need-csum`` (no RDMA ``put``) with one TCP link: with ``put``, ob1
+   moves the rest of a large message as one fragment (``btl_tcp_rdma_pipeline_frag_size`` is 2 GiB), and a
+   rank's reply to its peer queues behind that fragment, so the allreduce's two directions run one after the
+   other. Without ``put``, two links per peer pair hang ``MPI_Allreduce`` (Open MPI 4.1.4).
+3. tbf: messages below the burst pass at veth speed, so the cost is not affine around the burst size
+   (tests/test_predicted_vs_measured.py fits from twice the burst up); a 20 ms queue ``latency`` bounds the
+   queue.
+4. ``--mca rtc ^hwloc``, and each host in its own UTS namespace (``unshare --uts``) with its own ``TMPDIR``:
+   the hwloc component shares the topology through shared memory at a fixed address (a daemon crashed in
+   ``hwloc_shmem_topology_write``), and namespaces share the host name, so two daemons would race to create
+   one session directory (and Horovod and the trainer count nodes by host name).
+5. ``net.ipv4.tcp_slow_start_after_idle=0`` in both namespaces (a precaution): training leaves the link idle
+   between steps for longer than the retransmission timeout, after which Linux would restart each step's first
+   transfer from a small congestion window. The sysctl is per network namespace, so the host is untouched.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Predicted vs measured on this machine: calibrate on 1-rank runs + bench-hvd, predict real 2-rank Horovod runs.
 
 For AlexNet (227 px) and ResNet-50 (64 px, to keep it fast) at 4 images per rank, in ROUNDS interleaved
-rounds (:func:`measure_in_rounds`: this VM's speed drifts by 10-20 % over minutes, so calibration and
-measurement are taken side by side in time, as a benchmark's ratios are):
+rounds (:func:`measure_in_rounds`: a machine's speed drifts over minutes, so calibration and measurement are
+taken side by side in time, as a benchmark's ratios are):
 
 1. communication: ``larscale bench-hvd`` between 2 ranks over the same transport as the training run: Horovod's
    own allreduce, the path the gradients take (with the fusion and cycle settings of the training runs), the
@@ -12,8 +12,7 @@ measurement are taken side by side in time, as a benchmark's ratios are):
    depends on what its neighbour does (shared caches and memory bandwidth, clocks, and on a VM possibly an SMT
    sibling): the per-device rate is measured with all devices of the node loaded, as one would on a cluster
    node. ``larscale calibrate`` combines the two step by step, the slower per step: a synchronous step waits
-   for its slowest rank, and this VM's two cores differ (0.25-0.27 s against 0.35-0.40 s a ResNet-50 step in
-   one run);
+   for its slowest rank, and two cores of one machine need not run at the same speed;
 3. right after them, the real 2-rank Horovod run of that model (MPI controller);
 4. ``larscale calibrate`` fits one profile to all rounds' benches and 1-rank runs; ``analysis.predict``
    predicts the 2-rank iteration time, compared with the median over the rounds of the 2-rank runs' mean step
@@ -46,17 +45,7 @@ from scaling.launch import local_env, rank_command
 from tests.conftest import REPO
 from tests.netns import NetnsPair, netns_available
 
-# History. The veth case failed the bar in earlier sessions by -32 to -38 %: Open MPI's TCP put protocol serialised
-# the two directions of Horovod's large allreduces (tests/netns.py, point 2); with put off it came to -2.8 to
-# -14.3 %. Shared memory was expected to fail until this session: -23.4 % and -15.9 % in CI runs, a spread of
-# ~7 % and a mean below zero. What fixed it: (1) the measurements are interleaved in rounds (this VM drifts by
-# 10-20 % over minutes; measure_in_rounds); (2) the model charges Horovod's fusion-buffer copies (~29 ms of a
-# ResNet-50 step here, analysis/overlap.py); (3) calibration no longer fits the Horovod calls that the background
-# thread's cycle paces (they had put ~0.3 ms into α, 32 ms a ResNet-50 step; analysis/fit_comm.py). With these,
-# five runs of this file (2, 2, 2, 3, 3 rounds; AlexNet / ResNet-50@64): shared memory -4.0/-2.8, +5.6/-12.1,
-# -3.1/+5.0, -2.8/+8.1, -6.5/+2.3 %; veth -11.0/-12.1, -3.6/-9.1, -7.1/-8.8, -7.9/-8.6, -7.3/-9.6 %. The veth
-# stays below zero: collectives beside the backward pass run slower than alone (the 8 MB fc bucket took 92-170 ms
-# on Horovod's timeline against 72 ms benched), which the model does not charge.
+# How the measured error came within the bar: benchmarks/README.md, "Measurement history".
 pytestmark = pytest.mark.slow
 
 CASES = (("alexnet", 227, 4), ("resnet50", 64, 4))    # model, image size, images per rank
@@ -64,11 +53,8 @@ STEPS, WARMUP = 14, 3
 ROUNDS = 3
 TOLERANCE = 0.15
 RATE_MBIT = 1000
-# The tbf bucket (NetnsPair.burst_bytes, 128 KiB) lets a message that fits in it pass at veth speed, so below ~2 buckets
-# the cost over the link is not affine in the size. Fitted from 0-64 MiB the line bends to those points: in one
-# run β came out 7.8 ns/B (faster than the 1 Gbit/s limit allows) and the 16-64 MiB allreduces 10-11 % above the
-# line; from 256 KiB up the same rows fit within 4 % from 1 to 64 MiB (β 8.6 ns/B: payload after TCP/IP headers).
-# Gradient buckets of both models are 1-150 MB: the fit is made where they live.
+# The tbf bucket (NetnsPair.burst_bytes) lets a message that fits in it pass at veth speed, so below ~2 buckets the
+# cost over the link is not affine in the size; gradient buckets of both models are 1-150 MB: fit where they live.
 VETH_FIT_MIN_BYTES = 2 * NetnsPair.burst_bytes
 # Two ranks and Horovod's background threads share 2 cores: a rank waiting in MPI yields instead of spinning.
 SHM_MCA = ("--mca", "mpi_yield_when_idle", "1")
@@ -79,7 +65,7 @@ BENCH = ("--max-bytes", "64M", "--factor", "4", "--warmup", "2", "--repetitions"
 
 def quiet_malloc_env() -> dict[str, str]:
     """Every run (calibration, benchmark, measured) under local_env: one thread per rank, and glibc keeping
-    freed memory instead of unmapping it (scaling.launch.QUIET_MALLOC: page faults are expensive on this VM)."""
+    freed memory instead of unmapping it (scaling.launch.QUIET_MALLOC), as in the runs the profile predicts."""
     return local_env(threads_per_rank=1)
 
 
@@ -133,9 +119,8 @@ class Rounds:
 def measure_in_rounds(root: Path, bench: Callable[[Path], None], two_ranks: Callable[[list[str]], list[str]],
                       network: str) -> Rounds:
     """ROUNDS rounds of: the communication bench, then per model its 1-rank pair and right after it the 2-rank
-    run. This VM's speed drifts by 10-20 % over minutes (the same 1-rank ResNet-50 step took 0.30 s in one
-    run and 0.37 s in the next); calibrating at one time and measuring at another put that drift into the
-    error. Interleaved, calibration and measurement see the same drift, and the rounds average it."""
+    run. A machine's speed drifts over minutes; calibrating at one time and measuring at another would put that
+    drift into the error. Interleaved, calibration and measurement see the same drift, and the rounds average it."""
     rounds = Rounds()
     for i in range(ROUNDS):
         csv = root / f"bench-{i}.csv"
@@ -171,8 +156,7 @@ def compare(profile_path: Path, nodes: int, ranks_per_node: int, two_rank_dirs: 
         measured = [read_run(d) for d in two_rank_dirs[model]]
         assert all(m.ranks == 2 and m.steps_measured == STEPS - WARMUP for m in measured)
         # Each round's mean step (a time-to-train is a sum of steps), then the median round: one round that another
-        # process disturbed (this machine is shared; 2026-11-30 at load 3-5: 1.274, 0.561, 0.575 s for AlexNet,
-        # the first round twice the others) does not decide the check, and the rounds are still every step's mean.
+        # process disturbed does not decide the check, and the rounds are still every step's mean.
         mean_step = statistics.median(m.step_s_mean for m in measured)
         rows.append({"network": network, "model": workload_key(model, size), "batch": batch,
                      "predicted_s": predicted["iteration_s"], "compute_s": predicted["compute_s"],

@@ -119,25 +119,32 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-            for w in group["params"]:
-                g = w.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-                if self.uses_trust_ratio(group, w):
-                    rate = lr * self.local_lr(group, w, g)
-                    direction = g.add(w, alpha=weight_decay)
-                else:
-                    rate, direction = lr, g
-                if momentum == 0:
-                    w.sub_(direction * rate)
-                    continue
-                v = self.state[w].setdefault(MOMENTUM_BUFFER, torch.zeros_like(w))
-                v.mul_(momentum).add_(direction * rate)
-                w.sub_(v)
+            self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """The update of every parameter of ``group`` that has a gradient, one tensor at a time."""
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        for w in group["params"]:
+            g = w.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("LARS does not support sparse gradients")
+            if self.uses_trust_ratio(group, w):
+                rate = lr * self.local_lr(group, w, g)
+                direction = g.add(w, alpha=weight_decay)
+            else:
+                rate, direction = lr, g
+            if momentum == 0:
+                w.sub_(direction * rate)
+                continue
+            state = self.state[w]
+            if MOMENTUM_BUFFER not in state:
+                state[MOMENTUM_BUFFER] = torch.zeros_like(w)
+            v = state[MOMENTUM_BUFFER]
+            v.mul_(momentum).add_(direction * rate)
+            w.sub_(v)
 
     @staticmethod
     def local_lr(group: dict[str, Any], w: Tensor, g: Tensor) -> Tensor:

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,17 +156,6 @@ class FastLARS(LARS):
         if not state or _ACCUMULATOR not in state:
             return torch.zeros_like(param)
         return (state[_SCALE] * state[_ACCUMULATOR] + state[_WEIGHT_SHARE] * param).to(param.dtype)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One LARS update of every parameter that has a gradient; returns ``closure()``'s loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
 
     # -- internals -------------------------------------------------------------------------------------------
 

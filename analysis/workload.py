@@ -8,7 +8,7 @@ them, per image:
 - backward FLOPs ``F_b = 2·Σ 2·MACs − 2·MACs(first layer)``: each layer computes the gradient with respect
   to its weights and to its input (two products the size of the forward one), except the network's first
   layer, whose input (the image) needs no gradient — frameworks skip it. So ``F_b ≈ 2·F_f`` and a training
-  step is ≈ 3× the forward FLOPs, the usual rule (REFERENCE.md).
+  step is ≈ 3× the forward FLOPs, the usual rule (e.g. Kaplan et al. 2020, arXiv:2001.08361, section 2.1).
 
 Gradient *events* drive the overlap model: walking the backward order, a layer's gradient is ready when the
 backward work of every layer up to and including it is done; its ready time as a fraction of the backward

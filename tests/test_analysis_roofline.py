@@ -94,7 +94,7 @@ def test_small_gpu_batches_cost_the_hosts_launch_time() -> None:
     h200 = machine_for_device("h200", 1, 100, 1)
     steps = {b: predict_point("resnet50", h200, 1, b, 1, precision="bf16")["iteration_s"] for b in (8, 16, 32, 256)}
     assert steps[8] == pytest.approx(steps[16]) == pytest.approx(steps[32])      # the launch floor
-    assert 0.015 < steps[16] < 0.025                                              # RECIPES: 17-22 ms
+    assert 0.015 < steps[16] < 0.025                                              # device_throughput.yaml: 17-22 ms
     assert steps[256] > 2 * steps[16]
     compiled = parse_machine({**h200.to_dict(), "compute": {"host_us_per_op": 2.0}})
     assert predict_point("resnet50", compiled, 1, 16, 1, precision="bf16")["iteration_s"] < 0.6 * steps[16]

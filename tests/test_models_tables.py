@@ -14,7 +14,10 @@ from models.arch import UnknownModelError
 from models.tables import csv_text, json_text, layer_table, load_table, read_csv, totals, write_tables
 from tests.conftest import REPO
 
-# Published figures (shared/REFERENCE.md): parameters and forward multiply-adds for one image, 1000 classes.
+# Published figures: parameters and forward multiply-adds for one image, 1000 classes. Sources: torchvision's model
+# documentation (ResNet-50 v1.5, VGG-16; its "GFLOPS" count multiply-adds), He et al. 2016 (arXiv:1512.03385)
+# Table 1 (ResNet-50 v1), Szegedy et al. 2015 (arXiv:1409.4842) Table 1 (GoogLeNet without auxiliary heads) and
+# the BVLC Caffe AlexNet model (bvlc_alexnet: grouped conv2/4/5, 227 px input).
 PUBLISHED = {
     "alexnet": (60.97e6, 0.724e9),
     "alexnet_bn": (60.97e6, 0.724e9),

@@ -1,4 +1,5 @@
-"""scaling.schedules: warm-up and decay end points, scaling rules, the paper's presets (values from REFERENCE.md)."""
+"""scaling.schedules: warm-up and decay end points, scaling rules, the paper's presets (values from the LARS paper,
+arXiv:1708.03888, Tables 3-6)."""
 
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def test_scaling_rules():
         scale_lr(0.1, 0)
 
 
-# The tables as REFERENCE.md reads them: (batch, LR, warm-up epochs or None, epochs or None, top-1)
+# The paper's tables as read (presets.yaml quotes the garbled cells).
+# (batch, LR, warm-up epochs or None, epochs or None, top-1)
 ALEXNET = [(512, 2, 58.7), (4096, 10, 58.5), (8192, 10, 58.2), (16384, 14, 55.0)]
 ALEXNET_BN = [(512, 2, 60.2), (4096, 10, 60.4), (8192, 14, 60.1), (16384, 23, 59.3), (32768, 22, 57.8)]
 RESNET50 = [(256, 1, 0, 73.8, 75.8), (1024, 2, 5, 73.3, 75.4), (8192, 30, 5, 73.5, 75.2), (16384, 33, 12, 72.9, 74.4),

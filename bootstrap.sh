@@ -24,6 +24,8 @@
 #   LARSCALE_VENV           the venv's folder (default .venv; inside an active conda environment whose python
 #                           is PYTHON, that environment itself: conda env create -f environment.yml first)
 #   LARSCALE_NO_SYSTEM_PACKAGES=1  never run apt-get, even as root: use the MPI, compiler and CMake on the PATH
+#   PIP_EXTRA_INDEX_URL     pip's own knob: where the pinned torch==2.13.0+cpu is when the index pip uses has only
+#                           PyPI's CUDA build (https://download.pytorch.org/whl/cpu; or PIP_FIND_LINKS=a wheel folder)
 #   LARSCALE_CACHE          wheel cache shared across clones (default ~/.cache/larscale)
 #   LARSCALE_TORCH          pin (default): the CPU torch of constraints.txt; system: the torch PYTHON already
 #                           has (a CUDA build, a site module, a container) -- the venv then sees PYTHON's
@@ -160,7 +162,11 @@ if [[ $torch_mode == pin ]]; then
     if [[ ! -f "$stamp" || $(cat "$stamp") != "$want" ]]; then
         log "installing the pinned Python stack (torch is pinned: pip never resolves a CUDA build)"
         "${pip[@]}" install -q --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
-        "${pip[@]}" install -q -r requirements.txt -c constraints.txt
+        if ! "${pip[@]}" install -q -r requirements.txt -c constraints.txt; then
+            log "pip could not install the pinned stack; if it found no torch==2.13.0+cpu (PyPI has only the CUDA" \
+                "build), give it PyTorch's CPU wheels: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu ./bootstrap.sh"
+            exit 1
+        fi
         echo "$want" >"$stamp"
         echo "$package_want" >"$package_stamp"   # requirements.txt installed larscale itself, editable
     fi

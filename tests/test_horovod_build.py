@@ -4,7 +4,9 @@ refusing bad requests before it touches anything."""
 
 from __future__ import annotations
 
+import configparser
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -260,6 +262,23 @@ def test_parsers_read_this_machines_tools():
         assert len(tools.cmake_version) >= 2
     if tools.cxx and "clang" not in subprocess.run([tools.cxx, "--version"], capture_output=True, text=True).stdout:
         assert tools.gcc_major is not None and tools.gcc_major >= 7
+
+
+def test_every_declared_dependency_is_named_once_and_pinned_in_constraints_only():
+    setup_cfg = (REPO / "setup.cfg").read_text()
+    declared = bi.declared_requirements(setup_cfg, ["train", "test"])
+    config = configparser.ConfigParser()
+    config.read_string(setup_cfg)
+    lines = [line.strip() for key in ("train", "test") for line in config["options.extras_require"][key].splitlines()]
+    lines += [line.strip() for line in config["options"]["install_requires"].splitlines()]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", line) for line in lines if line), lines      # no versions there
+    assert [line for line in (REPO / "requirements.txt").read_text().splitlines()
+            if line and not line.startswith("#")] == ["-e .[train,test]"]                   # no second list
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    pinned = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins.items()}
+    assert [n for n in declared if re.sub(r"[-_.]+", "-", n).lower() not in pinned] == []
+    assert pinned["torch"].endswith("+cpu")          # torch==X alone is PyPI's CUDA build (GBs of nvidia-* wheels)
 
 
 # ---------------------------------------------------------------- build tools on the PATH (module load)

@@ -26,13 +26,11 @@ thread's cycle, negotiation, the collective, the scaling). When a CSV has them t
 (:func:`horovod_cycle_wait_s`); the MPI rows are then reported, not fitted.
 
 **Horovod's cycle.** Horovod's background thread starts a cycle at most every ``HOROVOD_CYCLE_TIME``. A call
-shorter than a cycle is paced by it: over shared memory here every size from 4 B to 1 MiB took 1.06-1.07 ms
-with a 1 ms cycle, though 1 MiB moves for ~0.3 ms; just above a cycle a call may wait for the next one (4 MiB:
-2.1-3.6 ms in different runs for ~1.5 ms of transfer). Fitted, those rows put ~0.3 ms of cycle into α, charged
-to every bucket of a training step (54 buckets a ResNet-50 step: 32 ms, where Horovod pays the cycle once per
-launch, modelled in analysis/overlap.py). So Horovod rows under :data:`PACED_CYCLES` cycles are reported, not
-fitted. α is then fitted from the longer rows, weakly (over shared memory 0 to 0.76 ms in different runs),
-and bounded by the link's ping-pong latency (the one-way time of its smallest ping-pong message,
+shorter than a cycle is paced by it (it takes about one cycle whatever its size), and one just above a cycle
+may wait for the next. Fitted, those rows would put part of the cycle into α, charged to every bucket of a
+training step, where Horovod pays the cycle once per launch (modelled in analysis/overlap.py). So Horovod rows
+under :data:`PACED_CYCLES` cycles are reported, not fitted. α is then fitted from the longer rows, weakly, and
+bounded by the link's ping-pong latency (the one-way time of its smallest ping-pong message,
 :func:`pingpong_latency`; bench-hvd measures it by default): a collective's per-message latency cannot
 exceed a message's one-way time. Without ping-pong rows the report says α is weakly determined.
 
@@ -431,8 +429,8 @@ def _offset(row: dict[str, Any], horovod_wait_s: float) -> float:
 
 def pingpong_latency(rows: Iterable[dict[str, Any]], link: str) -> tuple[int, float] | None:
     """A link's latency the OSU way: the one-way time of its smallest ping-pong message (bytes, seconds; the
-    median over rows of that size). Not a fit: over the tbf-limited veth the 256 KiB-1 MiB ping-pongs ran at
-    13-16 ns/B against 8.5 beyond, and a line through them put 1.6 ms into α."""
+    median over rows of that size). Not a fit: around a rate limiter's burst size the cost is not affine in the
+    size, and a line through those ping-pongs puts milliseconds into α."""
     mine = [r for r in rows if r["operation"] == "pingpong" and row_link(r) == link and float(r["median_s"]) > 0]
     if not mine:
         return None

@@ -32,8 +32,8 @@ Costs per algorithm (single link, q = 1, L = ⌈log2 p⌉):
   H100 nodes came out at 327 GB/s busbw against the 384 their NICs give). Latency: NCCL's double binary
   trees for small messages give ``2⌈log2 m⌉`` inter-node steps (plus the chain inside the node), growing with
   log2 of the nodes: what matters at thousands of GPUs with 16-64 images each, where every bucket pays α.
-  (Its earlier form let the q GPUs' shards cross with ``2(m−1)/m·n`` bytes a node — half a ring's on two nodes,
-  faster than the NICs allow: ResNet-50 on 2-4 nodes of 8 V100 sharing one EDR NIC came out 13-37 % optimistic.)
+  (Letting the q GPUs' shards cross with ``2(m−1)/m·n`` bytes a node — half a ring's on two nodes — is faster
+  than the NICs allow: ResNet-50 on 2-4 nodes of 8 V100 sharing one EDR NIC came out 13-37 % optimistic.)
 
 How the flat algorithms use two links (m = nodes > 1):
 

@@ -30,20 +30,20 @@ waits for the next bucket. When the buckets end is timed with the overlappable p
 
 With every share 1 (the default: GPUs with NCCL, CPU nodes with cores reserved for communication) this is
 the pure schedule; with every share 0, ``exposed = total + (the last bucket's cycle wait)``: compute and
-communication strictly in sequence. (Earlier the buckets formed on the overlappable timeline: with every share
-0 a collective took no time there, so no gradients ever fused — 54 buckets a ResNet-50 step, each paying α,
-where Horovod fuses them.)
+communication strictly in sequence. (Buckets form on the pure schedule, not on the overlappable timeline: with every
+share 0 a collective takes no time there, so no gradients would fuse — 54 buckets a ResNet-50 step, each paying
+α, where Horovod fuses them.)
 
 Fusion copies. Horovod fuses *tensors*: a bucket of two or more is copied into the fusion buffer before its
 collective and back out after it; a tensor larger than the buffer goes alone and is reduced where it lies.
 The tables are per layer, and every layer with parameters has two or more tensors (weight and bias,
 BatchNorm's scale and shift; a bias-free convolution is ready with its BatchNorm), so every bucket is copied,
 except an event larger than the buffer: ``2·δ·n`` more for its ``n`` bytes (δ seconds per byte copied,
-``network.fusion_copy_gbytes_per_s``; 0 when the profile does not say). On this 2-core machine a 60 MiB
-Horovod allreduce took 37 ms as one tensor and 54-56 ms as 16 or 64 grouped ones: δ ≈ 0.14 ns/B, 7 GB/s,
-one core's memcpy rate. ResNet-50 pays it on all ~100 MB of its gradients (~29 ms a step), AlexNet not on
-its 151 MB fc6 weight. The copies are memory work of the cores that run the collective, so their
-compute-core share is the reduction's (``1 − reduce_overlap_fraction``).
+``network.fusion_copy_gbytes_per_s``; 0 when the profile does not say). Between two local ranks a 60 MiB Horovod
+allreduce took 37 ms as one tensor and 54-56 ms as 16 or 64 grouped ones (bench-hvd's
+``horovod_allreduce_fused`` rows): δ ≈ 0.14 ns/B, 7 GB/s, one core's memcpy rate. ResNet-50 pays it on all
+~100 MB of its gradients (~29 ms a step), AlexNet not on its 151 MB fc6 weight. The copies are memory work of
+the cores that run the collective, so their compute-core share is the reduction's (``1 − reduce_overlap_fraction``).
 
 Overlap is not free. Collective kernels running beside the backward pass take SMs (NCCL runs a block per
 channel) and memory bandwidth from it: the pass slows by ``interference`` seconds per second of communication it

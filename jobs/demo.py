@@ -49,8 +49,8 @@ class DemoConfig:
     resnet_image_size: int = 224          # AlexNet's fully connected head fixes it at 227
     bench_max_bytes: str = "256M"
     figures: Path | None = None           # copy the main figures here (the README's, docs/figures)
-    # Rounds of compute calibration runs (each: every workload alone and side by side at both batches): the
-    # VM drifts 10-20 % over minutes, and rounds average it (tests/test_predicted_vs_measured.py).
+    # Rounds of compute calibration runs (each: every workload alone and side by side at both batches): a
+    # machine's speed drifts over minutes, and rounds average it (tests/test_predicted_vs_measured.py).
     calibration_rounds: int = 2
 
     @classmethod
@@ -227,7 +227,7 @@ def compute_calibration_runs(cfg: DemoConfig) -> list[Path]:
     by ``larscale calibrate`` (the slower per step). The run alone is the same workload with the other core
     idle, like the 1-rank points: the ratio of the two is the profile's ``partial_node_speedup``, and the run
     alone repeats a 1-rank point exactly, which tells machine drift from model error in the report. Rounds
-    average the VM's drift (10-20 % over minutes).
+    average the machine's drift over minutes.
     """
     from scaling.launch import local_env
 

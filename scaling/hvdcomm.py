@@ -4,7 +4,7 @@
 gradient goes through ``hvd.allreduce_async_`` to Horovod's background thread, which negotiates readiness with
 the other ranks (the controller), fuses what is ready into its fusion buffer, calls the collective and scales
 the result (op=Average). The two can differ: over TCP through a rate-limited veth Horovod's path was up to 1.7×
-slower than the plain allreduce on this machine, because its background threads enter each collective a little
+slower than the plain allreduce between two local ranks, because its background threads enter each collective a little
 apart and Open MPI's TCP put protocol then serialised the two directions (tests/netns.py; gone with ``put``
 off). Whatever the cause, a model calibrated on a path the gradients do not take predicts the wrong step.
 

@@ -4,7 +4,7 @@ Protocol (the LARS paper's comparison in miniature): the SGD learning rate is th
 carried to the large batch by the linear scaling rule, with the same warm-up and poly decay as LARS. The global
 batch is 512, 36 % of the 1,437 training images, for 30 epochs (60 steps). Seeds fixed, one thread.
 
-Observed on the development machine (torch 2.13 CPU): SGD at batch 32 with LR 0.05: 97.5 % (0.01: 96.4,
+Observed with torch 2.13 on a CPU: SGD at batch 32 with LR 0.05: 97.5 % (0.01: 96.4,
 0.02: 97.2, 0.1: 97.2); at batch 512 with LR 0.05·512/32 = 0.8: 82.2 %; LARS at batch 512 with LR 10: 93.9 %
 (LR 5: 89.2, 20: 94.7). The assertions keep margins around these numbers.
 """

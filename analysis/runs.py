@@ -102,8 +102,8 @@ def pace_side_by_side(runs: Sequence[RunMeasurement]) -> tuple[list[RunMeasureme
 
     Calibration runs one 1-rank run per device at once so that each device is measured with its neighbours
     busy, as in a multi-rank run. But a synchronous data-parallel step ends when its slowest rank ends, and the
-    devices of a node need not be equal: here the two cores' side-by-side ResNet-50 runs took 0.25-0.27 s and
-    0.35-0.40 s a step, and the 2-rank run followed the slower one. The mean of the two rates predicts a rank
+    devices of a node need not be equal (two cores of one VM ran side-by-side ResNet-50 steps in 0.25-0.27 s
+    and 0.35-0.40 s, and the 2-rank run followed the slower one): the mean of the two rates predicts a rank
     nobody waits for. So runs with the same model, image size, per-rank batch, ranks and threads, the same
     hosts, and overlapping start-finish times are combined step by step (paired by position, the first
     measured steps together; the shorter run sets the count): each step time is the maximum over the runs.

@@ -197,8 +197,7 @@ def bench_comm(cfg: DemoConfig) -> Path:
         _say(f"  reusing {csv_path} (--fresh to measure again)")
         return csv_path
     # Sizes a factor 2 apart and each sample at least 1 ms long (tests/test_predicted_vs_measured.py's settings):
-    # with a factor 4 and single-call samples, the 4-byte ping-pong once read 2.3 ms (a yielding rank's wake-up)
-    # against 1.2 us timed over many calls, and the α it bounds made ResNet-50's ~50 buckets 0.1 s too slow.
+    # a single timed call of a yielding rank reads its wake-up, not α, and α is paid by every bucket.
     argv = [sys.executable, "-m", "larscale", "bench-hvd", "--ranks", "2", "--max-bytes", cfg.bench_max_bytes,
             "--factor", "2", "--warmup", "2", "--repetitions", "10", "--min-rep-ms", "1",
             "--max-seconds-per-size", "4",

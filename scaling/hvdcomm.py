@@ -20,7 +20,8 @@ calls measure its cycle, not the collective) in the same processes, with Horovod
 (``hvd.grouped_allreduce_``): Horovod copies a bucket of several tensors into its fusion buffer and back out, a
 lone tensor is reduced where it lies. The difference is the copy cost ``larscale calibrate`` fits (δ,
 ``network.fusion_copy_gbytes_per_s``; analysis/overlap.py): 60 MiB took 37 ms alone and 54-56 ms in 16 or 64
-pieces over shared memory here. Sizes above ``HOROVOD_FUSION_THRESHOLD`` (several buffers) are left out.
+pieces between two local ranks over shared memory. Sizes above ``HOROVOD_FUSION_THRESHOLD`` (several buffers)
+are left out.
 
 The cycle wait is part of what a back-to-back call measures: a call issued right after the previous one
 completed waits for the background thread's next cycle (up to ``HOROVOD_CYCLE_TIME``). ``larscale calibrate``

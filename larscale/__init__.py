@@ -68,7 +68,8 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 # The training stack, which `pip install larscale` (planning only) leaves out: import name -> what provides it.
 # A handler that needs it imports it inside itself; a subcommand that launches ranks names it in
 # ``set_defaults(needs=...)`` so the check comes before anything starts.
-_TRAIN_EXTRA = "pip install 'larscale[train]' -c constraints.txt, or ./bootstrap.sh in a checkout"
+_TRAIN_EXTRA = ("pip install 'larscale[train]' -c constraints.txt --extra-index-url "
+                "https://download.pytorch.org/whl/cpu (the pinned CPU torch), or ./bootstrap.sh in a checkout")
 TRAINING_STACK = {
     "torch": _TRAIN_EXTRA, "tensorflow": _TRAIN_EXTRA, "tf_keras": _TRAIN_EXTRA, "mpi4py": _TRAIN_EXTRA,
     "sklearn": _TRAIN_EXTRA, "PIL": _TRAIN_EXTRA, "psutil": _TRAIN_EXTRA, "tqdm": _TRAIN_EXTRA,

@@ -38,7 +38,7 @@ class Communicator(Protocol):
         """Every rank's ``obj``, in rank order."""
 
     def begin_stop_vote(self, stop: bool) -> Any:
-        """Start summing the ranks' stop flags; overlaps the next step where the backend allows it."""
+        """Start summing the ranks' stop flags; overlaps the next step where the library allows it."""
 
     def end_stop_vote(self, pending: Any) -> bool:
         """Whether any rank's flag was set, from a vote begun at the previous step boundary."""
@@ -62,7 +62,7 @@ class Communicator(Protocol):
         """Leave the job (after the last collective)."""
 
     def leave(self, status: int) -> int:
-        """The rank's exit status, once its run ended normally and :meth:`close` was called (a backend whose
+        """The rank's exit status, once its run ended normally and :meth:`close` was called (a communicator whose
         libraries cannot be torn down safely by the interpreter's exit ends the process here instead)."""
 
 

@@ -56,7 +56,7 @@ class HostClock:
 
 
 @dataclass
-class DeviceSetup:
+class DeviceSummary:
     """This rank's device as the summary reports it."""
 
     device: str
@@ -72,7 +72,7 @@ class Framework(Protocol):
     def preflight(self) -> None:
         """Refuse what cannot run here (CUDA on a CPU build, a missing compiler) before joining the job."""
 
-    def setup(self, info: RankInfo) -> DeviceSetup:
+    def setup(self, info: RankInfo) -> DeviceSummary:
         """Device, threads, precision for this rank; before anything is built."""
 
     def build(self, plan: RunPlan, comm: Communicator) -> None:
@@ -110,7 +110,8 @@ class Framework(Protocol):
 
     def wait_gradients(self) -> float:
         """Block until the gradients are averaged over the ranks. Returns the seconds of backward that already
-        waited for communication (measured by the backend's hooks), which the log moves from compute to allreduce."""
+        waited for communication (measured by the communicator's hooks), which the log moves from compute to
+        allreduce."""
 
     def apply(self) -> None:
         """The optimizer update with the averaged gradients; gradients cleared."""

@@ -26,7 +26,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Horovod needs tf.Variables 
 from scaling import checkpoint as ckpt  # noqa: E402
 from scaling.comm import TensorFlowCommunicator  # noqa: E402
 from scaling.config import TrainConfig, usage_error  # noqa: E402
-from scaling.framework import DeviceSetup, HostClock  # noqa: E402
+from scaling.framework import DeviceSummary, HostClock  # noqa: E402
 from scaling.rank import RankInfo  # noqa: E402
 from scaling.runplan import RunPlan  # noqa: E402
 
@@ -173,21 +173,21 @@ class TensorFlowTraining:
             except BackendError as err:
                 raise usage_error(str(err)) from None
 
-    def setup(self, info: RankInfo) -> DeviceSetup:
+    def setup(self, info: RankInfo) -> DeviceSummary:
         from scaling.backend import BackendError, setup_tensorflow
 
         c = self.config
         try:
-            self.backend = setup_tensorflow(c.device, c.precision, c.threads, info.local_rank, info.local_size,
+            self.device_setup = setup_tensorflow(c.device, c.precision, c.threads, info.local_rank, info.local_size,
                                             c.deterministic, c.seed)
         except BackendError as err:
             raise usage_error(f"rank {info.rank}: {err}", every_rank=True) from None
-        return DeviceSetup(self.backend.device_name, self.backend.threads, dict(self.backend.details))
+        return DeviceSummary(self.device_setup.device_name, self.device_setup.threads, dict(self.device_setup.details))
 
     def build(self, plan: RunPlan, comm: TensorFlowCommunicator) -> None:
         tf, c = self.tf, self.config
         self.accumulation = plan.batch.accumulation
-        with tf.device(self.backend.device_name):
+        with tf.device(self.device_setup.device_name):
             tf.keras.utils.set_random_seed(c.seed)  # same initial weights everywhere (broadcast later anyway)
             model = build_keras_model(c.model, plan.num_classes, plan.image_size)
             optimizer = make_keras_optimizer(c, plan)
@@ -258,7 +258,7 @@ class TensorFlowTraining:
         return HostClock()
 
     def device_scope(self) -> contextlib.AbstractContextManager:
-        return self.tf.device(self.backend.device_name)
+        return self.tf.device(self.device_setup.device_name)
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr

@@ -25,7 +25,7 @@ from typing import Any
 
 from scaling.comm import TorchCommunicator, TorchGradients
 from scaling.config import TrainConfig, usage_error
-from scaling.framework import DeviceSetup, HostClock
+from scaling.framework import DeviceSummary, HostClock
 from scaling.rank import RankInfo
 from scaling.runplan import RunPlan
 
@@ -85,13 +85,13 @@ def make_torch_optimizer(config: TrainConfig, plan: RunPlan, model: Any) -> Any:
 class TorchData:
     """This rank's batches for one framework-neutral plan: ``micro_batches(step)`` yields (images, labels)."""
 
-    def __init__(self, config: TrainConfig, plan: RunPlan, spec: Any, backend: Any, rank: int, ranks: int,
+    def __init__(self, config: TrainConfig, plan: RunPlan, spec: Any, device_setup: Any, rank: int, ranks: int,
                  start_step: int) -> None:
         import torch
 
         from scaling import data
 
-        self.config, self.plan, self.spec, self.backend = config, plan, spec, backend
+        self.config, self.plan, self.spec, self.device_setup = config, plan, spec, device_setup
         self.rank, self.ranks = rank, ranks
         self.kind = spec.kind
         b = plan.batch
@@ -99,13 +99,13 @@ class TorchData:
             gen = torch.Generator(device="cpu").manual_seed(config.seed * 1_000_003 + rank)
             images = torch.randn(b.batch_per_rank, 3, plan.image_size, plan.image_size, generator=gen)
             labels = torch.randint(0, plan.num_classes, (b.batch_per_rank,), generator=gen)
-            self.fixed = (backend.to_input(images), labels.to(backend.device))
+            self.fixed = (device_setup.to_input(images), labels.to(device_setup.device))
             self.train_size = data.IMAGENET_TRAIN_IMAGES
         elif self.kind == "digits":
             arrays = data.load_digits(plan.image_size, config.seed)
             self.arrays = arrays
-            self.train_x = torch.from_numpy(arrays.train_x).to(backend.device)
-            self.train_y = torch.from_numpy(arrays.train_y).to(backend.device)
+            self.train_x = torch.from_numpy(arrays.train_x).to(device_setup.device)
+            self.train_y = torch.from_numpy(arrays.train_y).to(device_setup.device)
             self.train_size = len(arrays.train_y)
             self._perm_epoch, self._perm = -1, None
         else:
@@ -115,8 +115,9 @@ class TorchData:
             self.train_size = len(self.train_set)
             self._loader_epoch, self._loader_iter = -1, None
             shape = (1, 3, 1, 1)
-            self._mean = torch.tensor(data.IMAGENET_MEAN * 255.0, dtype=torch.float32).view(shape).to(backend.device)
-            self._std = torch.tensor(data.IMAGENET_STD * 255.0, dtype=torch.float32).view(shape).to(backend.device)
+            device = device_setup.device
+            self._mean = torch.tensor(data.IMAGENET_MEAN * 255.0, dtype=torch.float32).view(shape).to(device)
+            self._std = torch.tensor(data.IMAGENET_STD * 255.0, dtype=torch.float32).view(shape).to(device)
         self.start_step = start_step
 
     def micro_batches(self, step: int) -> Iterator[tuple[Any, Any]]:
@@ -135,15 +136,16 @@ class TorchData:
                 self._perm_epoch = epoch
             for idx in data.rank_micro_batches(self._perm, position, b.global_batch, self.rank, b.batch_per_rank,
                                                b.accumulation):
-                index = torch.from_numpy(idx).to(self.backend.device)
-                yield self.backend.to_input(self.train_x.index_select(0, index)), self.train_y.index_select(0, index)
+                index = torch.from_numpy(idx).to(self.device_setup.device)
+                images = self.device_setup.to_input(self.train_x.index_select(0, index))
+                yield images, self.train_y.index_select(0, index)
         else:
             if epoch != self._loader_epoch:
                 self._loader_iter = iter(self._loader(epoch, position))
                 self._loader_epoch = epoch
             for _ in range(b.accumulation):
                 images, labels = next(self._loader_iter)
-                yield self._normalised(images), labels.to(self.backend.device, non_blocking=True)
+                yield self._normalised(images), labels.to(self.device_setup.device, non_blocking=True)
 
     def _loader(self, epoch: int, start_position: int) -> Any:
         import torch
@@ -155,7 +157,7 @@ class TorchData:
                                          self.rank, self.config.seed, epoch, start_position)
         return torch.utils.data.DataLoader(
             self.train_set, batch_sampler=sampler, num_workers=self.config.workers,
-            pin_memory=self.backend.device.type == "cuda", persistent_workers=False,
+            pin_memory=self.device_setup.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if self.config.workers > 0 else None)
 
     def eval_batches(self) -> Iterator[tuple[Any, Any]] | None:
@@ -167,19 +169,19 @@ class TorchData:
         if self.kind == "digits":
             shard = data.eval_shard(len(self.arrays.test_y), self.rank, self.ranks)
             x, y = torch.from_numpy(self.arrays.test_x[shard]), torch.from_numpy(self.arrays.test_y[shard])
-            return ((self.backend.to_input(x[i:i + size]), y[i:i + size].to(self.backend.device))
+            return ((self.device_setup.to_input(x[i:i + size]), y[i:i + size].to(self.device_setup.device))
                     for i in range(0, len(y), size))
         if self.kind == "imagenet":
             shard = data.eval_shard(len(self.val_set), self.rank, self.ranks)
             keys = [[int(i) for i in shard[j:j + size]] for j in range(0, len(shard), size)]
             loader = torch.utils.data.DataLoader(self.val_set, batch_sampler=keys, num_workers=self.config.workers)
-            return ((self._normalised(x), y.to(self.backend.device)) for x, y in loader)
+            return ((self._normalised(x), y.to(self.device_setup.device)) for x, y in loader)
         return None
 
     def _normalised(self, images: Any) -> Any:
         """uint8 crops from the loader → normalised float32 on the device, in the run's memory format."""
-        images = images.to(self.backend.device, non_blocking=True).float()
-        return self.backend.to_input((images - self._mean) / self._std)
+        images = images.to(self.device_setup.device, non_blocking=True).float()
+        return self.device_setup.to_input((images - self._mean) / self._std)
 
 
 class CudaClock:
@@ -278,17 +280,17 @@ class TorchTraining:
         if self.config.compile:
             check_compile(self.config.device)
 
-    def setup(self, info: RankInfo) -> DeviceSetup:
+    def setup(self, info: RankInfo) -> DeviceSummary:
         from scaling.backend import BackendError, setup_torch
 
         c = self.config
         try:
-            self.backend = setup_torch(c.device, c.precision, c.threads, info.local_rank, info.local_size,
+            self.device_setup = setup_torch(c.device, c.precision, c.threads, info.local_rank, info.local_size,
                                        c.memory_format, c.deterministic, c.seed)
         except BackendError as err:
             raise usage_error(f"rank {info.rank}: {err}", every_rank=True) from None
-        return DeviceSetup(str(self.backend.device), self.backend.threads,
-                           {"channels_last": self.backend.channels_last, **self.backend.details})
+        return DeviceSummary(str(self.device_setup.device), self.device_setup.threads,
+                           {"channels_last": self.device_setup.channels_last, **self.device_setup.details})
 
     def build(self, plan: RunPlan, comm: TorchCommunicator) -> None:
         torch, c = self.torch, self.config
@@ -298,7 +300,7 @@ class TorchTraining:
         # tensors, and autograd keeps each gradient in its parameter's layout. NHWC inputs alone make the
         # convolutions run channels-last.
         torch.manual_seed(c.seed)
-        self.model = build_torch_model(c.model, plan.num_classes, plan.image_size).to(self.backend.device)
+        self.model = build_torch_model(c.model, plan.num_classes, plan.image_size).to(self.device_setup.device)
         optimizer = make_torch_optimizer(c, plan, self.model)
         self.grads: TorchGradients = comm.torch_gradients(self.model, optimizer, plan.batch.accumulation)
         self.optimizer = self.grads.optimizer
@@ -322,8 +324,8 @@ class TorchTraining:
             # resume. A fresh start needs no broadcast: every rank builds the same empty state.
             optimizer_state, scaler_state = comm.broadcast_object(self._restored, name="larscale.optimizer")
             self.optimizer.load_state_dict(optimizer_state)
-            if scaler_state is not None and self.backend.scaler is not None:
-                self.backend.scaler.load_state_dict(scaler_state)
+            if scaler_state is not None and self.device_setup.scaler is not None:
+                self.device_setup.scaler.load_state_dict(scaler_state)
         self._restored = None
 
     def seed_rng(self, seed: int, rank: int, start_step: int) -> None:
@@ -345,10 +347,10 @@ class TorchTraining:
         restore_rng_torch(state)
 
     def data(self, plan: RunPlan, spec: Any, rank: int, ranks: int, start_step: int) -> TorchData:
-        return TorchData(self.config, plan, spec, self.backend, rank, ranks, start_step)
+        return TorchData(self.config, plan, spec, self.device_setup, rank, ranks, start_step)
 
     def clock(self) -> Any:
-        return CudaClock(self.backend.device) if self.backend.device.type == "cuda" else HostClock()
+        return CudaClock(self.device_setup.device) if self.device_setup.device.type == "cuda" else HostClock()
 
     def device_scope(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -358,14 +360,14 @@ class TorchTraining:
             group["lr"] = lr
 
     def forward_backward(self, images: Any, labels: Any, last: bool) -> Any:
-        scaler = self.backend.scaler
+        scaler = self.device_setup.scaler
         with self.grads.micro_batch(last):
-            with self.backend.autocast():
+            with self.device_setup.autocast():
                 loss = self.criterion(self.forward_module(images), labels)
             scaled = loss / self.accumulation
             with self.probe.backward() if last else contextlib.nullcontext():
                 self.grads.backward(scaler.scale(scaled) if scaler is not None else scaled)
-        if self.backend.device.type != "cuda":
+        if self.device_setup.device.type != "cuda":
             return loss.detach()
         # Copied to pinned host memory in the stream: read once the step's last event has passed, it costs no
         # synchronisation (``loss.item()`` on the device tensor would wait for the whole queue).
@@ -377,7 +379,7 @@ class TorchTraining:
         return self.grads.wait()
 
     def apply(self) -> None:
-        scaler = self.backend.scaler
+        scaler = self.device_setup.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         with self.grads.step_context():
@@ -395,7 +397,7 @@ class TorchTraining:
         return total / len(losses)
 
     def checkpoint_payload(self) -> dict[str, Any]:
-        scaler = self.backend.scaler
+        scaler = self.device_setup.scaler
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None}
 
@@ -405,7 +407,7 @@ class TorchTraining:
         self.model.eval()
         with torch.no_grad():
             for images, labels in batches:
-                with self.backend.autocast():
+                with self.device_setup.autocast():
                     logits = self.model(images)
                 top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
                 hit = top.eq(labels.view(-1, 1))

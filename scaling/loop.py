@@ -1,4 +1,4 @@
-"""The rank lifecycle of ``larscale train``, written once for every framework and communication backend.
+"""The rank lifecycle of ``larscale train``, written once for every framework and communicator.
 
 Every rank runs :func:`run_rank`; what differs between PyTorch and TensorFlow is behind the framework adapter
 (scaling/framework.py), what differs between Horovod and torch.distributed behind the communicator
@@ -64,7 +64,7 @@ class StepMarks:
     applied: Any = None
     end: Any = None
     losses: list[Any] = field(default_factory=list)
-    hidden_wait_s: float = 0.0  # seconds of backward that waited for communication (the backend's hooks say)
+    hidden_wait_s: float = 0.0  # seconds of backward that waited for communication (the communicator's hooks say)
     wall_time: float = 0.0
 
 
@@ -142,11 +142,11 @@ class Run:
     def summary(self, status: str, step: int, all_times: list[StepTimes], evaluation: dict | None) -> dict:
         s, device = self.start, self.start.device
         versions = {**base_versions(), **self.framework.versions(), **self.comm.versions()}
-        backend = {"threads_per_rank": device.threads, "device": device.device, **device.details,
-                   **self.framework.describe(), **self.comm.describe()}
+        details = {"threads_per_rank": device.threads, "device": device.device, **device.details,
+                   **self.framework.describe(), **self.comm.describe()}  # the summary's "backend" field
         return build_summary(self.config, self.plan, status, s.info, s.hosts, s.local_sizes, all_times, step,
                              device.threads, versions, s.started_at, self.last_checkpoint, evaluation,
-                             self.dataset_name, extra={"communication": self.comm.name, "backend": backend,
+                             self.dataset_name, extra={"communication": self.comm.name, "backend": details,
                                                        "resumed_from": self.resumed_from})
 
     def finish(self, status: str, step: int, evaluation: dict | None) -> None:

@@ -136,7 +136,7 @@ class RankStart:
     """What every rank has once the communicator, the device, the watchdog and the stop flag are up."""
 
     info: RankInfo
-    device: Any                 # scaling.framework.DeviceSetup
+    device: Any                 # scaling.framework.DeviceSummary
     watchdog: Watchdog
     hosts: list[str]            # per rank
     local_sizes: list[int]      # per rank: ranks on its node

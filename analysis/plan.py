@@ -69,7 +69,7 @@ class PlanRow:
 
 
 @dataclass(frozen=True)
-class Plan:
+class AllocationPlan:
     model: str
     machine: str
     target_top1: float | None
@@ -123,7 +123,7 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
          epochs: float | None = None, budget_node_hours: float | None = None, max_nodes: int | None = None,
          max_walltime: str | float | None = None, deadline: str | float | None = None,
          ranks_per_node: int | None = None, batches: list[int] | None = None, restart_overhead_s: float = 120.0,
-         dataset_size: int = IMAGENET_TRAIN_IMAGES, params: PerfParams | None = None) -> Plan:
+         dataset_size: int = IMAGENET_TRAIN_IMAGES, params: PerfParams | None = None) -> AllocationPlan:
     """Rank the feasible configurations (see the module docstring). ValueError for impossible questions."""
     if (target_top1 is None) == (epochs is None):
         raise ValueError("give exactly one of target_top1 and epochs")
@@ -231,7 +231,7 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
     mask = pareto_mask([r.wall_s for r in rows], [r.node_hours for r in rows])
     rows = [PlanRow(**{**asdict(r), "pareto": bool(m)}) for r, m in zip(rows, mask, strict=True)]
     rows.sort(key=lambda r: (r.wall_s, r.node_hours))
-    return Plan(model=model, machine=profile.name, target_top1=target_top1, rows=rows, rejected=rejected,
+    return AllocationPlan(model=model, machine=profile.name, target_top1=target_top1, rows=rows, rejected=rejected,
                 max_walltime_s=walltime_s, restart_overhead_s=restart_overhead_s, notes=notes)
 
 
@@ -246,7 +246,7 @@ def _seconds(value: str | float, name: str) -> float:
         raise ValueError(f"{name}: {err}") from None
 
 
-def format_plan(result: Plan, top: int = 15) -> str:
+def format_plan(result: AllocationPlan, top: int = 15) -> str:
     """A text table of the ranked candidates (Pareto-optimal ones starred) and what was dropped."""
     head = (f"{'':1} {'nodes':>6} {'batch':>6} {'b/rank':>6} {'epochs':>7} {'iter s':>8} {'eff':>5} "
             f"{'train h':>8} {'jobs':>4} {'wall h':>7} {'node-h':>9} {'90 % node-h':>13} {'mem GB':>7}  augmentation")
@@ -269,7 +269,7 @@ def format_plan(result: Plan, top: int = 15) -> str:
     return "\n".join(lines)
 
 
-def check_sweep_spec(result: Plan, machine: str, max_nodes: int = 4, steps: int = 100, top: int = 3,
+def check_sweep_spec(result: AllocationPlan, machine: str, max_nodes: int = 4, steps: int = 100, top: int = 3,
                      threads_per_rank: int | None = None) -> dict[str, Any]:
     """A sweep spec (jobs/spec.py's format) that checks the plan's chosen configurations at small scale.
 

@@ -187,7 +187,7 @@ class Request:
 
 
 @dataclass
-class Plan:
+class BuildPlan:
     """The build: variables to export, patches, the wheel's cache key, and what was decided (log lines)."""
 
     env: dict[str, str]
@@ -272,7 +272,7 @@ def find_system_nccl(roots: Sequence[Path]) -> Path | None:
 
 
 def plan_build(request: Request, interp: Interpreter, tools: Toolchain, cuda: Cuda, env: Mapping[str, str],
-               link_dir: Path, system_nccl_roots: Sequence[Path] = (Path("/usr"), Path("/usr/local"))) -> Plan:
+               link_dir: Path, system_nccl_roots: Sequence[Path] = (Path("/usr"), Path("/usr/local"))) -> BuildPlan:
     """The variables, patches and cache key of the build ``request`` asks for on this machine."""
     missing = [name for name, path in (("cmake", tools.cmake), ("a C++ compiler (c++)", tools.cxx),
                                        ("make or ninja", tools.make or tools.ninja)) if path is None]
@@ -360,7 +360,7 @@ def plan_build(request: Request, interp: Interpreter, tools: Toolchain, cuda: Cu
         if name.startswith("HOROVOD_") and env.get(name) and env[name] != derived[name]:
             final[name] = env[name]
             notes.append(f"kept {name}={env[name]} from the environment")
-    return Plan(env=final, patches=tuple(patches), notes=notes, nccl_link=nccl_link,
+    return BuildPlan(env=final, patches=tuple(patches), notes=notes, nccl_link=nccl_link,
                 key=cache_key(interp, request, cc_list))
 
 

@@ -315,7 +315,7 @@ def predicted_vs_measured(cfg: DemoConfig, complete, profile, calibration_runs: 
 
     from analysis.runs import read_run, workload_key
     from analysis.validate import Repeat, compare_runs, diagnose
-    from scaling.backend import cores_available
+    from scaling.device import cores_available
 
     rows = compare_runs([Path(d) for d in complete["run_dir"]], profile)
     for row, sweep in zip(rows, complete["sweep"], strict=True):
@@ -377,7 +377,7 @@ def run_study(cfg: DemoConfig, trace, started: float) -> int:
     from analysis.report import Report, markdown_table
     from analysis.reproduce import headline_table, reproduce, target_machine_scaling
     from larscale.machine import load_machine
-    from scaling.backend import cores_available
+    from scaling.device import cores_available
 
     report = Report(cfg.out, "larscale demo: a scaling study on this machine, explained")
     report.text(f"Mode: {'quick' if cfg.quick else 'full'}; scheduler: {cfg.scheduler}; {cfg.steps} steps per "

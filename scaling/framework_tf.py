@@ -165,22 +165,22 @@ class TensorFlowTraining:
         self._reduced: list[Any] | None = None
 
     def preflight(self) -> None:
-        from scaling.backend import BackendError, require_gpu_tensorflow
+        from scaling.device import DeviceError, require_gpu_tensorflow
 
         if self.config.device == "cuda":
             try:
                 require_gpu_tensorflow()
-            except BackendError as err:
+            except DeviceError as err:
                 raise usage_error(str(err)) from None
 
     def setup(self, info: RankInfo) -> DeviceSummary:
-        from scaling.backend import BackendError, setup_tensorflow
+        from scaling.device import DeviceError, setup_tensorflow
 
         c = self.config
         try:
             self.device_setup = setup_tensorflow(c.device, c.precision, c.threads, info.local_rank, info.local_size,
                                             c.deterministic, c.seed)
-        except BackendError as err:
+        except DeviceError as err:
             raise usage_error(f"rank {info.rank}: {err}", every_rank=True) from None
         return DeviceSummary(self.device_setup.device_name, self.device_setup.threads, dict(self.device_setup.details))
 

@@ -270,24 +270,24 @@ class TorchTraining:
         self._restored: tuple[Any, Any] | None = None
 
     def preflight(self) -> None:
-        from scaling.backend import BackendError, require_cuda_torch
+        from scaling.device import DeviceError, require_cuda_torch
 
         if self.config.device == "cuda":
             try:
                 require_cuda_torch()
-            except BackendError as err:
+            except DeviceError as err:
                 raise usage_error(str(err)) from None
         if self.config.compile:
             check_compile(self.config.device)
 
     def setup(self, info: RankInfo) -> DeviceSummary:
-        from scaling.backend import BackendError, setup_torch
+        from scaling.device import DeviceError, setup_torch
 
         c = self.config
         try:
             self.device_setup = setup_torch(c.device, c.precision, c.threads, info.local_rank, info.local_size,
                                        c.memory_format, c.deterministic, c.seed)
-        except BackendError as err:
+        except DeviceError as err:
             raise usage_error(f"rank {info.rank}: {err}", every_rank=True) from None
         return DeviceSummary(str(self.device_setup.device), self.device_setup.threads,
                            {"channels_last": self.device_setup.channels_last, **self.device_setup.details})
@@ -337,12 +337,12 @@ class TorchTraining:
         np.random.seed((seed + rank) % 2**32)
 
     def rng_state(self) -> Any:
-        from scaling.backend import rng_state_torch
+        from scaling.device import rng_state_torch
 
         return rng_state_torch()
 
     def restore_rng(self, state: Any) -> None:
-        from scaling.backend import restore_rng_torch
+        from scaling.device import restore_rng_torch
 
         restore_rng_torch(state)
 

@@ -25,7 +25,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
-class BackendError(ValueError):
+class DeviceError(ValueError):
     """The requested device/precision combination cannot run here; the message says why."""
 
 
@@ -43,14 +43,14 @@ def threads_per_rank(requested: int | None, local_size: int, env: Mapping[str, s
     env = os.environ if env is None else env
     if requested is not None:
         if requested < 1:
-            raise BackendError(f"--threads must be >= 1, got {requested}")
+            raise DeviceError(f"--threads must be >= 1, got {requested}")
         return requested
     from_env = env.get("OMP_NUM_THREADS", "").strip()
     if from_env:
         try:
             value = int(from_env.split(",")[0])
         except ValueError:
-            raise BackendError(f"OMP_NUM_THREADS={from_env!r} is not an integer") from None
+            raise DeviceError(f"OMP_NUM_THREADS={from_env!r} is not an integer") from None
         if value >= 1:
             return value
     return max(1, (cores or cores_available()) // max(1, local_size))
@@ -58,21 +58,21 @@ def threads_per_rank(requested: int | None, local_size: int, env: Mapping[str, s
 
 def check_precision(device: str, precision: str) -> None:
     if device not in DEVICES:
-        raise BackendError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        raise DeviceError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
-        raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise DeviceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if device == "cpu" and precision == "fp16":
-        raise BackendError("--precision fp16 needs --device cuda; on CPU use bf16 (AVX512-BF16/AMX) or fp32")
+        raise DeviceError("--precision fp16 needs --device cuda; on CPU use bf16 (AVX512-BF16/AMX) or fp32")
 
 
 def require_cuda_torch() -> int:
-    """Number of visible GPUs, or BackendError when this PyTorch or machine has none."""
+    """Number of visible GPUs, or DeviceError when this PyTorch or machine has none."""
     import torch
 
     if not torch.cuda.is_available():
         build = "this PyTorch is a CPU-only build" if torch.version.cuda is None else \
             "no GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)"
-        raise BackendError(f"--device cuda requested but CUDA is not available: {build}; use --device cpu")
+        raise DeviceError(f"--device cuda requested but CUDA is not available: {build}; use --device cpu")
     return torch.cuda.device_count()
 
 
@@ -81,7 +81,7 @@ def require_gpu_tensorflow() -> int:
 
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
-        raise BackendError("--device cuda requested but TensorFlow sees no GPU "
+        raise DeviceError("--device cuda requested but TensorFlow sees no GPU "
                            "(tensorflow-cpu build or no driver); use --device cpu")
     return len(gpus)
 
@@ -95,7 +95,7 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
-class TorchBackend:
+class TorchDevice:
     """What the training loop needs to know about the device of this rank."""
 
     device: Any  # torch.device
@@ -131,13 +131,13 @@ class TorchBackend:
 
 
 def setup_torch(device: str, precision: str, threads: int | None, local_rank: int, local_size: int,
-                memory_format: str = "auto", deterministic: bool = False, seed: int = 0) -> TorchBackend:
+                memory_format: str = "auto", deterministic: bool = False, seed: int = 0) -> TorchDevice:
     """Configure PyTorch for this rank. Call before building the model."""
     import torch
 
     check_precision(device, precision)
     if memory_format not in MEMORY_FORMATS:
-        raise BackendError(f"unknown memory format {memory_format!r}; choose one of {', '.join(MEMORY_FORMATS)}")
+        raise DeviceError(f"unknown memory format {memory_format!r}; choose one of {', '.join(MEMORY_FORMATS)}")
     n_threads = threads_per_rank(threads, local_size)
     torch.set_num_threads(n_threads)
     with contextlib.suppress(RuntimeError):  # only settable before the first inter-op parallel work
@@ -146,14 +146,14 @@ def setup_torch(device: str, precision: str, threads: int | None, local_rank: in
     if device == "cuda":
         gpus = require_cuda_torch()
         if local_rank >= gpus:
-            raise BackendError(f"local rank {local_rank} has no GPU: this node shows {gpus}; "
+            raise DeviceError(f"local rank {local_rank} has no GPU: this node shows {gpus}; "
                                "start at most one rank per GPU")
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
         torch.backends.cudnn.benchmark = not deterministic
         details["gpu"] = torch.cuda.get_device_name(local_rank)
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise BackendError(f"--precision bf16: {details['gpu']} does not support bf16; use fp16")
+            raise DeviceError(f"--precision bf16: {details['gpu']} does not support bf16; use fp16")
     else:
         torch_device = torch.device("cpu")
     if deterministic:
@@ -168,11 +168,11 @@ def setup_torch(device: str, precision: str, threads: int | None, local_rank: in
     # NHWC by default: oneDNN (CPU) and tensor cores (GPU, mixed precision) both prefer it for convolutions.
     channels_last = memory_format == "channels_last" or (
         memory_format == "auto" and (device == "cpu" or precision != "fp32"))
-    return TorchBackend(torch_device, precision, n_threads, channels_last, autocast_dtype, scaler, details)
+    return TorchDevice(torch_device, precision, n_threads, channels_last, autocast_dtype, scaler, details)
 
 
 @dataclass
-class TFBackend:
+class TFDevice:
     device_name: str  # "/CPU:0" or "/GPU:0" (the one GPU made visible to this rank)
     precision: str
     threads: int
@@ -180,7 +180,7 @@ class TFBackend:
 
 
 def setup_tensorflow(device: str, precision: str, threads: int | None, local_rank: int, local_size: int,
-                     deterministic: bool = False, seed: int = 0) -> TFBackend:
+                     deterministic: bool = False, seed: int = 0) -> TFDevice:
     """Configure TensorFlow for this rank. Call before building the model (thread pools are fixed at first use)."""
     import tensorflow as tf
 
@@ -193,7 +193,7 @@ def setup_tensorflow(device: str, precision: str, threads: int | None, local_ran
         if not gpus:
             require_gpu_tensorflow()
         if local_rank >= len(gpus):
-            raise BackendError(f"local rank {local_rank} has no GPU: this node shows {len(gpus)}")
+            raise DeviceError(f"local rank {local_rank} has no GPU: this node shows {len(gpus)}")
         tf.config.set_visible_devices(gpus[local_rank], "GPU")
         tf.config.experimental.set_memory_growth(gpus[local_rank], True)
         device_name = "/GPU:0"
@@ -207,7 +207,7 @@ def setup_tensorflow(device: str, precision: str, threads: int | None, local_ran
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(seed)
-    return TFBackend(device_name, precision, n_threads, {})
+    return TFDevice(device_name, precision, n_threads, {})
 
 
 def rng_state_torch() -> dict[str, Any]:

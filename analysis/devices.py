@@ -61,6 +61,7 @@ class KindCollectives:
     bucket_overhead_us: float               # framework cost per bucket
     interference: float                     # backward slowdown per second of overlapped communication
     step_jitter_cv: float                   # coefficient of variation of one rank's step time
+    step_jitter_us_per_image: float         # one rank's step-time spread per image (host work), microseconds
     compute_sigma_roofline: float           # prediction intervals: relative spread of the roofline compute
     compute_sigma_measured: float           # ... of measured images/s
     scale_sigma: float                      # ... of what more than one rank adds

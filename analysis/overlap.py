@@ -47,8 +47,8 @@ the cores that run the collective, so their compute-core share is the reduction'
 
 Overlap is not free. Collective kernels running beside the backward pass take SMs (NCCL runs a block per
 channel) and memory bandwidth from it: the pass slows by ``interference`` seconds per second of communication it
-hides (``network.collectives.interference``; 0.25 for GPUs, fitted on the validation set's fit rows, where
-ResNet-50 on 2-4 nodes of 8 V100 lost 10-80 ms a step that the links alone cannot explain), so
+hides (``network.collectives.interference``; 0.05 for GPUs, fitted on the validation set's fit rows together
+with the wait for the slowest rank, analysis/README.md), so
 ``exposed += interference · (total − exposed)``. Each bucket also pays the framework's own cost (DDP's bucket
 launch, Horovod's negotiation: ``bucket_overhead_us``, added to the collective's latency A by
 :func:`analysis.predict.predict_from`), and Horovod's cycle delays idle launches (above).

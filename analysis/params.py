@@ -73,6 +73,9 @@ class PerfParams:
     interference: float = 0.0
     # Coefficient of variation of one rank's step time: a synchronous step waits for the slowest of p ranks.
     jitter_cv: float = 0.0
+    # Seconds of one rank's step-time standard deviation per image it processes (the host's per-image work),
+    # combined with ``jitter_cv · compute`` in quadrature (independent sources).
+    jitter_s_per_image: float = 0.0
     # Ranks whose slowest step the compute measurement already includes (calibration's side-by-side runs).
     jitter_included_ranks: int = 1
     # Bytes on the wire per fp32 gradient byte: 1 (fp32 gradients, as mixed precision keeps them) or 0.5
@@ -109,8 +112,8 @@ class PerfParams:
         for name in ("cycle_s", "half_efficiency_batch", "step_overhead_s", "copy_s_per_byte"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("bucket_overhead_s", "interference", "jitter_cv", "compute_sigma_roofline",
-                     "compute_sigma_measured", "scale_sigma"):
+        for name in ("bucket_overhead_s", "interference", "jitter_cv", "jitter_s_per_image",
+                     "compute_sigma_roofline", "compute_sigma_measured", "scale_sigma"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PerfParams.{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.jitter_included_ranks >= 1:
@@ -150,7 +153,8 @@ class PerfParams:
                           beta_inter_s_per_byte=net.inter_node.beta_s_per_byte / achieved.inter_efficiency,
                           gamma_s_per_byte=net.gamma_s_per_byte),
             bucket_overhead_s=achieved.bucket_overhead_s, interference=achieved.interference,
-            jitter_cv=achieved.jitter_cv, jitter_included_ranks=machine.network.collectives.jitter_included_ranks,
+            jitter_cv=achieved.jitter_cv, jitter_s_per_image=achieved.jitter_s_per_image,
+            jitter_included_ranks=machine.network.collectives.jitter_included_ranks,
             gradient_scale=achieved.gradient_scale,
             compute_sigma_roofline=achieved.compute_sigma_roofline,
             compute_sigma_measured=achieved.compute_sigma_measured, scale_sigma=achieved.scale_sigma,
@@ -220,6 +224,7 @@ class CollectiveSettings:
     bucket_overhead_s: float
     interference: float
     jitter_cv: float
+    jitter_s_per_image: float
     gradient_scale: float
     compute_sigma_roofline: float
     compute_sigma_measured: float
@@ -258,6 +263,7 @@ def collective_settings(machine: MachineProfile) -> CollectiveSettings:
     return CollectiveSettings(intra_efficiency=intra, inter_efficiency=inter,
                               bucket_overhead_s=pick("bucket_overhead_us") * 1e-6, interference=pick("interference"),
                               jitter_cv=pick("step_jitter_cv"),
+                              jitter_s_per_image=pick("step_jitter_us_per_image") * 1e-6,
                               gradient_scale=1.0 if given.gradient_dtype == "fp32" else 0.5,
                               compute_sigma_roofline=kind.compute_sigma_roofline,
                               compute_sigma_measured=measured_sigma, scale_sigma=kind.scale_sigma)

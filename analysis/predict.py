@@ -9,7 +9,8 @@ For ``nodes`` nodes with ``ranks_per_node`` ranks each (p ranks), global batch `
                       ``network.overlap: none`` every gradient is ready only when the backward pass ends;
                       plus the backward pass's slowdown beside the collectives it hides (interference)
     data_s          = b·ranks_per_node / (node's decode rate)   (0 when the profile gives no rate)
-    jitter_s        = compute_s · cv · E[max of p standard normals]   (the wait for the slowest rank)
+    jitter_s        = σ · (E[max of p standard normals] − E[max of k])  (the wait for the slowest rank),
+                      σ = √((cv · compute_s)² + (per-image spread · b)²)
     iteration_s     = max(compute_s + comm_exposed_s + jitter_s, data_s)   if data is prefetched, else the sum
     epoch_s         = iteration_s · N / B                       (N images per epoch, ImageNet-1k by default)
     time_to_train_s = ⌈E·N/B⌉ · iteration_s                     (E epochs; whole iterations)
@@ -185,11 +186,12 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     # times] − mean in standard deviations, beyond what the compute measurement already waited for), and the
     # interval's factor (below).
     included = float(expected_max_normal(params.jitter_included_ranks))
-    slowest = params.jitter_cv * np.maximum(expected_max_normal(nodes_a * rpn_a) - included, 0.0)
+    beyond = np.maximum(expected_max_normal(nodes_a * rpn_a) - included, 0.0)
+    slowest = params.jitter_cv * beyond
     widen = interval_factor(workload, params, nodes_a * rpn_a, image_size)
-    (nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency, serial_per_byte, slowest,
+    (nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency, serial_per_byte, slowest, beyond,
      widen) = np.broadcast_arrays(nodes_a, rpn_a, batch_a, epochs_a, latency, per_byte, serial_latency,
-                                  serial_per_byte, slowest, widen)
+                                  serial_per_byte, slowest, beyond, widen)
     if check:
         validate(params, nodes_a, rpn_a, batch_a, epochs_a)
     ranks = nodes_a * rpn_a
@@ -208,7 +210,11 @@ def predict_from(workload: Workload, params: PerfParams, nodes, global_batch, ep
     comm_exposed = overlap.comm_exposed_s
     # A synchronous step waits for the slowest of p ranks.
     busy = compute_s + comm_exposed
-    if params.jitter_cv > 0:
+    if params.jitter_s_per_image > 0:
+        # Two independent spreads, in quadrature: a share of the compute and the host's per-image work.
+        jitter = beyond * np.hypot(params.jitter_cv * compute_s, params.jitter_s_per_image * b)
+        busy += jitter
+    elif params.jitter_cv > 0:
         jitter = compute_s * slowest
         busy += jitter
     else:

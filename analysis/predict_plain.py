@@ -137,7 +137,7 @@ def predict_plain(workload: Workload, params: PerfParams, nodes: int, global_bat
     total, exposed, buckets = schedule(workload, ready, backward, full, serial, params.fusion_bytes, params.cycle_s,
                                        params.interference)
     beyond = max(expected_max(p) - expected_max(params.jitter_included_ranks), 0.0)
-    jitter = compute * params.jitter_cv * beyond
+    jitter = math.hypot(params.jitter_cv * compute, params.jitter_s_per_image * b) * beyond
     busy = compute + exposed + jitter
     data = b * q / params.data_images_per_s_per_node
     single_data = b / params.data_images_per_s_per_node

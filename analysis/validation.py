@@ -97,6 +97,9 @@ def load_set(path: Path = VALIDATION_SET) -> dict[str, Any]:
         missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
         if missing:
             raise ValueError(f"{path}: rows[{number}] lacks {', '.join(missing)}")
+    host = doc.get("host_step_jitter_us_per_image", 0.0)
+    if isinstance(host, bool) or not isinstance(host, (int, float)) or not host >= 0:
+        raise ValueError(f"{path}: host_step_jitter_us_per_image must be a number >= 0, got {host!r}")
     for row in doc["rows"]:
         if row["split"] not in SPLITS:
             raise ValueError(f"{path}: row {row['id']}: split must be one of {', '.join(SPLITS)}")
@@ -158,6 +161,9 @@ def validate_rows(path: Path = VALIDATION_SET, collectives: dict[str, Any] | Non
     ``collectives``: trial values of ``network.collectives`` fields for every cluster (see :func:`fit`).
     """
     doc = load_set(path)
+    # The set's hosts' per-image step-time spread (fitted with the rest; a trial value replaces it).
+    host = {"step_jitter_us_per_image": float(doc.get("host_step_jitter_us_per_image", 0.0))}
+    collectives = {**host, **(collectives or {})}
     out = []
     for row in doc["rows"]:
         if row["split"] not in splits:
@@ -232,6 +238,7 @@ FIT_GRID: dict[str, tuple[float, ...]] = {
     "step_jitter_cv": (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1),
     "interference": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25),
     "bucket_overhead_us": (0.0, 100.0, 250.0, 500.0, 1000.0),
+    "step_jitter_us_per_image": (0.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 150.0),
 }
 
 

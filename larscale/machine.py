@@ -141,6 +141,9 @@ class Collectives:
     interference: float | None = check(_unit_interval_rule, default=None)
     # Coefficient of variation of one rank's step time: a synchronous step waits for the slowest rank.
     step_jitter_cv: float | None = check(non_negative, default=None)
+    # Standard deviation of one rank's step time per image it processes (microseconds per image): the host's
+    # per-image work (decode, augmentation, host-to-device copy), whose spread does not shrink with the GPU's.
+    step_jitter_us_per_image: float | None = check(non_negative, default=None)
     # The measured images/s already waited for the slowest of this many side-by-side runs (calibration's
     # paced runs): the model adds only the wait beyond it.
     jitter_included_ranks: int = check(positive, default=1)

@@ -75,7 +75,8 @@ def test_expected_maximum_of_normals_against_simulation() -> None:
 
 def test_the_slowest_rank_and_interference_lengthen_the_step() -> None:
     w = load_workload("resnet50")
-    base = PerfParams.from_machine(load_machine("dgx1-v100")).replace(jitter_cv=0.0, interference=0.0)
+    base = PerfParams.from_machine(load_machine("dgx1-v100")).replace(jitter_cv=0.0, interference=0.0,
+                                                                      jitter_s_per_image=0.0)
     plain = predict_from(w, base, 4, 32 * 64, 1).record(0)
     jittery = predict_from(w, base.replace(jitter_cv=0.05), 4, 32 * 64, 1).record(0)
     assert jittery["jitter_s"] == pytest.approx(plain["compute_s"] * 0.05 * float(expected_max_normal(32)))
@@ -85,6 +86,28 @@ def test_the_slowest_rank_and_interference_lengthen_the_step() -> None:
     slowed = predict_from(w, base.replace(interference=0.25), 4, 32 * 64, 1).record(0)
     hidden = plain["comm_total_s"] - plain["comm_exposed_s"]
     assert slowed["comm_exposed_s"] == pytest.approx(plain["comm_exposed_s"] + 0.25 * hidden)
+
+
+def test_the_per_image_spread_joins_the_compute_share_in_quadrature() -> None:
+    w = load_workload("resnet50")
+    base = PerfParams.from_machine(load_machine("dgx1-v100")).replace(jitter_cv=0.0, interference=0.0,
+                                                                      jitter_s_per_image=0.0)
+    plain = predict_from(w, base, 4, 32 * 64, 1).record(0)
+    both = predict_from(w, base.replace(jitter_cv=0.05, jitter_s_per_image=80e-6), 4, 32 * 64, 1).record(0)
+    sigma = np.hypot(0.05 * plain["compute_s"], 80e-6 * 64)
+    assert both["jitter_s"] == pytest.approx(sigma * float(expected_max_normal(32)))
+    assert both["iteration_s"] == pytest.approx(plain["iteration_s"] + both["jitter_s"])
+    # The host's per-image spread does not depend on the GPU's compute time (mixed precision shortens that).
+    host = predict_from(w, base.replace(jitter_s_per_image=80e-6), 4, 32 * 64, 1).record(0)
+    assert host["jitter_s"] == pytest.approx(80e-6 * 64 * float(expected_max_normal(32)))
+    alone = predict_from(w, base.replace(jitter_s_per_image=80e-6), 1, 64, 1, ranks_per_node=1).record(0)
+    assert alone["jitter_s"] == 0.0
+
+
+def test_the_per_image_spread_is_a_profile_field_and_no_kind_default() -> None:
+    assert PerfParams.from_machine(parse_machine(gpu_profile())).jitter_s_per_image == 0.0
+    stated = gpu_profile(step_jitter_us_per_image=50.0)
+    assert PerfParams.from_machine(parse_machine(stated)).jitter_s_per_image == pytest.approx(50e-6)
 
 
 def test_bucket_overhead_is_paid_per_bucket_and_only_with_a_collective() -> None:

@@ -25,7 +25,8 @@ def cases():
         overlap="none", gradient_scale=0.5, bucket_overhead_s=2e-4, jitter_included_ranks=2)
     measured = h100.replace(measured_images_per_s={"alexnet": {64: 9000.0, 256: 15000.0}})
     return [("resnet50_v1", knl), ("alexnet_bn", local), ("resnet50", h100), ("vgg16", compiled),
-            ("alexnet", measured), ("googlenet", h100.replace(cycle_s=3.5e-3, interference=0.5))]
+            ("alexnet", measured), ("googlenet", h100.replace(cycle_s=3.5e-3, interference=0.5)),
+            ("resnet50", h100.replace(jitter_cv=0.04, jitter_s_per_image=8e-5, jitter_included_ranks=2))]
 
 
 @pytest.mark.parametrize("model, params", cases(), ids=lambda v: v if isinstance(v, str) else v.machine)

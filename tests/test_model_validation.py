@@ -47,6 +47,16 @@ def test_bad_rows_are_named(tmp_path) -> None:
         validate_rows(path)
 
 
+def test_the_hosts_spread_is_the_fitted_one_and_a_bad_one_is_named(tmp_path) -> None:
+    doc = load_set()
+    assert doc["host_step_jitter_us_per_image"] == 80        # analysis/README.md: validation.fit()'s point
+    doc["host_step_jitter_us_per_image"] = -1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="host_step_jitter_us_per_image"):
+        validate_rows(path)
+
+
 def test_summary_counts_sign_and_size_of_multi_node_errors(rows) -> None:
     parts = summary(rows)
     for split, part in parts.items():

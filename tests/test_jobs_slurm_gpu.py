@@ -78,8 +78,9 @@ def test_two_job_chain_resumes_and_completes(slurm_gpu_cluster: SlurmCluster, tm
 
     profile = tmp_path / "cpu.yaml"
     profile.write_text(PROFILE)
-    steps, every = 1500, 50
-    chain = spec(profile, "chain", chain=2, max_retries=2)
+    # Each job has the queue's 15 minutes: the second must not meet its own walltime signal on a loaded machine.
+    steps, every = 600, 50
+    chain = spec(profile, "chain", chain=2, max_retries=2, walltime="00:15:00")
     chain["sweep"].update(ranks_per_node=[2], threads_per_rank=1)
     chain["training"].update(steps=steps, checkpoint_every=every, optimizer="lars", warmup_steps=0)
     the_plan = plan(chain, output_dir=tmp_path / "sweep")
@@ -98,6 +99,8 @@ def test_two_job_chain_resumes_and_completes(slurm_gpu_cluster: SlurmCluster, tm
     done = wait(the_plan.output_dir, timeout=900, poll_s=1, env=slurm_gpu_cluster.env).points[point.point_id]
     log = "\n".join(p.read_text() for p in (the_plan.output_dir / "logs").glob("*.out"))
     jobs = {j: scontrol_fields(slurm_gpu_cluster, j) for j in (first, second)}
+    for j, f in jobs.items():
+        print(j, {k: f.get(k) for k in ("JobState", "Reason", "Dependency", "ExitCode", "StartTime", "EndTime")})
     assert done.state == "complete" and done.exit_status == 0, (
         done.state, done.reason, done.chain, {j: (f.get("JobState"), f.get("Reason"), f.get("Dependency"))
                                                for j, f in jobs.items()}, log[-3000:])

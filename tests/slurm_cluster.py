@@ -9,6 +9,7 @@ for them: nothing is left running. Tests that use it are skipped when the Slurm 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -175,10 +176,10 @@ def _wait_for(ready, timeout: float, what: str, cluster: SlurmCluster) -> None:
     raise TimeoutError(f"no {what} after {timeout:.0f} s\n{cluster.logs()}")
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """A one-node Slurm for the tests of one module; ``SLURM_CONF`` points at it while they run."""
-    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+@contextlib.contextmanager
+def running_cluster(root: Path, gpus: int = 0) -> Iterator[SlurmCluster]:
+    """A cluster that ``SLURM_CONF`` points at while it runs; its jobs are cancelled and its daemons stopped after."""
+    cluster = start_cluster(root, gpus=gpus)
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster.conf)
     try:
@@ -194,17 +195,14 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
 
 
 @pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A one-node Slurm for the tests of one module."""
+    with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
 def slurm_gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """A one-node Slurm whose node has 4 GPUs as count-only GRES (no devices: jobs are scheduled, not bound)."""
-    cluster = start_cluster(tmp_path_factory.mktemp("slurm-gpu"), gpus=4)
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    try:
+    with running_cluster(tmp_path_factory.mktemp("slurm-gpu"), gpus=4) as cluster:
         yield cluster
-    finally:
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
-        subprocess.run(["scancel", "--full", "--user", "root"], env=cluster.env, capture_output=True, timeout=30)
-        _stop(cluster.processes)

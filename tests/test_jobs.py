@@ -193,13 +193,8 @@ def golden_plan(scheduler: str, launcher: str, flavor: str):
     return plan(base_spec(), machine=machine, output_dir="/scratch/sweeps/golden", python="/opt/py/bin/python")
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-@pytest.mark.parametrize(("launcher", "flavor"), LAUNCHERS)
-def test_golden_scripts(scheduler: str, launcher: str, flavor: str) -> None:
-    the_plan = golden_plan(scheduler, launcher, flavor)
-    group = job_groups(the_plan)[1]
-    text = render(the_plan, group)
-    name = f"{scheduler}-{launcher}" + (f"-{flavor}" if launcher == "mpirun" else "") + ".sh"
+def check_golden(name: str, text: str) -> None:
+    """``text`` equals tests/golden/jobs/NAME (rewritten with LARSCALE_UPDATE_GOLDEN=1) and is valid bash."""
     golden = GOLDEN / name
     if os.environ.get("LARSCALE_UPDATE_GOLDEN") == "1":
         golden.parent.mkdir(parents=True, exist_ok=True)
@@ -208,6 +203,15 @@ def test_golden_scripts(scheduler: str, launcher: str, flavor: str) -> None:
     assert text == golden.read_text(), f"{name} differs from its golden file"
     syntax = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize(("launcher", "flavor"), LAUNCHERS)
+def test_golden_scripts(scheduler: str, launcher: str, flavor: str) -> None:
+    the_plan = golden_plan(scheduler, launcher, flavor)
+    group = job_groups(the_plan)[1]
+    text = render(the_plan, group)
+    check_golden(f"{scheduler}-{launcher}" + (f"-{flavor}" if launcher == "mpirun" else "") + ".sh", text)
     # The point's facts are in the script in the scheduler's own words.
     assert "--global-batch 256" in text and "--out /scratch/sweeps/golden/runs/n2-p4-b256" in text
     if scheduler != "local":

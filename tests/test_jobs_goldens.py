@@ -4,19 +4,15 @@ read the diff: a golden is only as good as the review of the code that wrote it)
 
 from __future__ import annotations
 
-import os
-import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from jobs.scripts import render
 from jobs.sweep import job_groups, plan
 from larscale.machine import Container, bundled_machines, load_machine
-from tests.test_jobs import base_spec
+from tests.test_jobs import base_spec, check_golden
 
-GOLDEN = Path(__file__).with_name("golden") / "jobs"
 PYTHON = "/opt/py/bin/python"
 OUT = "/scratch/sweeps/gpu"
 
@@ -29,17 +25,6 @@ def gpu_spec(nodes: list[int], **job) -> dict:
     spec["sweep"] = {k: v for k, v in spec["sweep"].items() if v is not None}
     spec["job"] = {k: v for k, v in spec["job"].items() if v is not None}
     return spec
-
-
-def check_golden(name: str, text: str) -> None:
-    golden = GOLDEN / name
-    if os.environ.get("LARSCALE_UPDATE_GOLDEN") == "1":
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(text)
-    assert golden.exists(), f"missing golden {golden}: run with LARSCALE_UPDATE_GOLDEN=1"
-    assert text == golden.read_text(), f"{name} differs from its golden file"
-    syntax = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
-    assert syntax.returncode == 0, syntax.stderr
 
 
 @pytest.mark.parametrize("profile", bundled_machines())

@@ -15,7 +15,8 @@ from larscale.machine import load_machine
 from tests.conftest import REPO
 from tests.test_jobs import base_spec
 
-SITES = ["frontier", "polaris", "perlmutter-gpu", "perlmutter-cpu", "juwels-booster", "vista"]
+SITES = ["frontier", "polaris", "perlmutter-gpu", "perlmutter-cpu", "juwels-booster", "vista", "stampede3",
+         "stampede3-skx"]
 
 
 @pytest.mark.parametrize("name", SITES)
@@ -68,6 +69,27 @@ def test_cli_sweep_plan_names_the_bin(tmp_path) -> None:
     assert "limits.walltime_bins[0]" in proc.stdout and "(100.00 node-hours at 1 per node-hour)" in proc.stdout
 
 
+def test_cli_sweep_plan_refuses_over_stampede3_queue_row(tmp_path) -> None:
+    import yaml
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(site_spec("stampede3", [2, 32], "49:00:00")))
+    proc = subprocess.run([sys.executable, "-m", "larscale", "sweep", "plan", str(spec), "--format", "json"],
+                          capture_output=True, text=True, cwd=REPO)
+    reason = ("walltime 49:00:00 (user) exceeds the queue limit 48:00:00 for 1-32 nodes (limits.walltime_bins[0]) "
+              "on 'stampede3'")
+    assert proc.returncode == 2 and reason in proc.stderr       # every point refused: a usage error
+    assert [p["refused"] for p in json.loads(proc.stdout)["points"]] == [reason, reason]
+    spec.write_text(yaml.safe_dump(site_spec("stampede3", [2, 32], "48:00:00")))
+    proc = subprocess.run([sys.executable, "-m", "larscale", "sweep", "plan", str(spec), "--format", "json"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    planned = json.loads(proc.stdout)
+    assert [p["refused"] for p in planned["points"]] == [None, None]
+    # TACC charges the spr queue 2 SUs per node-hour
+    assert planned["charge"] == {"factor": 2.0, "unit": "SUs", "total": 2.0 * (2 + 32) * 48.0}
+
+
 @pytest.mark.parametrize(("name", "wanted"), [
     ("frontier", ["#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=7", "module load PrgEnv-gnu rocm",
                   "--gpu-bind=closest", "--precision bf16", "--workers 6"]),
@@ -77,6 +99,7 @@ def test_cli_sweep_plan_names_the_bin(tmp_path) -> None:
                         "#SBATCH --qos=regular"]),
     ("juwels-booster", ["#SBATCH --gres=gpu:4", "#SBATCH --partition=booster"]),
     ("vista", ["#SBATCH --gpus-per-node=1", "#SBATCH --partition=gh", "ibrun -n 2"]),
+    ("stampede3", ["#SBATCH --partition=spr", "#SBATCH --ntasks-per-node=2", "ibrun -n 4", "--device cpu"]),
 ])
 def test_site_scripts_ask_for_gpus_and_cores(name: str, wanted: list[str]) -> None:
     the_plan = plan(site_spec(name, [2], "00:30:00"), output_dir="/scratch/x", python="/opt/py/bin/python")

@@ -40,6 +40,9 @@ def test_emit_sweep_writes_a_spec_that_dry_runs_at_the_chosen_batch(tmp_path: Pa
     assert {p["batch_per_rank"] for p in params} == {fastest["batch_per_rank"]}
     scripts = {Path(p["script"]) for p in manifest["points"].values()}
     assert scripts and all(s.exists() and "#SBATCH" in s.read_text() for s in scripts)
+    for script in scripts:  # what the golden tests ask of every script: valid bash
+        syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert syntax.returncode == 0, (script, syntax.stderr)
 
 
 def test_emit_sweep_refuses_a_directory(tmp_path: Path) -> None:

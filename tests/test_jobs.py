@@ -357,13 +357,20 @@ json.dump(summary, open(out + "/summary.json", "w"))
 '''
 
 
-def test_local_submit_manifest_and_collect(tmp_path: Path) -> None:
+def stand_in_env(tmp_path: Path, trainer: str = STAND_IN, path_first: tuple[Path, ...] = ()) -> dict[str, str]:
+    """The environment of a local job whose mpirun (:func:`fake_tool_dir`) and ``scaling.train`` (``trainer``)
+    are stand-ins; ``path_first`` goes before them on PATH (other stand-in commands)."""
     bin_dir = fake_tool_dir(tmp_path)
-    stand_in = tmp_path / "standin" / "scaling"
-    stand_in.mkdir(parents=True)
-    (stand_in / "__init__.py").write_text("")
-    (stand_in / "train.py").write_text(STAND_IN)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(stand_in.parent)}
+    package = tmp_path / "standin" / "scaling"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "train.py").write_text(trainer)
+    path = ":".join(map(str, (*path_first, bin_dir)))
+    return {**os.environ, "PATH": f"{path}:{os.environ['PATH']}", "PYTHONPATH": str(package.parent)}
+
+
+def test_local_submit_manifest_and_collect(tmp_path: Path) -> None:
+    env = stand_in_env(tmp_path)
     spec = base_spec(machine="local", sweep={"kind": "grid", "nodes": [1], "global_batch": None,
                                              "global_batches": [2, 4, 999], "ranks_per_node": 1,
                                              "threads_per_rank": 1},

@@ -17,7 +17,6 @@ sbatch, ``scontrol requeue``) are in tests/test_jobs_faults.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from jobs.attempts import read_launches, records_path
 from jobs.manifest import load_manifest
 from jobs.submit import submit
 from jobs.sweep import job_groups, plan
-from tests.test_jobs import base_spec, fake_tool_dir, run_cli
+from tests.test_jobs import base_spec, run_cli, stand_in_env
 
 # A stand-in trainer: logs one JSON line per step (the run format's keys that jobs/ reads), writes a checkpoint
 # file every --checkpoint-every steps, resumes from the newest one with --resume (dropping the steps after it
@@ -100,12 +99,7 @@ finish("complete", steps)
 @pytest.fixture
 def stand_in(tmp_path: Path) -> dict[str, str]:
     """The environment of a local job whose mpirun and scaling.train are the stand-ins."""
-    bin_dir = fake_tool_dir(tmp_path)
-    package = tmp_path / "standin" / "scaling"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "train.py").write_text(STAND_IN)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(package.parent)}
+    return stand_in_env(tmp_path, STAND_IN)
 
 
 def one_point_plan(tmp_path: Path, steps: int = 20, every: int = 4, nodes: int = 1, repetitions: int = 1,

@@ -16,7 +16,7 @@ from jobs.schedulers.flux import f58_to_decimal
 from jobs.submit import parse_job_id, status, submit, wait
 from jobs.sweep import plan
 from larscale.machine import Limits, load_machine
-from tests.test_jobs import STAND_IN, base_spec, fake_tool_dir
+from tests.test_jobs import base_spec, stand_in_env
 
 STANDINS = Path(__file__).with_name("standins")
 JOB = JobRequest(name="ls-x-n2", nodes=2, ranks_per_node=4, threads_per_rank=8, walltime_s=5400, signal_s=90,
@@ -117,15 +117,9 @@ def test_site_lines_are_written_among_the_directives() -> None:
 
 
 def flux_env(tmp_path: Path) -> dict[str, str]:
-    bin_dir = fake_tool_dir(tmp_path)
-    stand_in = tmp_path / "standin" / "scaling"
-    stand_in.mkdir(parents=True)
-    (stand_in / "__init__.py").write_text("")
-    (stand_in / "train.py").write_text(STAND_IN)
     state = tmp_path / "flux-state"
     state.mkdir()
-    return {**os.environ, "PATH": f"{STANDINS}:{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(stand_in.parent),
-            "FLUX_STANDIN": str(state)}
+    return {**stand_in_env(tmp_path, path_first=(STANDINS,)), "FLUX_STANDIN": str(state)}
 
 
 def flux_plan(tmp_path: Path, max_jobs: int | None = None, chain: int = 1, batches=(2, 4)):

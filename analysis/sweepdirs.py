@@ -17,10 +17,8 @@ from typing import Any
 
 from analysis.fitting import CalibrationError
 from analysis.runs import RunMeasurement, read_run
-
-# jobs.manifest.SCHEMA and MANIFEST: analysis never imports jobs (tests/test_report.py checks they agree).
-SWEEP_SCHEMA = "larscale.sweep/1"
-MANIFEST = "manifest.json"
+from larscale.runformat import SWEEP_MANIFEST as MANIFEST
+from larscale.runformat import SWEEP_SCHEMA
 
 
 class ReportError(ValueError):

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from larscale.runformat import SWEEP_MANIFEST as MANIFEST
+from larscale.runformat import SWEEP_SCHEMA as SCHEMA
 from larscale.runformat import write_json_atomic
 
-SCHEMA = "larscale.sweep/1"
-MANIFEST = "manifest.json"
 FINAL_STATES = ("complete", "interrupted", "failed", "missing")
 ACTIVE_STATES = ("submitted", "pending", "running")
 

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "larscale.run/1"
+# A sweep directory's manifest (written by jobs/manifest.py, read by analysis/sweepdirs.py).
+SWEEP_MANIFEST = "manifest.json"
+SWEEP_SCHEMA = "larscale.sweep/1"
 STATUSES = ("complete", "interrupted", "failed")
 # Who moved the gradients: Horovod's controllers (mpi, gloo) or torch.distributed's process group (gloo, nccl).
 CONTROLLERS = ("mpi", "gloo", "nccl", "none")

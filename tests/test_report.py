@@ -221,10 +221,3 @@ def test_bad_input_is_one_line_naming_the_culprit(case: str, sweeps, tmp_path: P
     assert len(lines) == 1 and words in lines[0], proc.stderr
     assert tree_hash(sweeps["weak"], sweeps["broken"], sweeps["other_model"]) == before
     assert not (tmp_path / "out").exists() and not (sweeps["weak"] / "report").exists()
-
-
-def test_the_manifest_schema_is_the_one_jobs_writes() -> None:
-    from analysis.sweepdirs import MANIFEST, SWEEP_SCHEMA
-    from jobs import manifest
-
-    assert (SWEEP_SCHEMA, MANIFEST) == (manifest.SCHEMA, manifest.MANIFEST)

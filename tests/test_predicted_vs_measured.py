@@ -180,11 +180,20 @@ def print_table(rows: list[dict]) -> None:
               + " ".join(f"{t:.3f}" for t in r["rounds_s"]))
 
 
-def check(rows: list[dict]) -> None:
+def fitted_network(profile_path: Path) -> str:
+    """The communication fit in a line, for a failure message: which parameter a miss came from."""
+    fit = yaml.safe_load(profile_path.read_text())["calibration"]["network"]
+    links = {k: v for k, v in fit.items() if k in ("intra_node", "inter_node")}
+    pingpong = fit.get("pingpong_diagnostic", {})
+    return (f"fitted {links}, gamma {fit.get('gamma_ns_per_byte', 0):.3g} ns/B, fusion copy "
+            f"{fit.get('fusion_copy_ns_per_byte', 0):.3g} ns/B, ping-pong {pingpong}; notes {fit.get('notes', [])}")
+
+
+def check(rows: list[dict], profile_path: Path) -> None:
     print_table(rows)
     bad = [r for r in rows if abs(r["error"]) > TOLERANCE]
     assert not bad, f"prediction off by more than {TOLERANCE:.0%}: " + ", ".join(
-        f"{r['network']} {r['model']} {r['error']:+.1%}" for r in bad)
+        f"{r['network']} {r['model']} {r['error']:+.1%}" for r in bad) + "\n" + fitted_network(profile_path)
 
 
 def test_shared_memory(tmp_path: Path) -> None:
@@ -195,7 +204,7 @@ def test_shared_memory(tmp_path: Path) -> None:
     rounds = measure_in_rounds(tmp_path, bench, lambda program: rank_command(2, program, extra_launcher_args=SHM_MCA),
                                "shared memory")
     profile = calibrate("local", rounds, tmp_path / "local-shm.yaml")
-    check(compare(profile, nodes=1, ranks_per_node=2, two_rank_dirs=rounds.two_rank, network="shared memory"))
+    check(compare(profile, nodes=1, ranks_per_node=2, two_rank_dirs=rounds.two_rank, network="shared memory"), profile)
 
 
 def veth_base_profile(path: Path) -> Path:
@@ -234,4 +243,4 @@ def test_rate_limited_veth(tmp_path: Path) -> None:
     rows = compare(profile, nodes=2, ranks_per_node=1, two_rank_dirs=rounds.two_rank,
                    network=f"veth tbf {RATE_MBIT} Mbit/s")
     assert all(r["comm_exposed_s"] > 0.3 * r["predicted_s"] for r in rows if r["model"].startswith("alexnet"))
-    check(rows)
+    check(rows, profile)

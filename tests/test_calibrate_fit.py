@@ -343,6 +343,11 @@ def test_horovod_rows_paced_by_the_cycle_are_left_out_and_alpha_comes_from_the_p
     assert any("above the ping-pong latency" in note for note in fit.notes)
     # Fitted as before (every row, α free), the plateau lands in α: ten times the true latency.
     assert fit_comm(rows, CommFitOptions(horovod_wait_s=wait)).inter.alpha_s > 10 * ALPHA
+    # A second round whose peer was descheduled (its 4-byte ping-pong read a wake-up, 60 times the latency) does
+    # not raise the bound: a latency is the least a message took, not a median over rounds.
+    woken = [{**r, "median_s": 60 * r["median_s"]} for r in rows if r["operation"] == "pingpong" and r["bytes"] == 4]
+    twice = fit_comm(rows + woken, CommFitOptions(horovod_wait_s=wait, horovod_cycle_s=cycle))
+    assert twice.inter.alpha_s == smallest["median_s"]
     # No ping-pong rows: α comes from the longer rows, and the report says it is weakly determined.
     without = fit_comm([r for r in rows if r["operation"] != "pingpong"],
                        CommFitOptions(horovod_wait_s=wait, horovod_cycle_s=cycle))

@@ -16,7 +16,9 @@ walltime limit ``W``; a longer training is a checkpoint/restart chain of ``⌈T 
 restart overhead ``o`` (start-up, reading the checkpoint), so the wall time is ``T + jobs·o`` (queue waits
 excluded) and the cost ``nodes · (T + jobs·o)`` node-hours. Candidates over the node-hour budget or the deadline
 are dropped. The rest are ranked by wall time, then cost; the Pareto front is the set no other candidate beats
-on both time and node-hours.
+on both time and node-hours. Every row also carries the ends of the prediction's 90 % interval
+(``predict``'s ``time_to_train_s_low``/``_high``) as time to train, wall time and node-hours, each end with its
+own restart chain (the budget and the deadline judge the central figure).
 
 Memory per rank (estimate): weights, gradients, momentum and a fusion buffer ``4 × gradient_bytes``, plus
 twice the activations of ``b`` images (outputs kept for the backward pass and their gradients). It is
@@ -59,9 +61,13 @@ class PlanRow:
     memory_gb_per_rank: float
     pareto: bool = False
     augmentation: str = ""       # the seed table's data-augmentation regime the epochs come from ("" if given)
-    # The node-hours at the ends of the prediction's 90 % interval (each with its own restart chain).
+    # The ends of the prediction's 90 % interval (analysis.predict), each end with its own restart chain.
     node_hours_low: float = math.nan
     node_hours_high: float = math.nan
+    time_to_train_s_low: float = math.nan
+    time_to_train_s_high: float = math.nan
+    wall_s_low: float = math.nan
+    wall_s_high: float = math.nan
 
     @property
     def label(self) -> str:
@@ -205,7 +211,8 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
     ends = {}
     for end, train_s in (("low", pred.time_to_train_s_low), ("high", pred.time_to_train_s_high)):
         chain = np.maximum(np.ceil(train_s / np.maximum(walltime_of - restart_overhead_s, 1.0)), 1)
-        ends[end] = nodes_a * (train_s + chain * restart_overhead_s) / 3600
+        ends[end] = {"time_to_train_s": train_s, "wall_s": train_s + chain * restart_overhead_s}
+        ends[end]["node_hours"] = nodes_a * ends[end]["wall_s"] / 3600
     rows = []
     for i in range(nodes_a.size):
         if memory[i] > memory_limit:
@@ -224,8 +231,8 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
             comm_exposed_s=float(pred.comm_exposed_s[i]), scaling_efficiency=float(pred.scaling_efficiency[i]),
             time_to_train_s=float(pred.time_to_train_s[i]), jobs=int(jobs[i]), wall_s=float(wall[i]),
             node_hours=float(node_hours[i]), memory_gb_per_rank=float(memory[i]),
-            augmentation=epochs_of[int(batch_a[i])][2], node_hours_low=float(ends["low"][i]),
-            node_hours_high=float(ends["high"][i])))
+            augmentation=epochs_of[int(batch_a[i])][2],
+            **{f"{key}_{end}": float(ends[end][key][i]) for end in ends for key in ends[end]}))
     if not rows:
         raise ValueError("no configuration fits: " + ", ".join(f"{k}: {v}" for k, v in rejected.items()))
     mask = pareto_mask([r.wall_s for r in rows], [r.node_hours for r in rows])
@@ -249,7 +256,8 @@ def _seconds(value: str | float, name: str) -> float:
 def format_plan(result: AllocationPlan, top: int = 15) -> str:
     """A text table of the ranked candidates (Pareto-optimal ones starred) and what was dropped."""
     head = (f"{'':1} {'nodes':>6} {'batch':>6} {'b/rank':>6} {'epochs':>7} {'iter s':>8} {'eff':>5} "
-            f"{'train h':>8} {'jobs':>4} {'wall h':>7} {'node-h':>9} {'90 % node-h':>13} {'mem GB':>7}  augmentation")
+            f"{'train h':>8} {'90 % train h':>13} {'jobs':>4} {'wall h':>7} {'90 % wall h':>13} {'node-h':>9} "
+            f"{'90 % node-h':>13} {'mem GB':>7}  augmentation")
     lines = [f"plan for {result.model} on {result.machine}"
              + (f", target top-1 {result.target_top1:g}%" if result.target_top1 is not None else "")
              + f"; walltime limit {result.max_walltime_s / 3600:g} h, restart overhead {result.restart_overhead_s:g} s",
@@ -258,15 +266,22 @@ def format_plan(result: AllocationPlan, top: int = 15) -> str:
         epochs = f"{r.epochs:.0f}" + ("≤" if r.epochs_bound == "at_most" else "")
         lines.append(f"{'*' if r.pareto else ' '} {r.nodes:>6} {r.global_batch:>6} {r.batch_per_rank:>6} "
                      f"{epochs:>7} {r.iteration_s:>8.3f} {r.scaling_efficiency:>5.2f} "
-                     f"{r.time_to_train_s / 3600:>8.2f} {r.jobs:>4} {r.wall_s / 3600:>7.2f} {r.node_hours:>9.1f} "
-                     f"{f'{r.node_hours_low:.0f}-{r.node_hours_high:.0f}':>13} "
+                     f"{r.time_to_train_s / 3600:>8.2f} "
+                     f"{_band(r.time_to_train_s_low / 3600, r.time_to_train_s_high / 3600)} "
+                     f"{r.jobs:>4} {r.wall_s / 3600:>7.2f} {_band(r.wall_s_low / 3600, r.wall_s_high / 3600)} "
+                     f"{r.node_hours:>9.1f} {_band(r.node_hours_low, r.node_hours_high, 0)} "
                      f"{r.memory_gb_per_rank:>7.1f}  {r.augmentation or '-'}")
     lines.append(f"{len(result.rows)} feasible; * = Pareto front (time vs node-hours), {len(result.front)} points; "
-                 "≤ = at most this many epochs (the tables hold no shorter run)")
+                 "≤ = at most this many epochs (the tables hold no shorter run); 90 %: the prediction's interval")
     for reason, count in result.rejected.items():
         lines.append(f"dropped {count}: {reason}")
     lines.extend(f"note: {n}" for n in result.notes)
     return "\n".join(lines)
+
+
+def _band(low: float, high: float, digits: int = 2) -> str:
+    """An interval as one right-aligned table cell, ``low-high``."""
+    return f"{f'{low:.{digits}f}-{high:.{digits}f}':>13}"
 
 
 def check_sweep_spec(result: AllocationPlan, machine: str, max_nodes: int = 4, steps: int = 100, top: int = 3,

@@ -90,4 +90,19 @@ def test_plan_carries_the_interval_into_node_hours() -> None:
     result = plan("resnet50", "stampede2-knl", target_top1=74.9, budget_node_hours=2000, max_walltime="02:00:00")
     for row in result.rows:
         assert row.node_hours_low < row.node_hours < row.node_hours_high
-    assert "90 % node-h" in format_plan(result)
+        assert row.time_to_train_s_low < row.time_to_train_s < row.time_to_train_s_high
+        assert row.wall_s_low < row.wall_s < row.wall_s_high
+        # predict's own interval, not a second one: the ends are the prediction's ends plus their restart chains.
+        point = predict("resnet50", "stampede2-knl", row.nodes, row.global_batch, row.epochs).record(0)
+        assert (row.time_to_train_s_low, row.time_to_train_s_high) == pytest.approx(
+            (point["time_to_train_s_low"], point["time_to_train_s_high"]), rel=1e-9)
+        for end in ("low", "high"):
+            wall = getattr(row, f"wall_s_{end}")
+            chain = (wall - getattr(row, f"time_to_train_s_{end}")) / result.restart_overhead_s
+            assert chain >= 1 and chain == pytest.approx(round(chain))
+            assert getattr(row, f"node_hours_{end}") == pytest.approx(row.nodes * wall / 3600)
+    text = format_plan(result)
+    assert "90 % node-h" in text and "90 % train h" in text and "90 % wall h" in text
+    first = result.rows[0]
+    assert f"{first.time_to_train_s_low / 3600:.2f}-{first.time_to_train_s_high / 3600:.2f}" in text
+    assert all("time_to_train_s_low" in r and "wall_s_high" in r for r in result.to_dict()["rows"])

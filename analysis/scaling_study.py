@@ -14,12 +14,15 @@ writes them as a page. The steps:
 2. **Calibration** (:func:`calibrate_on_smaller`): `larscale calibrate`'s fits on the points with the fewest
    ranks (the lower half of the rank counts, or ``fit_max_ranks``) and any bench-comm/bench-hvd CSVs; every
    point is then predicted, so the larger ones are out-of-sample checks of the model.
-3. **Projection** (:func:`project`): the calibrated model at ``to_nodes``, with an interval: the largest
-   out-of-sample error either way, widened by what the inputs could not identify (a link no CSV measured is
-   predicted with half and twice its bandwidth and latency; the overlap fractions are the base profile's).
+3. **Projection** (:func:`project`): the calibrated model at ``to_nodes``, with ``predict``'s 90 % interval
+   (:func:`study_params`: the calibration's own residuals, the compute fit's and the sweep's multi-rank points',
+   where they are wider than the device kind's spread), widened by what the inputs could not identify (a link
+   no CSV measured is predicted with half and twice its bandwidth and latency, each with its interval; the
+   overlap fractions are the base profile's).
 4. **Allocation** (:func:`allocation`): `larscale plan` on the calibrated profile for the target (epochs or
-   top-1), the Pareto-optimal configurations with node-hours, device-hours, charge and the walltime chain,
-   each at the interval's ends too.
+   top-1), the Pareto-optimal configurations with time to train, node-hours, device-hours, charge and the
+   walltime chain, each beside its values at the same interval's ends (plan's own ends of ``predict``'s
+   interval, over the link variants).
 """
 
 from __future__ import annotations
@@ -107,15 +110,25 @@ class Calibration:
 
     def band(self) -> tuple[float, float]:
         """The most negative and most positive relative error (predicted / measured − 1, 0 bounding each) over
-        every point, fitted and out of sample: a prediction t means a true time in [t/(1 + high), t/(1 + low)]."""
+        every point, fitted and out of sample (reported beside the interval, which it does not set)."""
         errors = self.comparison["error"]
         return min(float(errors.min()), 0.0), max(float(errors.max()), 0.0)
 
+    def scale_residual(self) -> float:
+        """RMS log error of the points with more than one rank, fitted and out of sample (0 without any): the
+        calibration's residual of what scale adds."""
+        errors = self.comparison.loc[self.comparison["ranks"] > 1, "error"]
+        return math.sqrt(sum(math.log1p(float(e)) ** 2 for e in errors) / len(errors)) if len(errors) else 0.0
 
-def true_range(fast_s: float, slow_s: float, band: tuple[float, float]) -> tuple[float, float]:
-    """The interval of the true time from the fastest and slowest predictions and the error band."""
-    low, high = band
-    return fast_s / (1 + high), slow_s / (1 + low)
+
+def study_params(calibration: Calibration, machine):
+    """``machine``'s parameters (PerfParams) with the interval's spread of what scale adds no tighter than the
+    sweep's own multi-rank residual (:meth:`Calibration.scale_residual`), as a calibrated profile's compute
+    spread is no tighter than its fit's residual: ``predict``'s interval then carries the calibration's errors."""
+    from analysis.params import PerfParams
+
+    params = PerfParams.from_machine(machine)
+    return params.replace(scale_sigma=max(params.scale_sigma, calibration.scale_residual()))
 
 
 def default_fit_max_ranks(points: Sequence[SweepPoint]) -> int:
@@ -204,7 +217,8 @@ class Projection:
     nodes: int
     ranks_per_node: int
     table: Any                               # DataFrame: one row per configuration projected
-    band: tuple[float, float]
+    band: tuple[float, float]                # the sweep's errors, most negative and most positive (information)
+    scale_sigma: float                       # the interval's spread of what scale adds (study_params)
     notes: list[str]
 
 
@@ -249,29 +263,37 @@ def project(calibration: Calibration, sweeps: Sequence[Sweep], options: StudyOpt
     image_size = points[0].run.image_size
     low, high = calibration.band()
     variants = profile_variants(calibration)
+    params = {name: study_params(calibration, machine) for name, machine in variants.items()}
     rows = []
     for what, batch in _projection_batches(sweeps, nodes * rpn):
-        times = {name: float(predict(model, machine, nodes=nodes, global_batch=batch, ranks_per_node=rpn, epochs=1,
-                                     image_size=image_size).iteration_s.reshape(-1)[0])
-                 for name, machine in variants.items()}
-        central = times["central"]
-        lo, hi = true_range(min(times.values()), max(times.values()), (low, high))
+        # predict's interval at each link variant: the ends are the fastest variant's low and the slowest's high.
+        ends = {name: predict(model, machine, nodes=nodes, global_batch=batch, ranks_per_node=rpn, epochs=1,
+                              image_size=image_size, params=params[name]).record(0)
+                for name, machine in variants.items()}
+        central = ends["central"]["iteration_s"]
+        lo = min(e["iteration_s_low"] for e in ends.values())
+        hi = max(e["iteration_s_high"] for e in ends.values())
         rows.append({"configuration": what, "nodes": nodes, "ranks": nodes * rpn, "global_batch": batch,
                      "iteration_s": central, "iteration_s_low": lo, "iteration_s_high": hi,
                      "images_per_s": batch / central, "images_per_s_low": batch / hi,
                      "images_per_s_high": batch / lo})
-    notes = [f"interval: the model's errors over the sweep's points, {low:+.1%} to {high:+.1%} (predicted / "
-             "measured − 1, out-of-sample points included), applied to the prediction"
-             + (", whose ends use the unidentified links at twice and half their bandwidth and latency"
-                if calibration.unidentified_links else "")]
+    central_params = params["central"]
+    notes = [f"interval: predict's 90 % interval on the calibrated profile (spread of the compute "
+             f"{central_params.compute_sigma_measured:.3f} measured / {central_params.compute_sigma_roofline:.3f} "
+             f"modelled, of what scale adds {central_params.scale_sigma:.3f}: the larger of the device kind's and "
+             f"the sweep's multi-rank RMS log error {calibration.scale_residual():.3f})"
+             + (", its ends from the unidentified links at twice and half their bandwidth and latency"
+                if calibration.unidentified_links else "")
+             + f"; the sweep's errors: {low:+.1%} to {high:+.1%} (predicted / measured − 1, out of sample included)"]
     if not rows:
         notes.append(f"no sweep's batch divides over {nodes * rpn} ranks: nothing projected")
-    return Projection(nodes=nodes, ranks_per_node=rpn, table=pd.DataFrame(rows), band=(low, high), notes=notes)
+    return Projection(nodes=nodes, ranks_per_node=rpn, table=pd.DataFrame(rows), band=(low, high),
+                      scale_sigma=central_params.scale_sigma, notes=notes)
 
 
 def allocation(calibration: Calibration, projection: Projection, model: str, options: StudyOptions):
     """Step 4 of the module docstring: (table, notes). The table lists the Pareto-optimal configurations of
-    `larscale plan` on the calibrated profile, fastest first, with the interval's ends."""
+    `larscale plan` on the calibrated profile, fastest first, each figure beside its interval's ends."""
     import pandas as pd
 
     from analysis.plan import plan
@@ -281,13 +303,13 @@ def allocation(calibration: Calibration, projection: Projection, model: str, opt
     if epochs is None and options.top1 is None:
         epochs = 90.0
         notes.append("no --epochs or --top1 given: 90 epochs")
-    low, high = projection.band
     plans = {}
     try:
         for name, machine in profile_variants(calibration).items():
             plans[name] = plan(model, machine, target_top1=options.top1, epochs=epochs, max_nodes=projection.nodes,
                                ranks_per_node=projection.ranks_per_node,
-                               restart_overhead_s=options.restart_overhead_s)
+                               restart_overhead_s=options.restart_overhead_s,
+                               params=study_params(calibration, machine))
     except ValueError as err:
         # A real answer for the user (e.g. nothing fits the machine's memory): said, not a failure of the report.
         return pd.DataFrame(), [*notes, f"no allocation to request on {calibration.profile.name}: {err}"]
@@ -297,35 +319,34 @@ def allocation(calibration: Calibration, projection: Projection, model: str, opt
     factor = profile.charge.factor if profile.charge is not None else None
     unit = profile.charge.unit if profile.charge is not None else "node-hours"
 
-    def train_s(name: str, row) -> float:
-        match = [r for r in plans[name].rows if (r.nodes, r.global_batch) == (row.nodes, row.global_batch)]
-        return match[0].time_to_train_s if match else row.time_to_train_s
+    def chain(wall_s: float, train_s: float) -> int:
+        return round((wall_s - train_s) / options.restart_overhead_s)
 
     rows = []
     for row in central.front[: options.configurations]:
-        limit_s = profile.max_walltime_for(row.nodes)[0]          # the queue's limit for this job size
-        usable = max(limit_s - options.restart_overhead_s, 1.0)
-        bounds = {}
-        seconds = [train_s(name, row) for name in plans]
-        for end, train in zip(("low", "high"), true_range(min(seconds), max(seconds), (low, high)), strict=True):
-            jobs = max(math.ceil(train / usable), 1)
-            bounds[end] = (train, jobs, row.nodes * (train + jobs * options.restart_overhead_s) / 3600)
-        jobs = max(math.ceil(row.time_to_train_s / usable), 1)
-        node_hours = row.nodes * (row.time_to_train_s + jobs * options.restart_overhead_s) / 3600
+        # plan's own ends of predict's interval, over the link variants: the fastest's low, the slowest's high.
+        same = [r for p in plans.values() for r in p.rows if (r.nodes, r.global_batch) == (row.nodes, row.global_batch)]
+        fast = min(same, key=lambda r: r.time_to_train_s_low)
+        slow = max(same, key=lambda r: r.time_to_train_s_high)
+        node_hours = {"": row.node_hours, "_low": fast.node_hours_low, "_high": slow.node_hours_high}
         record = {"nodes": row.nodes, "ranks_per_node": row.ranks_per_node, "global_batch": row.global_batch,
                   "epochs": row.epochs, "time_to_train_h": row.time_to_train_s / 3600,
-                  "time_to_train_h_low": bounds["low"][0] / 3600, "time_to_train_h_high": bounds["high"][0] / 3600,
-                  "walltime_limit_h": limit_s / 3600, "jobs": jobs, "jobs_high": bounds["high"][1],
-                  "node_hours": node_hours, "node_hours_low": bounds["low"][2], "node_hours_high": bounds["high"][2],
-                  "device_hours": node_hours * devices, "device_hours_high": bounds["high"][2] * devices}
+                  "time_to_train_h_low": fast.time_to_train_s_low / 3600,
+                  "time_to_train_h_high": slow.time_to_train_s_high / 3600,
+                  "walltime_limit_h": profile.max_walltime_for(row.nodes)[0] / 3600,
+                  "jobs": row.jobs, "jobs_low": chain(fast.wall_s_low, fast.time_to_train_s_low),
+                  "jobs_high": chain(slow.wall_s_high, slow.time_to_train_s_high),
+                  **{f"node_hours{end}": value for end, value in node_hours.items()},
+                  **{f"device_hours{end}": value * devices for end, value in node_hours.items()}}
         if factor is not None:
-            record[f"charge_{unit}"] = node_hours * factor
-            record[f"charge_{unit}_high"] = bounds["high"][2] * factor
+            record.update({f"charge_{unit}{end}": value * factor for end, value in node_hours.items()})
         rows.append(record)
     notes += [f"{central.model} on ImageNet-1k at its native input size, {epochs:g} epochs" if epochs else
               f"{central.model} to top-1 {options.top1:g} % (seed tables' epochs)",
               f"a walltime chain of jobs under the queue's limit per job size, each resuming the last checkpoint "
               f"and paying {options.restart_overhead_s:g} s to restart",
+              "_low / _high: the ends of the same 90 % interval as the projection's (plan on the calibrated "
+              "profile: predict's interval, each end with its own walltime chain)",
               "device-hours = node-hours x the node's devices"
               + (f"; charge = node-hours x {factor:g} ({unit})" if factor is not None else
                  "; the profile states no charge factor (charge: {factor: ...})")]

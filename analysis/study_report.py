@@ -204,7 +204,8 @@ def _model_summary(calibration, projection, request, options: StudyOptions) -> d
                         "out_of_sample_max_abs_error": float(outside["error"].abs().max()) if not outside.empty
                         else None, "unidentified": calibration.unidentified},
         "projection": {"nodes": projection.nodes, "ranks_per_node": projection.ranks_per_node,
-                       "band": list(projection.band), "rows": projection.table.to_dict("records"),
+                       "band": list(projection.band), "scale_sigma": projection.scale_sigma,
+                       "rows": projection.table.to_dict("records"),
                        "notes": projection.notes},
         "allocation": {"options": asdict(options), "rows": table.to_dict("records"), "notes": notes}}
 

@@ -1,13 +1,16 @@
 """From plan to jobs: `larscale plan --emit-sweep` writes a sweep spec that `larscale sweep` accepts and that checks
-the plan's choice at small scale; `predict --format json` is a list whatever the number of configurations."""
+the plan's choice at small scale; `predict --format json` is a list whatever the number of configurations; the
+report's projection and allocation carry predict's interval."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -61,3 +64,72 @@ def test_predict_json_is_always_a_list() -> None:
     single, pair = json.loads(one.stdout), json.loads(two.stdout)
     assert isinstance(single, list) and len(single) == 1 and len(pair) == 2
     assert single[0] == pair[0]
+
+
+def study_inputs(errors: dict[int, float]):
+    """A calibration of stampede2-knl whose points (ranks -> predicted / measured − 1) have the given errors, every
+    link identified, and a weak sweep of 16 ResNet-50 images per rank: what `larscale report` projects from."""
+    import pandas as pd
+
+    from analysis.runs import RunMeasurement
+    from analysis.scaling_study import Calibration
+    from analysis.sweepdirs import Sweep, SweepPoint
+    from larscale.machine import parse_machine
+
+    data = yaml.safe_load((REPO / "larscale" / "machines" / "stampede2-knl.yaml").read_text())
+    profile = parse_machine(data, source=data["name"])
+    comparison = pd.DataFrame([{"sweep": "weak", "point": f"p{ranks}", "role": "fitted" if ranks == 1 else
+                                "out of sample", "nodes": ranks, "ranks": ranks, "global_batch": 16 * ranks,
+                                "predicted_s": 1 + error, "measured_s": 1.0, "error": error}
+                               for ranks, error in errors.items()])
+    calibration = Calibration(profile=profile, data=data, fit_max_ranks=1, comparison=comparison, report="")
+    points = [SweepPoint(sweep="weak", kind="weak", point_id=f"p{ranks}", model="resnet50", nodes=ranks,
+                         ranks_per_node=1, global_batch=16 * ranks, batch_per_rank=16, run_dir="", state="complete",
+                         reason="", run=RunMeasurement(path="", model="resnet50", image_size=None, ranks=ranks,
+                                                       batch_per_rank=16, threads_per_rank=None, steps_measured=1,
+                                                       step_s=1.0, step_s_mean=1.0, busy_s=1.0, allreduce_s=0.0,
+                                                       compute_s=1.0, optimizer_s=0.0, data_s=0.0))
+              for ranks in errors]
+    sweep = Sweep(name="weak", path=Path("weak"), kind="weak", model="resnet50", machine=data, scheduler="slurm",
+                  points=points)
+    return calibration, [sweep]
+
+
+def test_report_projection_and_allocation_carry_predicts_interval() -> None:
+    """The projection's and the allocation's ends are predict's and plan's own 90 % interval (no second
+    uncertainty model); a sweep whose multi-rank points miss by more than the kind's spread widens it."""
+    from analysis.params import PerfParams
+    from analysis.plan import plan
+    from analysis.predict import INTERVAL_Z, predict
+    from analysis.scaling_study import StudyOptions, allocation, project
+
+    options = StudyOptions(to_nodes=512, epochs=64, configurations=3)
+    calibration, sweeps = study_inputs({1: 0.0, 2: 0.01, 4: -0.01})
+    projection = project(calibration, sweeps, options)
+    (row,) = projection.table.to_dict("records")
+    own = predict("resnet50", calibration.profile, 512, 16 * 512, 1, ranks_per_node=1).record(0)
+    assert (row["iteration_s_low"], row["iteration_s"], row["iteration_s_high"]) == pytest.approx(
+        (own["iteration_s_low"], own["iteration_s"], own["iteration_s_high"]), rel=1e-12)
+    table, notes = allocation(calibration, projection, "resnet50", options)
+    planned = {(r.nodes, r.global_batch): r for r in plan("resnet50", calibration.profile, epochs=64, max_nodes=512,
+                                                            ranks_per_node=1).rows}
+    assert not table.empty and any("90 % interval" in n for n in notes)
+    for record in table.to_dict("records"):
+        same = planned[(record["nodes"], record["global_batch"])]
+        assert (record["time_to_train_h_low"] * 3600, record["time_to_train_h_high"] * 3600) == pytest.approx(
+            (same.time_to_train_s_low, same.time_to_train_s_high), rel=1e-12)
+        assert (record["node_hours_low"], record["node_hours"], record["node_hours_high"]) == pytest.approx(
+            (same.node_hours_low, same.node_hours, same.node_hours_high), rel=1e-12)
+        assert record["device_hours_low"] < record["device_hours"] < record["device_hours_high"]
+        assert record["jobs_low"] <= record["jobs"] <= record["jobs_high"]
+
+    # Points 30 % off at 2 and 4 ranks: the scale spread becomes their RMS log error.
+    wide_calibration, sweeps = study_inputs({1: 0.0, 2: 0.3, 4: -0.3})
+    wide = project(wide_calibration, sweeps, options)
+    residual = math.sqrt((math.log1p(0.3) ** 2 + math.log1p(-0.3) ** 2) / 2)
+    assert wide.scale_sigma == pytest.approx(residual)
+    (row,) = wide.table.to_dict("records")
+    kind = PerfParams.from_machine(calibration.profile)
+    assert residual > kind.scale_sigma
+    expected = math.exp(INTERVAL_Z * math.hypot(kind.compute_sigma_roofline, residual))
+    assert row["iteration_s_high"] / row["iteration_s"] == pytest.approx(expected, rel=1e-9)

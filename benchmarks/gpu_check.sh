@@ -6,10 +6,11 @@
 # Before (on a networked machine, once):  ./bootstrap.sh --prepare-offline .cache/offline --python-version 3.12
 # Then, from the repo root on the GPU machine, with .cache/offline carried along:
 #     benchmarks/gpu_check.sh
-# Everything lands in $OUT (default ./gpu_check_out), six files at most, no deeper than one folder:
+# Everything lands in $OUT (default ./gpu_check_out), nine files at most, no deeper than one folder:
 #     summary.txt             the machine, every stage's exit status and seconds, and bench_gpu's table
 #     bootstrap.log           the Horovod build, then a one-rank NCCL allreduce through horovodrun
 #     tests.log               pytest of the GPU tests
+#     comm.log, comm_cuda.csv, hvd_cuda.csv   bench-comm and bench-hvd over device memory, 2 ranks
 #     bench_gpu.log, .json    the rows and ratios (RESULT line; JSON)
 #     bench_gpu_runs.tar.gz   the larscale run directories and their logs
 # Knobs: PYTHON (a python whose torch has CUDA, default /opt/torch/.venv/bin/python3), LARSCALE_OFFLINE_DIR
@@ -84,7 +85,38 @@ else
 fi
 stage tests "$out/tests.log" "$venv_python" -m pytest -q -p no:cacheprovider -rs "${selection[@]}"
 
-# ---- 3. bench_gpu: bare eager / compiled loops, larscale train eager / --compile, the LARS step --------------
+# ---- 3. collectives over device memory, 2 ranks on the machine's GPU(s): bench-comm hands device pointers to
+# the MPI library (refused in one line, exit 2, when the library does not say it is CUDA-aware: reported as refused,
+# not as a failure); bench-hvd times NCCL through Horovod, which needs a Horovod built with MPI (HOROVOD_WITHOUT_MPI=0).
+comm_args=(--ranks 2 --max-bytes 64M --factor 4 --repetitions 10 --max-seconds-per-size 2 --timeout 240
+           --label gpu_check)
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1    # the lent machine runs the check as root
+before=$failed
+stage bench_comm_cuda "$out/comm.log" "$venv_python" -m larscale bench-comm --device cuda "${comm_args[@]}" \
+    --out "$out/comm_cuda.csv"
+if (($? == 2)) && refusal=$(grep -E 'is not GPU-aware|does not say it is GPU-aware' "$out/comm.log" | tail -n 1); then
+    failed=$before
+    echo "bench_comm_cuda  refused: ${refusal#*error: }" | tee -a "$summary"
+fi
+if "$venv_python" -c 'import sys, horovod.torch as hvd; sys.exit(0 if hvd.mpi_built() else 3)' 2>/dev/null; then
+    stage bench_hvd_cuda "$out/comm.log" "$venv_python" -m larscale bench-hvd --device cuda "${comm_args[@]}" \
+        --out "$out/hvd_cuda.csv"
+else
+    echo "bench_hvd_cuda   skipped: no Horovod with MPI in $LARSCALE_VENV (HOROVOD_WITHOUT_MPI=0 builds one)" \
+        | tee -a "$summary"
+fi
+for csv in "$out/comm_cuda.csv" "$out/hvd_cuda.csv"; do    # each operation's largest size, for the summary
+    [[ -f $csv ]] && "$venv_python" - "$csv" <<'EOF_ROWS' | tee -a "$summary"
+import sys
+from larscale.benchformat import read_csv
+largest = {row["operation"]: row for row in read_csv(sys.argv[1])}
+for op, r in largest.items():
+    print(f"{op:<24} {r['bytes']:>9} B  median {r['median_s'] * 1e6:9.1f} us  busbw "
+          f"{r['busbw_gbytes_per_s']:7.2f} GB/s  on {r.get('device') or '?'}")
+EOF_ROWS
+done
+
+# ---- 4. bench_gpu: bare eager / compiled loops, larscale train eager / --compile, the LARS step --------------
 # Rows start only while they can finish inside the budget (the longest, a first compile, takes ~100 s).
 left=$((budget - ($(date +%s) - started) - 110))
 ((left > 30)) || left=30

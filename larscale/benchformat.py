@@ -33,7 +33,7 @@ ALLREDUCE_OPERATIONS = ("allreduce", *HOROVOD_OPERATIONS)
 CSV_COLUMNS = (
     "operation", "ranks", "nodes", "ranks_per_node", "bytes", "elements", "dtype",
     "iterations_per_rep", "repetitions", "mean_s", "median_s", "std_s", "ci95_low_s", "ci95_high_s",
-    "min_s", "max_s", "algbw_gbytes_per_s", "busbw_gbytes_per_s", "label", "mpi_library",
+    "min_s", "max_s", "algbw_gbytes_per_s", "busbw_gbytes_per_s", "label", "mpi_library", "device",
 )
 
 
@@ -119,7 +119,8 @@ def write_csv(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
 
 
 INT_COLUMNS = ("ranks", "nodes", "ranks_per_node", "bytes", "elements", "iterations_per_rep", "repetitions")
-TEXT_COLUMNS = ("operation", "dtype", "label", "mpi_library")
+# device: where the buffers lived (cpu, cuda); empty in rows written before the column existed or imported.
+TEXT_COLUMNS = ("operation", "dtype", "label", "mpi_library", "device")
 
 
 def read_csv(path: str | Path) -> list[dict[str, Any]]:

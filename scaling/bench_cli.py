@@ -19,16 +19,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="OSU-style MPI allreduce benchmark over message sizes (CSV for `larscale calibrate`)",
         description="Time MPI allreduce (plus a ping-pong and a local numpy add, which make the alpha-beta-gamma "
         "terms separable) over message sizes: warm-up, barrier-synchronised repetitions, max over ranks, "
-        "mean/median/95%% CI, nccl-tests bus bandwidth. Run it under a launcher (mpirun -np N python -m "
+        "mean/median/95% CI, nccl-tests bus bandwidth. Run it under a launcher (mpirun -np N python -m "
         "larscale bench-comm ...) or give --ranks N to have it start N local ranks itself.",
     )
     add_bench_arguments(bench, operations="allreduce,pingpong,reduce_local")
-    bench.set_defaults(handler=run_bench)
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="where the buffers live: cuda hands GPU memory (torch tensors, each rank on the GPU of "
+                       "its local rank) to a CUDA-aware MPI, and adds on the GPU; refused when the MPI library does "
+                       "not say it is CUDA-aware (bench-hvd --device cuda times NCCL instead)")
+    bench.set_defaults(handler=run_bench_comm)
 
     bench = subparsers.add_parser(
         "bench-hvd",
         help="time Horovod's own allreduce (the training path) over message sizes, CSV for `larscale calibrate`",
-        description="bench-comm's harness (warm-up, barrier-synchronised repetitions, max over ranks, median/95%% "
+        description="bench-comm's harness (warm-up, barrier-synchronised repetitions, max over ranks, median/95% "
         "CI, CSV) on hvd.allreduce_(op=Average) of float32 tensors, with Horovod initialised as in training "
         "(set HOROVOD_FUSION_THRESHOLD and HOROVOD_CYCLE_TIME as the training runs do); by default also the "
         "MPI reduce_local and pingpong rows. Run under a launcher or give --ranks N.",
@@ -123,7 +127,7 @@ def run_bench(args: argparse.Namespace, subcommand: str = "bench-comm", factorie
         raise UsageError(f"--ranks {args.ranks} but the launcher started {comm.Get_size()} rank(s)")
     factories, library = factories_of(comm) if factories_of is not None else ({}, None)
     try:
-        rows = run_benchmark(comm, config, factories, library)
+        rows = run_benchmark(comm, config, factories, library, device=getattr(args, "device", "cpu"))
     except ValueError as err:
         raise UsageError(str(err)) from None
     if comm.Get_rank() == 0:
@@ -133,11 +137,37 @@ def run_bench(args: argparse.Namespace, subcommand: str = "bench-comm", factorie
     return 0
 
 
+def _check_gpu(device: str) -> None:
+    """Before any rank starts: one line when ``device`` is cuda and this machine's PyTorch has no GPU (or no torch)."""
+    if device == "cpu":
+        return
+    from larscale import UsageError
+
+    try:
+        import torch  # noqa: F401  (device buffers are torch tensors)
+    except ImportError:
+        raise UsageError(f"--device {device} needs PyTorch with GPU support (its tensors are the device buffers); "
+                         "this Python has no torch") from None
+    from scaling.hvdcomm import check_device
+
+    check_device(device)
+
+
+def run_bench_comm(args: argparse.Namespace) -> int:
+    import functools
+
+    from scaling.benchcomm import device_factories
+
+    _check_gpu(args.device)
+    factories_of = functools.partial(device_factories, device=args.device) if args.device != "cpu" else None
+    return run_bench(args, factories_of=factories_of)
+
+
 def run_bench_hvd(args: argparse.Namespace) -> int:
     import functools
 
-    from scaling.hvdcomm import check_device, horovod_factories
+    from scaling.hvdcomm import horovod_factories
 
-    check_device(args.device)      # before any rank starts: one line when this machine has no such device
+    _check_gpu(args.device)
     return run_bench(args, subcommand="bench-hvd",
                      factories_of=functools.partial(horovod_factories, device=args.device))

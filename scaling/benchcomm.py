@@ -24,6 +24,13 @@ costs ``2(p−1)α + (p−1)/p·n·(2β + γ)``, so allreduce times alone never 
 - ``reduce_local``: every rank at once times ``numpy.add(a, b, out=a)`` on n bytes: ``c + nγ``, the
   per-byte cost of the reduction arithmetic under the same memory contention as inside the collective.
 
+With ``--device cuda`` the three operations run on torch tensors in GPU memory, each rank on the GPU of its local
+rank: ``allreduce`` and ``pingpong`` hand the device pointers to MPI (a CUDA-aware library moves them itself, over
+NVLink/PCIe peer copies, GPUDirect RDMA or its own staging) and ``reduce_local`` adds on the device. The library is
+asked first (:func:`mpi_gpu_support`) and a library that does not say it is GPU-aware is refused with one line:
+handing device pointers to a host-only MPI crashes or corrupts memory. ``larscale bench-hvd --device cuda`` times
+NCCL/RCCL instead, the path Horovod's GPU gradients take.
+
 CSV columns: :data:`larscale.benchformat.CSV_COLUMNS`; one row per (operation, size). ``nodes`` counts
 shared-memory domains (``MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)``), so two "hosts" that are network namespaces
 of one machine count as two nodes, as Open MPI sees them.
@@ -31,6 +38,7 @@ of one machine count as two nodes, as Open MPI sees them.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import statistics
@@ -48,6 +56,14 @@ from larscale.benchformat import (
     message_sizes,
     summarize,
 )
+
+# The extensions with which Open MPI (cuda, rocm) and MPICH (cuda, hip) say whether their build and run time move
+# GPU buffers; each takes no argument and returns 1 or 0.
+GPU_QUERIES = {"cuda": ("MPIX_Query_cuda_support",), "rocm": ("MPIX_Query_rocm_support", "MPIX_Query_hip_support")}
+# Libraries without such a query turn GPU buffers on with a documented variable (1 = on): Cray MPICH (the MPI of
+# Frontier, Perlmutter and Polaris) and MVAPICH2-GDR.
+GPU_SWITCHES = {"cuda": {"MPICH_GPU_SUPPORT_ENABLED": "Cray MPICH", "MV2_USE_CUDA": "MVAPICH2-GDR"},
+                "rocm": {"MPICH_GPU_SUPPORT_ENABLED": "Cray MPICH", "MV2_USE_ROCM": "MVAPICH2-GDR"}}
 
 # Environment variables set by the launchers we know: a process with none of them was not started by one.
 LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS",
@@ -87,6 +103,13 @@ class BenchConfig:
 def launched_by_mpi(environ: dict[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     return any(name in env for name in LAUNCHER_VARIABLES)
+
+
+def mpi_library_name() -> str:
+    """The first line of MPI_Get_library_version (Open MPI ends the string with a NUL)."""
+    from mpi4py import MPI
+
+    return MPI.Get_library_version().splitlines()[0].strip(" \x00")
 
 
 def _topology(comm) -> tuple[int, int]:
@@ -192,15 +215,14 @@ CallFactory = Callable[[int], Callable[[], None]]
 
 
 def run_benchmark(comm, config: BenchConfig, factories: Mapping[str, CallFactory] | None = None,
-                  library: str | None = None) -> list[dict[str, Any]]:
+                  library: str | None = None, device: str = "cpu") -> list[dict[str, Any]]:
     """Measure on every rank of ``comm``; rank 0 returns the rows (:data:`CSV_COLUMNS`), others ``[]``.
 
-    ``factories`` supplies operations beyond the built-in MPI ones: ``factory(elements)`` returns the call to
-    time (after checking one call's result), or None for a size the operation cannot run (no row).
-    ``library`` overrides the ``mpi_library`` column.
+    ``factories`` supplies operations beyond (or instead of) the built-in MPI ones: ``factory(elements)`` returns
+    the call to time (after checking one call's result), or None for a size the operation cannot run (no row).
+    ``library`` overrides the ``mpi_library`` column; ``device`` is the ``device`` column of the factories' rows
+    (where their buffers live), the built-in operations' rows say ``cpu``.
     """
-    from mpi4py import MPI
-
     factories = dict(factories or {})
     missing = [op for op in config.operations if op not in OPERATIONS and op not in factories]
     if missing:
@@ -208,7 +230,7 @@ def run_benchmark(comm, config: BenchConfig, factories: Mapping[str, CallFactory
                          "torch and Horovod), not by bench-comm")
     rank, size = comm.Get_rank(), comm.Get_size()
     nodes, ranks_per_node = _topology(comm)
-    library = library or MPI.Get_library_version().splitlines()[0].strip()
+    library = library or mpi_library_name()
     timer = _Timer(comm, config)
     rows: list[dict[str, Any]] = []
     for operation in config.operations:
@@ -238,7 +260,139 @@ def run_benchmark(comm, config: BenchConfig, factories: Mapping[str, CallFactory
                 "std_s": stats.std, "ci95_low_s": stats.ci95_low, "ci95_high_s": stats.ci95_high,
                 "min_s": stats.minimum, "max_s": stats.maximum, "algbw_gbytes_per_s": algbw,
                 "busbw_gbytes_per_s": busbw, "label": config.label, "mpi_library": library,
+                "device": device if operation in factories else "cpu",
             })
     return rows if rank == 0 else []
 
 
+def _exported(names: tuple[str, ...]) -> tuple[str, Callable[[], int]] | None:
+    """The first of ``names`` that the MPI library loaded in this process exports, as a C function of no argument."""
+    handles = [ctypes.CDLL(None)]
+    try:   # mpi4py may have loaded the library privately: open it again by the path the process mapped
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/libmpi" in line and ".so" in line})
+    except OSError:
+        paths = []
+    handles += [ctypes.CDLL(path) for path in paths]
+    for name in names:
+        for handle in handles:
+            function = getattr(handle, name, None)
+            if function is not None:
+                function.restype, function.argtypes = ctypes.c_int, []
+                return name, function
+    return None
+
+
+def gpu_support_verdict(kind: str, query: tuple[str, int] | None,
+                        environ: Mapping[str, str]) -> tuple[bool | None, str]:
+    """(GPU-aware?, the evidence) from the library's own answer, else a switch variable; None: nothing says."""
+    if query is not None:
+        name, value = query
+        return value != 0, f"{name}() = {value}"
+    for variable, library in GPU_SWITCHES[kind].items():
+        if variable in environ:
+            return environ[variable].strip() == "1", f"{variable}={environ[variable]} ({library})"
+    return None, (f"the library exports no {' or '.join(GPU_QUERIES[kind])} and none of "
+                  f"{', '.join(GPU_SWITCHES[kind])} is set")
+
+
+def mpi_gpu_support(kind: str = "cuda", environ: Mapping[str, str] | None = None) -> tuple[bool | None, str]:
+    """Whether the MPI library in this process (after MPI_Init) moves ``kind`` ('cuda' or 'rocm') buffers itself."""
+    found = _exported(GPU_QUERIES[kind])
+    query = None if found is None else (found[0], found[1]())
+    return gpu_support_verdict(kind, query, os.environ if environ is None else environ)
+
+
+def tensor_factories(comm, place) -> dict[str, CallFactory]:
+    """bench-comm's operations on torch tensors at ``place`` (a torch.device), handed to mpi4py by DLPack/CUDA
+    array interface: ``allreduce`` and ``pingpong`` through MPI, ``reduce_local`` as a torch add there."""
+    import torch
+    from mpi4py import MPI
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    # Kernels are asynchronous: MPI may read a buffer only once the kernel that filled it is done, and a timed
+    # local add ends when the device has finished it.
+    synchronize = torch.cuda.synchronize if place.type == "cuda" else (lambda: None)
+
+    def filled(elements: int, value: float):
+        tensor = torch.full((elements,), value, dtype=torch.float32, device=place)
+        synchronize()
+        return tensor
+
+    def allreduce(elements: int) -> Callable[[], None]:
+        send, recv = filled(elements, float(rank + 1)), filled(elements, 0.0)
+
+        def call() -> None:
+            comm.Allreduce(send, recv, op=MPI.SUM)
+
+        call()
+        expected = size * (size + 1) / 2
+        ends = (float(recv[0]), float(recv[-1]))
+        if ends != (expected, expected):
+            raise RuntimeError(f"allreduce of {elements} float32 on {place} gave {ends} at the ends, expected "
+                               f"{expected}")
+        return call
+
+    def pingpong(elements: int) -> Callable[[], None]:
+        buffer, partner = filled(elements, float(rank)), rank ^ 1
+        if partner >= size:
+            return lambda: None
+        first, second = ((lambda: comm.Send(buffer, dest=partner, tag=7)),
+                         (lambda: comm.Recv(buffer, source=partner, tag=7)))
+        if rank % 2:
+            first, second = second, first
+
+        def call() -> None:
+            first()
+            second()
+
+        call()
+        if float(buffer[-1]) != min(rank, partner):   # after a round trip both hold the even rank's values
+            raise RuntimeError(f"ping-pong of {elements} float32 on {place} left {float(buffer[-1])} on rank {rank}, "
+                               f"expected {min(rank, partner)}")
+        return call
+
+    def reduce_local(elements: int) -> Callable[[], None]:
+        accumulator, incoming = filled(elements, 1.0), filled(elements, 1.0)
+
+        def call() -> None:
+            torch.add(accumulator, incoming, out=accumulator)
+            synchronize()
+
+        return call
+
+    return {"allreduce": allreduce, "pingpong": pingpong, "reduce_local": reduce_local}
+
+
+def device_factories(comm, device: str) -> tuple[dict[str, CallFactory], str]:
+    """The operations on ``device`` buffers, each rank on its local rank's GPU, and the CSV's library text.
+
+    Refuses (:class:`larscale.UsageError`, one line) an MPI library that does not say it moves GPU buffers, before
+    any device pointer reaches it."""
+    import torch
+    from mpi4py import MPI
+
+    from larscale import UsageError
+
+    library = mpi_library_name()
+    kind = "rocm" if getattr(torch.version, "hip", None) else "cuda"
+    aware, evidence = mpi_gpu_support(kind)
+    if not aware:
+        verdict = "is not GPU-aware" if aware is False else "does not say it is GPU-aware"
+        raise UsageError(f"--device {device}: the MPI library ({library}) {verdict} for {kind.upper()} buffers "
+                         f"({evidence}); use an MPI built with {kind.upper()} support (Cray MPICH with "
+                         f"MPICH_GPU_SUPPORT_ENABLED=1, Open MPI --with-{kind}, MVAPICH2-GDR with "
+                         f"{list(GPU_SWITCHES[kind])[1]}=1) or time NCCL/RCCL with `larscale bench-hvd --device "
+                         f"{device}`")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this PyTorch sees no GPU on rank {comm.Get_rank()}")
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        local_rank, local_size = local.Get_rank(), local.Get_size()
+    finally:
+        local.Free()
+    gpus = torch.cuda.device_count()
+    torch.cuda.set_device(local_rank % gpus)
+    shared = f", {-(-local_size // gpus)} ranks per GPU" if local_size > gpus else ""
+    text = f"{library}; {kind.upper()}-aware: {evidence}; {torch.cuda.get_device_name()}{shared}"
+    return tensor_factories(comm, torch.device("cuda", local_rank % gpus)), text

@@ -179,3 +179,80 @@ def test_bench_comm_sends_horovod_operations_to_bench_hvd() -> None:
                            "horovod_allreduce"], capture_output=True, text=True, cwd=REPO, env=local_env(), timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "horovod_allreduce" in proc.stderr and "bench-hvd" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_comm_device_cuda_without_a_gpu_is_one_line() -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: benchmarks/gpu_check.sh runs bench-comm --device cuda there")
+    proc = subprocess.run([sys.executable, "-m", "larscale", "bench-comm", "--device", "cuda", "--ranks", "2"],
+                          capture_output=True, text=True, cwd=REPO, env=local_env(), timeout=120)
+    assert proc.returncode == 2 and "--device cuda: this PyTorch" in proc.stderr and "sees no GPU" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "launching" not in proc.stdout
+
+
+def test_gpu_awareness_is_asked_of_the_mpi_library() -> None:
+    """The real Open MPI here answers MPIX_Query_cuda_support() = 0: device pointers never reach it."""
+    pytest.importorskip("torch")
+    from scaling.benchcomm import gpu_support_verdict
+
+    script = ("from mpi4py import MPI\n"
+              "from scaling.benchcomm import device_factories, mpi_gpu_support\n"
+              "from larscale import UsageError\n"
+              "print(mpi_gpu_support('cuda'))\n"
+              "try:\n    device_factories(MPI.COMM_WORLD, 'cuda')\n"
+              "except UsageError as err:\n    print('refused:', err)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=local_env(),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer, refusal = proc.stdout.strip().splitlines()
+    if "Open MPI" in refusal and "not GPU-aware" in refusal:
+        assert answer == "(False, 'MPIX_Query_cuda_support() = 0')"
+        assert "MPIX_Query_cuda_support() = 0" in refusal and "bench-hvd --device cuda" in refusal
+    else:
+        pytest.skip(f"this machine's MPI is not the host-only Open MPI this test expects: {answer}")
+    # Libraries without the query are judged by their documented switches; silence is not a yes.
+    assert gpu_support_verdict("cuda", ("MPIX_Query_cuda_support", 1), {}) == (True, "MPIX_Query_cuda_support() = 1")
+    assert gpu_support_verdict("cuda", None, {"MPICH_GPU_SUPPORT_ENABLED": "1"})[0] is True
+    assert gpu_support_verdict("cuda", None, {"MPICH_GPU_SUPPORT_ENABLED": "0"})[0] is False
+    assert gpu_support_verdict("rocm", None, {"MV2_USE_CUDA": "1"})[0] is None
+    unknown, reason = gpu_support_verdict("cuda", None, {})
+    assert unknown is None and "MPIX_Query_cuda_support" in reason and "MPICH_GPU_SUPPORT_ENABLED" in reason
+
+
+def test_tensor_buffers_through_mpi_on_two_ranks(tmp_path: Path) -> None:
+    """The device path's operations on torch tensors (CPU tensors here, handed to mpi4py by DLPack), 2 real ranks."""
+    pytest.importorskip("torch")
+    out = tmp_path / "tensors.csv"
+    script = ("import torch\nfrom mpi4py import MPI\n"
+              "from larscale.benchformat import write_csv\n"
+              "from scaling.benchcomm import BenchConfig, run_benchmark, tensor_factories\n"
+              "config = BenchConfig(max_bytes=64 << 10, factor=4, warmup=2, repetitions=4, min_rep_s=2e-4,\n"
+              "                     max_seconds_per_size=2)\n"
+              "rows = run_benchmark(MPI.COMM_WORLD, config, tensor_factories(MPI.COMM_WORLD, torch.device('cpu')),\n"
+              "                     device='cpu-tensor')\n"
+              f"if rows: write_csv(rows, {str(out)!r})\n")
+    argv = rank_command(2, [sys.executable, "-c", script])
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=local_env(threads_per_rank=1),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_csv(out)
+    _check_rows(rows, ranks=2, nodes=1)
+    assert {r["device"] for r in rows} == {"cpu-tensor"}
+
+
+def test_csv_device_column(tmp_path: Path) -> None:
+    """Rows say where their buffers lived; CSVs written before the column existed still read."""
+    row = {c: 0 for c in CSV_COLUMNS} | {"operation": "allreduce", "ranks": 2, "nodes": 1, "bytes": 64,
+                                         "median_s": 1.5e-6, "label": "", "dtype": "float32", "mpi_library": "x"}
+    header, line = rows_to_csv([row | {"device": "cuda"}]).splitlines()
+    assert header.endswith(",device") and line.endswith(",cuda")
+    assert read_csv(write_csv([row | {"device": "cuda"}], tmp_path / "new.csv"))[0]["device"] == "cuda"
+    del row["device"]
+    header, line = rows_to_csv([row]).splitlines()
+    assert line.endswith(",x,")     # a row without a device (an import) leaves the column empty
+    (tmp_path / "old.csv").write_text(f"{header.removesuffix(',device')}\n{line.removesuffix(',')}\n")
+    old = read_csv(tmp_path / "old.csv")
+    assert "device" not in old[0] and old[0]["mpi_library"] == "x"

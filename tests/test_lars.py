@@ -243,3 +243,33 @@ def test_groups_built_by_the_trainer_style_and_closure(make):
 
     losses = [float(opt.step(closure).detach()) for _ in range(30)]
     assert losses[-1] < losses[0]
+
+
+@each_implementation
+def test_trust_ratio_stays_fp32_under_cpu_bf16_autocast(make):
+    """A bf16 step on CPU (autocast, as ``--precision bf16``) keeps fp32 weights and gradients, and LARS's
+    update stays fp32 even if taken inside autocast: within fp32 rounding of the float64 update worked out from
+    the same gradients (a trust ratio from bf16 norms would be off by ~1e-3)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(4, 3, 8, 8))
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    params = list(model.parameters())
+    assert logits.dtype == torch.bfloat16 and all(p.dtype == p.grad.dtype == torch.float32 for p in params)
+    before = [p.detach().double() for p in params]
+    grads = [p.grad.double() for p in params]
+    lr, eta, wd = 0.5, 0.5, 1e-3    # steps of a quarter of the weights' norm: fp32 rounding of w stays far below
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        make(params, lr=lr, momentum=0.9, weight_decay=wd, trust_coefficient=eta).step()
+    for p, w, g in zip(params, before, grads, strict=True):
+        assert p.dtype == torch.float32
+        if p.ndim > 1:   # trust ratio and weight decay (1-D tensors: plain SGD)
+            rate = lr * eta * w.norm() / (g.norm() + wd * w.norm())
+            expected = w - rate * (g + wd * w)
+        else:
+            expected = w - lr * g
+        step = (w - expected).abs().max()
+        error = float((p.detach().double() - expected).abs().max()) / float(step)
+        assert error <= 1e-5, p.shape

@@ -94,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.add_argument("--restart-overhead-s", type=float, default=120.0,
                     help="seconds each job of a checkpoint/restart chain loses to start-up (default 120)")
     pl.add_argument("--top", type=int, default=15, help="rows to print (default 15)")
+    pl.add_argument("--precision", default="fp32", help="peak to use from the profile (default fp32; bf16 on "
+                    "GPUs and on CPUs with AVX512-BF16 or AMX)")
     pl.add_argument("--compute-mode", choices=("eager", "compiled"), default=None,
                     help="eager or compiled steps (default: the profile's compute.mode)")
     pl.add_argument("--format", choices=("text", "json"), default="text")
@@ -232,13 +234,14 @@ def run_plan(args: argparse.Namespace) -> int:
 
         raise UsageError(f"--top must be >= 1, got {args.top}")
     with _usage_errors():
-        print_profile_notes(args.machine)
+        print_profile_notes(args.machine, args.precision)
         params = None
-        if args.compute_mode is not None:
+        if args.compute_mode is not None or args.precision != "fp32":
             from analysis.params import PerfParams
             from analysis.predict import resolve_machine
 
-            params = PerfParams.from_machine(resolve_machine(args.machine), compute_mode=args.compute_mode)
+            params = PerfParams.from_machine(resolve_machine(args.machine), precision=args.precision,
+                                             compute_mode=args.compute_mode)
         result = plan(args.model, args.machine, target_top1=args.target_top1, epochs=args.epochs,
                       budget_node_hours=args.budget_node_hours, max_nodes=args.max_nodes,
                       max_walltime=args.max_walltime, deadline=args.deadline, ranks_per_node=args.ranks_per_node,

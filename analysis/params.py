@@ -135,7 +135,9 @@ class PerfParams:
         if mode not in COMPUTE_MODES:
             raise ValueError(f"unknown compute mode {mode!r}; known: {', '.join(COMPUTE_MODES)}")
         if precision not in devices.peak_tflops:
-            # No faster math for this precision on this device (e.g. bf16 on an older CPU): fp32 rate.
+            if devices.kind == "cpu" and precision in HALF_WIDTH:
+                raise ValueError(cpu_precision_refusal(machine, precision))
+            # A GPU without faster math for this precision (fp16 on a P100 profile without it): fp32 rate.
             precision = "fp32"
         net = machine.network
         compute = machine.compute
@@ -279,6 +281,19 @@ class RooflineSettings:
     half_batch: float
     half_flops: float | None
     notes: tuple[str, ...]
+
+
+def cpu_precision_refusal(machine: MachineProfile, precision: str) -> str:
+    """Why ``precision`` cannot be predicted on ``machine``'s CPUs: their profile has no peak for it."""
+    devices = machine.node.devices
+    has = ", ".join(devices.peak_tflops)
+    if precision == "bf16":
+        return (f"--precision bf16: machine {machine.name!r} ({devices.model}) has no bf16 peak (node.devices."
+                f"peak_tflops: {has}); bf16 on CPUs needs AVX512-BF16 (Cooper Lake, Zen 4) or AMX (Sapphire "
+                "Rapids and later): use --precision fp32, or add the CPU's bf16 peak to the profile")
+    return (f"--precision {precision}: machine {machine.name!r} has CPUs ({devices.model}), and the trainer runs "
+            f"{precision} on GPUs only; use --precision fp32" + (", or bf16 (its peak is in the profile)"
+                                                               if "bf16" in devices.peak_tflops else ""))
 
 
 def compute_settings(machine: MachineProfile, precision: str, mode: str = "eager") -> RooflineSettings:

@@ -130,3 +130,36 @@ def test_invalid_hyperparameters_name_the_culprit(kwargs, word):
     for cls in (KerasLARS, LARSModule):
         with pytest.raises(ValueError, match=word):
             cls(**kwargs)
+
+
+def test_trust_ratio_stays_fp32_under_mixed_bfloat16():
+    """A ``--precision bf16`` TensorFlow step (Keras policy mixed_bfloat16) computes in bf16 but keeps fp32 weights
+    and gradients, and LARS's step stays fp32: within 1e-5 of the float64 update from the same gradients (observed
+    ~1e-7; a trust ratio from bf16 norms would be off by ~1e-3)."""
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        tf.keras.utils.set_random_seed(0)
+        model = tf.keras.Sequential([tf.keras.layers.InputLayer(input_shape=(8, 8, 3)),
+                                     tf.keras.layers.Conv2D(8, 3), tf.keras.layers.Flatten(),
+                                     tf.keras.layers.Dense(4)])
+        with tf.GradientTape() as tape:
+            logits = model(tf.random.normal((4, 8, 8, 3)), training=True)
+            loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+                tf.constant([0, 1, 2, 3]), tf.cast(logits, tf.float32))
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, variables)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert logits.dtype == tf.bfloat16
+    assert all(v.dtype == g.dtype == tf.float32 for v, g in zip(variables, grads, strict=True))
+    before = [v.numpy().astype(np.float64) for v in variables]
+    lr, eta, wd = 0.5, 0.5, 1e-3
+    LARS(learning_rate=lr, momentum=0.9, weight_decay=wd, trust_coefficient=eta).apply_gradients(
+        zip(grads, variables, strict=True))
+    for v, w, g in zip(variables, before, [g.numpy().astype(np.float64) for g in grads], strict=True):
+        if w.ndim > 1:
+            expected = w - lr * eta * np.linalg.norm(w) / (np.linalg.norm(g) + wd * np.linalg.norm(w)) * (g + wd * w)
+        else:
+            expected = w - lr * g
+        error = np.abs(v.numpy() - expected).max() / np.abs(w - expected).max()
+        assert v.dtype == tf.float32 and error <= 1e-5, (v.name, error)

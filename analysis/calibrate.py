@@ -55,7 +55,11 @@ def fit_runs_compute(base, runs: Sequence[RunMeasurement], runs_apart: bool = Fa
                           roofline=roofline, default_roofline_half_batch=half or 0.0)
     if speedup is not None:
         compute = dataclasses.replace(compute, partial_node_speedup=speedup)
-    return compute
+    precisions = sorted({r.precision for r in runs if r.precision is not None})
+    if len(precisions) > 1:
+        raise CalibrationError(f"the runs were trained at {' and '.join(precisions)}: the measured rates of one "
+                               "profile hold for one precision; calibrate each precision's runs on their own")
+    return dataclasses.replace(compute, precision=precisions[0]) if precisions else compute
 
 
 def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | None = None,
@@ -111,6 +115,8 @@ def calibrated_profile(base, comm: CommFit | None = None, compute: ComputeFit | 
         for key, table in compute.measured_images_per_s.items():
             merged.setdefault(key, {}).update(table)
         section["measured_images_per_s"] = merged
+        if compute.precision is not None:
+            section["measured_precision"] = compute.precision
         block["compute"] = compute.summary()
     if jitter is not None:
         # (cv of one rank's busy time from the step logs, side-by-side runs the measured rates already include,

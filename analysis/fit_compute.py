@@ -48,6 +48,7 @@ class ComputeFit:
     efficiency_scale: float | None = None
     roofline_half_batch: float | None = None
     partial_node_speedup: float | None = None     # measured from runs alone beside runs side by side
+    precision: str | None = None                  # the runs' (one precision per fit), when they recorded it
 
     def rms_relative(self) -> float:
         values = [r["relative"] for r in self.runs]

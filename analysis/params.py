@@ -175,7 +175,8 @@ class PerfParams:
             overlap_inter=net.inter_node.overlap_fraction,
             overlap_reduce=net.reduce_overlap_fraction,
             copy_s_per_byte=net.fusion_copy_s_per_byte,
-            measured_images_per_s={k: dict(v) for k, v in compute.measured_images_per_s.items()},
+            measured_images_per_s={k: dict(v) for k, v in compute.measured_images_per_s.items()}
+            if compute.measured_precision in (None, precision) else {},
             max_nodes=machine.limits.max_nodes,
             default_ranks_per_node=machine.default_ranks_per_node,
             machine=machine.name,

@@ -60,6 +60,7 @@ class RunMeasurement:
     allreduce_overlap: str | None = None
     # Runs combined into this measurement by pace_side_by_side (1: it ran on its own or is one run).
     side_by_side: int = 1
+    precision: str | None = None  # the run's --precision (None: built by hand)
 
     @property
     def images_per_s(self) -> float:
@@ -264,7 +265,7 @@ def read_run(run_dir: str | Path, warmup_steps: int | None = None,
         busy_s=math.nan, allreduce_s=math.nan, compute_s=math.nan, optimizer_s=math.nan, data_s=math.nan,
         hosts=tuple(sorted(str(h) for h in summary.get("hosts") or ())), started_at=summary.get("started_at"),
         finished_at=summary.get("finished_at"),
-        allreduce_overlap=(summary.get("backend") or {}).get("allreduce_overlap"))
+        allreduce_overlap=(summary.get("backend") or {}).get("allreduce_overlap"), precision=summary.get("precision"))
     return _with_steps(blank, _slowest_per_step(per_rank, _step_log_time))
 
 

@@ -302,6 +302,10 @@ class Compute:
     data_images_per_s: float | None = check(positive, default=None)
     # Measured per-device images/s by model and per-device batch (from calibration or users).
     measured_images_per_s: dict[str, dict[int, float]] = field(default_factory=dict)
+    # The precision those were measured at (`larscale calibrate` writes its runs'): a prediction at another one
+    # (bf16 on a CPU calibrated with fp32 runs) leaves them aside for the model at that precision's peak.
+    # Unset: they stand for any precision.
+    measured_precision: str | None = None
     # Fixed per-iteration overhead per rank (optimizer step, framework), seconds.
     step_overhead_s: float = check(non_negative, default=0.0)
     # How much faster a device runs when the node's other devices idle (fewer ranks per node than the profile's

@@ -8,11 +8,14 @@ import sys
 
 import pytest
 
+from analysis.calibrate import calibrated_profile, fit_runs_compute
 from analysis.devices import devices
+from analysis.fitting import CalibrationError
 from analysis.params import PerfParams
 from analysis.plan import plan
 from analysis.predict import predict_point
-from larscale.machine import bundled_machines, load_machine
+from analysis.runs import RunMeasurement
+from larscale.machine import bundled_machines, load_machine, parse_machine
 from tests.conftest import REPO
 
 CPU_PROFILES = [name for name in bundled_machines() if load_machine(name).node.devices.kind == "cpu"]
@@ -63,3 +66,32 @@ def test_cli_refuses_bf16_on_a_cpu_without_it() -> None:
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith(f"larscale {command[0]}: error: --precision bf16: "
                                                                "machine 'perlmutter-cpu'"), proc.stderr
+
+
+def test_measured_rates_hold_for_their_precision_only() -> None:
+    doc = load_machine("local").to_dict()
+    doc["compute"].update(measured_images_per_s={"resnet50": {4: 10.0, 8: 11.0}}, measured_precision="fp32")
+    machine = parse_machine(doc)
+    fp32 = predict_point("resnet50", machine, 1, 8, 1, ranks_per_node=1)
+    bf16 = predict_point("resnet50", machine, 1, 8, 1, ranks_per_node=1, precision="bf16")
+    assert fp32["images_per_s"] == pytest.approx(11.0, rel=0.02)          # the measured rate
+    assert bf16["images_per_s"] != pytest.approx(fp32["images_per_s"], rel=0.05)   # the model at the bf16 peak
+    doc["compute"].pop("measured_precision")                               # unset: for any precision
+    assert predict_point("resnet50", parse_machine(doc), 1, 8, 1, ranks_per_node=1, precision="bf16")[
+        "images_per_s"] == pytest.approx(11.0, rel=0.02)
+
+
+def test_calibration_takes_one_precision() -> None:
+    def run(precision: str, batch: int) -> RunMeasurement:
+        step = batch / 10.0
+        return RunMeasurement(path=f"{precision}-{batch}", model="resnet50", image_size=None, ranks=1,
+                              batch_per_rank=batch, threads_per_rank=1, steps_measured=5, step_s=step,
+                              step_s_mean=step, busy_s=step, allreduce_s=0.0, compute_s=step, optimizer_s=0.0,
+                              data_s=0.0, precision=precision)
+
+    base = load_machine("local")
+    fit = fit_runs_compute(base, [run("fp32", 4), run("fp32", 8)], runs_apart=True)
+    assert fit.precision == "fp32"
+    assert calibrated_profile(base, compute=fit)["compute"]["measured_precision"] == "fp32"
+    with pytest.raises(CalibrationError, match="fp32 and bf16|bf16 and fp32"):
+        fit_runs_compute(base, [run("fp32", 4), run("bf16", 8)], runs_apart=True)

@@ -16,15 +16,16 @@ from tests.conftest import REPO
 from tests.test_jobs import base_spec
 
 SITES = ["frontier", "polaris", "perlmutter-gpu", "perlmutter-cpu", "juwels-booster", "vista", "stampede3",
-         "stampede3-skx"]
+         "stampede3-skx", "stampede3-icx", "stampede3-h100"]
 
 
 @pytest.mark.parametrize("name", SITES)
 def test_predict_runs_on_each_site_profile(name: str) -> None:
     m = load_machine(name)
     rpn = m.default_ranks_per_node
+    largest = min(8, m.limits.max_nodes)     # the h100 queue of Stampede3 takes 4 nodes
     proc = subprocess.run([sys.executable, "-m", "larscale", "predict", "--model", "resnet50", "--machine", name,
-                           "--nodes", "2", "8", "--global-batch", str(8 * rpn * 32), "--format", "json"],
+                           "--nodes", "2", str(largest), "--global-batch", str(largest * rpn * 32), "--format", "json"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
@@ -69,25 +70,27 @@ def test_cli_sweep_plan_names_the_bin(tmp_path) -> None:
     assert "limits.walltime_bins[0]" in proc.stdout and "(100.00 node-hours at 1 per node-hour)" in proc.stdout
 
 
-def test_cli_sweep_plan_refuses_over_stampede3_queue_row(tmp_path) -> None:
+# TACC's Table 8: each Stampede3 queue is one row (1 to its largest job, 48 h) with its SUs per node-hour.
+@pytest.mark.parametrize(("name", "largest", "sus"), [("stampede3", 32, 2.0), ("stampede3-icx", 32, 1.5),
+                                                      ("stampede3-h100", 4, 4.0)])
+def test_cli_sweep_plan_refuses_over_stampede3_queue_row(tmp_path, name: str, largest: int, sus: float) -> None:
     import yaml
 
     spec = tmp_path / "s.yaml"
-    spec.write_text(yaml.safe_dump(site_spec("stampede3", [2, 32], "49:00:00")))
+    spec.write_text(yaml.safe_dump(site_spec(name, [2, largest], "49:00:00")))
     proc = subprocess.run([sys.executable, "-m", "larscale", "sweep", "plan", str(spec), "--format", "json"],
                           capture_output=True, text=True, cwd=REPO)
-    reason = ("walltime 49:00:00 (user) exceeds the queue limit 48:00:00 for 1-32 nodes (limits.walltime_bins[0]) "
-              "on 'stampede3'")
+    reason = (f"walltime 49:00:00 (user) exceeds the queue limit 48:00:00 for 1-{largest} nodes "
+              f"(limits.walltime_bins[0]) on '{name}'")
     assert proc.returncode == 2 and reason in proc.stderr       # every point refused: a usage error
     assert [p["refused"] for p in json.loads(proc.stdout)["points"]] == [reason, reason]
-    spec.write_text(yaml.safe_dump(site_spec("stampede3", [2, 32], "48:00:00")))
+    spec.write_text(yaml.safe_dump(site_spec(name, [2, largest], "48:00:00")))
     proc = subprocess.run([sys.executable, "-m", "larscale", "sweep", "plan", str(spec), "--format", "json"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     planned = json.loads(proc.stdout)
     assert [p["refused"] for p in planned["points"]] == [None, None]
-    # TACC charges the spr queue 2 SUs per node-hour
-    assert planned["charge"] == {"factor": 2.0, "unit": "SUs", "total": 2.0 * (2 + 32) * 48.0}
+    assert planned["charge"] == {"factor": sus, "unit": "SUs", "total": sus * (2 + largest) * 48.0}
 
 
 @pytest.mark.parametrize(("name", "wanted"), [
@@ -100,6 +103,9 @@ def test_cli_sweep_plan_refuses_over_stampede3_queue_row(tmp_path) -> None:
     ("juwels-booster", ["#SBATCH --gres=gpu:4", "#SBATCH --partition=booster"]),
     ("vista", ["#SBATCH --gpus-per-node=1", "#SBATCH --partition=gh", "ibrun -n 2"]),
     ("stampede3", ["#SBATCH --partition=spr", "#SBATCH --ntasks-per-node=2", "ibrun -n 4", "--device cpu"]),
+    ("stampede3-icx", ["#SBATCH --partition=icx", "#SBATCH --ntasks-per-node=2", "ibrun -n 4", "--precision fp32"]),
+    ("stampede3-h100", ["#SBATCH --partition=h100", "#SBATCH --gpus-per-node=4", "#SBATCH --cpus-per-task=24",
+                        "ibrun -n 8", "--device cuda", "--precision bf16"]),
 ])
 def test_site_scripts_ask_for_gpus_and_cores(name: str, wanted: list[str]) -> None:
     the_plan = plan(site_spec(name, [2], "00:30:00"), output_dir="/scratch/x", python="/opt/py/bin/python")

@@ -10,7 +10,7 @@
 #     summary.txt             the machine, every stage's exit status and seconds, and bench_gpu's table
 #     bootstrap.log           the Horovod build, then a one-rank NCCL allreduce through horovodrun
 #     tests.log               pytest of the GPU tests
-#     comm.log, comm_cuda.csv, hvd_cuda.csv   bench-comm and bench-hvd over device memory, 2 ranks
+#     comm.log, comm_cuda.csv, hvd_cuda.csv   bench-comm and bench-hvd over device memory
 #     bench_gpu.log, .json    the rows and ratios (RESULT line; JSON)
 #     bench_gpu_runs.tar.gz   the larscale run directories and their logs
 # Knobs: PYTHON (a python whose torch has CUDA, default /opt/torch/.venv/bin/python3), LARSCALE_OFFLINE_DIR
@@ -85,22 +85,23 @@ else
 fi
 stage tests "$out/tests.log" "$venv_python" -m pytest -q -p no:cacheprovider -rs "${selection[@]}"
 
-# ---- 3. collectives over device memory, 2 ranks on the machine's GPU(s): bench-comm hands device pointers to
-# the MPI library (refused in one line, exit 2, when the library does not say it is CUDA-aware: reported as refused,
-# not as a failure); bench-hvd times NCCL through Horovod, which needs a Horovod built with MPI (HOROVOD_WITHOUT_MPI=0).
-comm_args=(--ranks 2 --max-bytes 64M --factor 4 --repetitions 10 --max-seconds-per-size 2 --timeout 240
-           --label gpu_check)
+# ---- 3. collectives over device memory: bench-comm hands device pointers to the MPI library (2 ranks at least,
+# sharing a GPU if need be; refused in one line, exit 2, when the library does not say it is CUDA-aware: reported
+# as refused, not as a failure); bench-hvd times NCCL through Horovod, one rank per GPU (NCCL refuses two ranks on
+# one GPU), which needs a Horovod built with MPI (HOROVOD_WITHOUT_MPI=0).
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+comm_args=(--max-bytes 64M --factor 4 --repetitions 10 --max-seconds-per-size 2 --timeout 240 --label gpu_check)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1    # the lent machine runs the check as root
 before=$failed
 stage bench_comm_cuda "$out/comm.log" "$venv_python" -m larscale bench-comm --device cuda "${comm_args[@]}" \
-    --out "$out/comm_cuda.csv"
+    --ranks $((gpus > 2 ? gpus : 2)) --out "$out/comm_cuda.csv"
 if (($? == 2)) && refusal=$(grep -E 'is not GPU-aware|does not say it is GPU-aware' "$out/comm.log" | tail -n 1); then
     failed=$before
     echo "bench_comm_cuda  refused: ${refusal#*error: }" | tee -a "$summary"
 fi
 if "$venv_python" -c 'import sys, horovod.torch as hvd; sys.exit(0 if hvd.mpi_built() else 3)' 2>/dev/null; then
     stage bench_hvd_cuda "$out/comm.log" "$venv_python" -m larscale bench-hvd --device cuda "${comm_args[@]}" \
-        --out "$out/hvd_cuda.csv"
+        --ranks $((gpus > 1 ? gpus : 1)) --out "$out/hvd_cuda.csv"
 else
     echo "bench_hvd_cuda   skipped: no Horovod with MPI in $LARSCALE_VENV (HOROVOD_WITHOUT_MPI=0 builds one)" \
         | tee -a "$summary"

@@ -222,8 +222,12 @@ def test_hung_rank_trips_the_watchdog(tmp_path: Path, framework: str, backend: s
         stopped = ranks[1]
         stopped.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
-        _, err = proc.communicate(timeout=60)
+        ranks[0].wait(timeout=60)
         elapsed = time.monotonic() - stopped_at
+        # The watchdog has done its part. A stopped rank cannot act on the launcher's SIGTERM: torchrun would wait
+        # its 30 s grace before killing it; kill it now, as the launcher finally would.
+        stopped.kill()
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -16,6 +16,8 @@ An "epoch" of synthetic data is ImageNet-1k's 1,281,167 images, so ``--epochs`` 
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -121,19 +123,36 @@ class ArrayData:
     num_classes: int
 
 
+def digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as its ``load_digits`` reads them (8×8 float64 images 0-16, labels), from the table it
+    ships (``sklearn/datasets/data/digits.csv.gz``: 64 pixel columns, then the label) without importing
+    scikit-learn: that import (SciPy, pandas) was a second of every rank's start-up. Another layout of the package
+    falls back to its loader."""
+    spec = importlib.util.find_spec("sklearn")           # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the digits dataset comes with scikit-learn, which is not installed: pip install scikit-learn")
+    table = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not table.is_file():
+        from sklearn.datasets import load_digits as sk_digits
+
+        bunch = sk_digits()
+        return bunch.images, bunch.target
+    with gzip.open(table, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def load_digits(image_size: int, seed: int, test_fraction: float = 0.2) -> ArrayData:
     """scikit-learn's 1,797 8×8 digits, scaled to [0, 1], standardised, upsampled to ``image_size`` and
     repeated over 3 channels; the train/test split is a permutation drawn from ``seed``."""
-    from sklearn.datasets import load_digits as sk_digits
-
     if image_size < 8:
         raise DataError(f"digits are 8×8; --image-size must be >= 8, got {image_size}")
-    bunch = sk_digits()
-    images = bunch.images.astype(np.float32) / 16.0
+    raw_images, raw_labels = digits_table()
+    images = raw_images.astype(np.float32) / 16.0
     images = (images - images.mean()) / images.std()
     images = upsample_bilinear(images, image_size).astype(np.float32)
     images = np.repeat(images[:, None, :, :], 3, axis=1)
-    labels = bunch.target.astype(np.int64)
+    labels = raw_labels.astype(np.int64)
     order = np.random.default_rng([seed, 0xD161]).permutation(len(labels))
     n_test = int(round(len(labels) * test_fraction))
     test, train = order[:n_test], order[n_test:]

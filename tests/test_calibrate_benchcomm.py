@@ -110,7 +110,7 @@ def test_self_launched_two_ranks_write_the_csv(tmp_path: Path) -> None:
     assert "launching:" in proc.stdout and "mpirun" in proc.stdout
     rows = read_csv(out)
     _check_rows(rows, ranks=2, nodes=1)
-    assert {r["label"] for r in rows} == {"shm"}
+    assert {r["label"] for r in rows} == {"shm"} and {r["device"] for r in rows} == {"cpu"}
     assert "busbw GB/s" in proc.stdout
 
 
@@ -170,6 +170,7 @@ def test_bench_hvd_times_horovods_allreduce_with_the_mpi_rows(tmp_path: Path) ->
         assert r["busbw_gbytes_per_s"] == pytest.approx(r["algbw_gbytes_per_s"], rel=1e-6)   # 2(p-1)/p = 1
         assert r["mpi_library"].startswith("Horovod 0.28.1 (mpi controller")
         assert "HOROVOD_CYCLE_TIME=1" in r["mpi_library"]
+    assert {r["device"] for r in rows} == {"cpu"}      # --device cpu: Horovod's tensors and the MPI rows on the host
     # A call waits for the background thread's next cycle: even 4 bytes take a good part of the 1 ms cycle.
     assert hvd_rows[0]["mean_s"] > 1e-4
 

@@ -2,7 +2,12 @@
 
 CPU (Xeon, Xeon Phi): one rank drives a socket or a share of one. Threads per rank come from ``--threads``,
 else ``OMP_NUM_THREADS``, else ``cores ÷ local ranks`` (at least 1), so ranks on a node do not oversubscribe
-its cores. PyTorch's CPU convolutions run on oneDNN; channels-last (NHWC) activations let oneDNN skip layout
+its cores. N threads means N cores' worth of compute in every pool: OpenMP's (PyTorch's intra-op pool and its
+oneDNN, NumPy's OpenBLAS) and TensorFlow's intra-op pool (its oneDNN runs there too) get N, the inter-op pools
+1 on CPU. TensorFlow's inter-op threads each run a kernel of their own, so two of them ran two kernels at once:
+a ``--threads 1`` rank used ~1.5 cores. The sizes go into the environment before the framework is imported
+(:func:`preset_thread_environment`) and are set again through the framework's API once the rank knows its
+local size. PyTorch's CPU convolutions run on oneDNN; channels-last (NHWC) activations let oneDNN skip layout
 reorders. bf16 autocast uses AVX512-BF16/AMX where present. fp16 autocast has no CPU kernels worth using and is
 refused.
 
@@ -16,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +59,44 @@ def threads_per_rank(requested: int | None, local_size: int, env: Mapping[str, s
         if value >= 1:
             return value
     return max(1, (cores or cores_available()) // max(1, local_size))
+
+
+def launcher_local_size(env: Mapping[str, str] | None = None) -> int | None:
+    """Ranks on this node as the launcher announced them before any library starts (None: it did not say)."""
+    from larscale.launchenv import LAUNCH_VARIABLES
+
+    env = os.environ if env is None else env
+    for variables in LAUNCH_VARIABLES:
+        value = env.get(variables.local_size or "", "").strip()
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    return None
+
+
+def thread_environment(threads: int) -> dict[str, str]:
+    """The variables that size a rank's compute pools to ``threads`` cores; read when a library loads.
+
+    OpenMP (PyTorch's intra-op pool, NumPy's OpenBLAS), TensorFlow's intra-op pool (which its oneDNN uses) and
+    its inter-op pool: one inter-op thread, because each one runs a kernel of its own beside the others.
+    """
+    return {"OMP_NUM_THREADS": str(threads), "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1"}
+
+
+def preset_thread_environment(requested: int | None, env: MutableMapping[str, str] | None = None) -> int | None:
+    """Put :func:`thread_environment` into ``env`` (default ``os.environ``) before a framework is imported.
+
+    Only when the count is known before the rank joins (``--threads``, OMP_NUM_THREADS, or a launcher that
+    announces the local size); otherwise nothing is written, so that ``cores ÷ local ranks`` is still worked
+    out once the rank knows its local size, and the framework's API sets the pools then. Returns the threads
+    written, or None.
+    """
+    env = os.environ if env is None else env
+    local_size = launcher_local_size(env)
+    if requested is None and not env.get("OMP_NUM_THREADS", "").strip() and local_size is None:
+        return None
+    threads = threads_per_rank(requested, local_size or 1, env)
+    env.update(thread_environment(threads))
+    return threads
 
 
 def check_precision(device: str, precision: str) -> None:
@@ -142,7 +185,10 @@ def setup_torch(device: str, precision: str, threads: int | None, local_rank: in
     torch.set_num_threads(n_threads)
     with contextlib.suppress(RuntimeError):  # only settable before the first inter-op parallel work
         torch.set_num_interop_threads(1)
-    details: dict[str, Any] = {"mkldnn": bool(torch.backends.mkldnn.is_available())}
+    details: dict[str, Any] = {"mkldnn": bool(torch.backends.mkldnn.is_available()),
+                               "thread_pools": {"intra_op": torch.get_num_threads(),
+                                                "inter_op": torch.get_num_interop_threads(),
+                                                "openmp": _env_int("OMP_NUM_THREADS")}}
     if device == "cuda":
         gpus = require_cuda_torch()
         if local_rank >= gpus:
@@ -187,7 +233,9 @@ def setup_tensorflow(device: str, precision: str, threads: int | None, local_ran
     check_precision(device, precision)
     n_threads = threads_per_rank(threads, local_size)
     tf.config.threading.set_intra_op_parallelism_threads(n_threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1 if deterministic else 2)
+    # On CPU every inter-op thread computes a kernel of its own: one, so that N threads are N cores' worth. On a
+    # GPU they only launch kernels, and two let the next launch start while one waits.
+    tf.config.threading.set_inter_op_parallelism_threads(1 if deterministic or device == "cpu" else 2)
     if device == "cuda":
         gpus = tf.config.list_physical_devices("GPU")
         if not gpus:
@@ -207,7 +255,17 @@ def setup_tensorflow(device: str, precision: str, threads: int | None, local_ran
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(seed)
-    return TFDevice(device_name, precision, n_threads, {})
+    # The trainer feeds tensors from NumPy, without tf.data: no tf.data pool to size.
+    pools = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+             "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+             "openmp": _env_int("OMP_NUM_THREADS")}
+    return TFDevice(device_name, precision, n_threads, {"thread_pools": pools})
+
+
+def _env_int(name: str) -> int | None:
+    """An integer environment variable as the libraries read it at load (None when unset or not a number)."""
+    value = os.environ.get(name, "").split(",")[0].strip()
+    return int(value) if value.isdigit() else None
 
 
 def rng_state_torch() -> dict[str, Any]:

@@ -33,6 +33,17 @@ if TYPE_CHECKING:
     from scaling.framework import Framework
 
 
+def preset_threads(config: TrainConfig) -> None:
+    """Size the frameworks' thread pools in the environment, which they read only when they load (before then)."""
+    from scaling.config import usage_error
+    from scaling.device import DeviceError, preset_thread_environment
+
+    try:
+        preset_thread_environment(config.threads)
+    except DeviceError as err:
+        raise usage_error(str(err)) from None
+
+
 def build_framework(config: TrainConfig) -> Framework:
     """The framework adapter for ``--framework`` (imports the framework only when chosen)."""
     if config.framework == "tensorflow":
@@ -78,6 +89,7 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
         if launcher_rank() in (None, 0):
             print(f"larscale train: torchrun restart {restarts}: resuming from the newest checkpoint", flush=True)
     check_output_dir(config.out)
+    preset_threads(config)
     framework = build_framework(config)
     comm = build_communicator(config)
     try:

@@ -214,7 +214,12 @@ def test_hostile_site_lines_images_and_binds(shell_box, runtime: str, scheduler:
             assert "\n" not in str(err) and err.path.startswith(("job.site_lines[0]", "job.container")), str(err)
             return
         prefix = {"slurm": "#SBATCH ", "pbs": "#PBS ", "lsf": "#BSUB "}[scheduler]
-        assert [line for line in text.splitlines() if site in line] == [prefix + site]
+        # Written whole, once, among the directives (where sbatch/qsub/bsub read them and bash sees a comment). Not
+        # "the only line containing it": a site line "--resume" also occurs in the resume command, as it should.
+        lines = text.splitlines()
+        assert lines.count(prefix + site) == 1, text
+        first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
+        assert lines.index(prefix + site) < first_command, text
         script = work_path / "job.sh"
         script.write_text(text)
         log = work_path / "argv"

@@ -40,7 +40,8 @@ class Framework:
 
 
 # DDP: 25 MiB buckets (torch.nn.parallel.DistributedDataParallel bucket_cap_mb); Horovod: 64 MiB fusion buffer and
-# the 5 ms cycle of its 0.1x releases; tf_cnn_benchmarks' replicated mode: one NCCL allreduce per variable as its
+# the 5 ms cycle of the releases before 0.21.0 (which made them 128 MB and 1 ms: its release notes, horovod#2468;
+# the set's runs are of 2017-2020); tf_cnn_benchmarks' replicated mode: one NCCL allreduce per variable as its
 # gradient is ready; TF2 tf.distribute: gradients packed and reduced in apply_gradients, after the backward pass;
 # Paddle (fuse_all_reduce_ops, 32 MB) and OneFlow: bucketed, launched during the backward pass.
 FRAMEWORKS: dict[str, Framework] = {

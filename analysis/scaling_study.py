@@ -319,8 +319,10 @@ def allocation(calibration: Calibration, projection: Projection, model: str, opt
     factor = profile.charge.factor if profile.charge is not None else None
     unit = profile.charge.unit if profile.charge is not None else "node-hours"
 
-    def chain(wall_s: float, train_s: float) -> int:
-        return round((wall_s - train_s) / options.restart_overhead_s)
+    def chain(nodes: int, train_s: float) -> int:
+        """Jobs of a walltime chain under the queue's limit for this job size (as plan counts them)."""
+        usable = max(profile.max_walltime_for(nodes)[0] - options.restart_overhead_s, 1.0)
+        return max(math.ceil(train_s / usable), 1)
 
     rows = []
     for row in central.front[: options.configurations]:
@@ -334,8 +336,8 @@ def allocation(calibration: Calibration, projection: Projection, model: str, opt
                   "time_to_train_h_low": fast.time_to_train_s_low / 3600,
                   "time_to_train_h_high": slow.time_to_train_s_high / 3600,
                   "walltime_limit_h": profile.max_walltime_for(row.nodes)[0] / 3600,
-                  "jobs": row.jobs, "jobs_low": chain(fast.wall_s_low, fast.time_to_train_s_low),
-                  "jobs_high": chain(slow.wall_s_high, slow.time_to_train_s_high),
+                  "jobs": row.jobs, "jobs_low": chain(row.nodes, fast.time_to_train_s_low),
+                  "jobs_high": chain(row.nodes, slow.time_to_train_s_high),
                   **{f"node_hours{end}": value for end, value in node_hours.items()},
                   **{f"device_hours{end}": value * devices for end, value in node_hours.items()}}
         if factor is not None:

@@ -149,8 +149,11 @@ def test_out_of_sample_errors_are_printed_and_the_projection_carries_an_interval
     assert any("inter_node" in u for u in summary["calibration"]["unidentified"])
     allocation = pd.read_csv(out / "data" / "allocation.csv")
     assert not allocation.empty and (allocation["nodes"] <= 16).all()
-    assert (allocation["node_hours_low"] <= allocation["node_hours"]).all()
-    assert (allocation["node_hours"] <= allocation["node_hours_high"]).all()
+    for figure in ("node_hours", "time_to_train_h", "device_hours", "charge_units"):   # predict's interval
+        assert (allocation[f"{figure}_low"] < allocation[figure]).all(), figure
+        assert (allocation[figure] < allocation[f"{figure}_high"]).all(), figure
+    page = (out / "index.md").read_text()
+    assert "node_hours_low" in page and "time_to_train_h_high" in page and "predict's 90 % interval" in page
     assert allocation["charge_units"].tolist() == pytest.approx((2.5 * allocation["node_hours"]).tolist())
     assert allocation["device_hours"].tolist() == pytest.approx((2 * allocation["node_hours"]).tolist())
     for row in allocation.itertuples():                   # the walltime chain under the 2 h queue limit

@@ -17,6 +17,8 @@ FRAMEWORKS = ("torch", "tensorflow")
 BACKENDS = tuple(backends.BACKENDS)
 OPTIMIZERS = ("lars", "sgd")
 SCHEDULES = ("poly", "step", "cosine")
+# PyTorch's kernels on CPU: its own choices, or faster ones that round differently (scaling/framework_torch.py).
+CPU_KERNELS = ("default", "fast")
 DEFAULT_BATCH_PER_RANK = 32
 DEFAULT_STEPS = 100
 # Trainer-local diagnostic network (not in models/): 2 conv + linear, no BatchNorm and no dropout, so a step
@@ -71,6 +73,7 @@ class TrainConfig:
     threads: int | None = None
     memory_format: str = "auto"
     compile: bool = False
+    cpu_kernels: str = "default"
     seed: int = 42
     out: str = "runs/train"
     checkpoint_every: int = 0
@@ -130,6 +133,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     dev.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default=d.memory_format)
     dev.add_argument("--compile", action="store_true", help="torch.compile the model (PyTorch; needs a C++ "
                      "compiler on CPU, Triton on GPU); the summary says whether allreduces still overlapped backward")
+    dev.add_argument("--cpu-kernels", choices=CPU_KERNELS, default=d.cpu_kernels,
+                     help="PyTorch on CPU: 'fast' runs on oneDNN the 1x1 convolutions PyTorch gives its slower GEMM "
+                     "path (1 thread, under 16 images), and --optimizer sgd as one fused pass; results differ from "
+                     "'default' by rounding")
     dev.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise resume)")
     run = parser.add_argument_group("run directory, checkpoints, logging")
     run.add_argument("--seed", type=int, default=d.seed)
@@ -181,6 +188,9 @@ def check_config(config: TrainConfig) -> None:
         raise usage_error(f"--backend {config.backend} is {backends.BACKENDS[config.backend].title}; "
                           f"{backends.FRAMEWORK_TITLES[config.framework]} runs use --backend "
                           f"{' or '.join(backends.backends_for(config.framework))}")
+    if config.cpu_kernels != "default" and (config.framework != "torch" or config.device != "cpu"):
+        raise usage_error(f"--cpu-kernels {config.cpu_kernels} chooses PyTorch's CPU kernels; drop it for "
+                          "TensorFlow or --device cuda")
     if config.compile and config.framework != "torch":
         raise usage_error("--compile is torch.compile (PyTorch); TensorFlow already compiles its steps with "
                           "tf.function")

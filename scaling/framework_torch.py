@@ -59,6 +59,27 @@ def build_torch_model(name: str, num_classes: int, image_size: int) -> Any:
         raise usage_error(f"--model {name}: {err}") from None
 
 
+def route_convolutions(model: Any) -> int:
+    """``--cpu-kernels fast``: send every convolution of ``model`` to oneDNN; returns how many were re-routed.
+
+    PyTorch runs a 1x1 convolution with stride 1 on its own GEMM path instead of oneDNN when it has one thread and
+    fewer than 16 images (ATen's ConvParams::use_mkldnn); on one core that path is slower, forward and backward
+    (benchmarks/README.md, bench_cpu.py). A 1x1 kernel has a single tap, so its dilation changes nothing in the
+    result, but a dilated convolution always goes to oneDNN, which runs it with its 1x1 kernels: dilation 2 on those
+    convolutions re-routes them. Parameters, state_dict and checkpoints are unchanged; the sums run in oneDNN's
+    order, so losses differ from the default's by rounding.
+    """
+    import torch.nn as nn
+
+    routed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1) \
+                and module.dilation == (1, 1) and module.groups == 1:
+            module.dilation = (2, 2)
+            routed += 1
+    return routed
+
+
 def torch_param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     """Weights (≥ 2-D) get weight decay and the LARS trust ratio; biases and BN parameters (1-D) neither, as in
     the MLPerf reference LARS."""
@@ -75,7 +96,10 @@ def make_torch_optimizer(config: TrainConfig, plan: RunPlan, model: Any) -> Any:
 
     groups = torch_param_groups(model, plan.weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=plan.base_lr, momentum=plan.momentum)
+        # --cpu-kernels fast: the fused kernel updates a tensor in one pass (read w, g, v; write w, v) where the
+        # default loop makes eleven; the same formula, but a tensor's last elements (under one vector) round apart.
+        return torch.optim.SGD(groups, lr=plan.base_lr, momentum=plan.momentum,
+                               fused=True if config.cpu_kernels == "fast" else None)
     from scaling.optim_fast import FastLARS
 
     return FastLARS(groups, lr=plan.base_lr, momentum=plan.momentum, weight_decay=plan.weight_decay,
@@ -301,6 +325,7 @@ class TorchTraining:
         # convolutions run channels-last.
         torch.manual_seed(c.seed)
         self.model = build_torch_model(c.model, plan.num_classes, plan.image_size).to(self.device_setup.device)
+        self.convolutions_rerouted = route_convolutions(self.model) if c.cpu_kernels == "fast" else 0
         optimizer = make_torch_optimizer(c, plan, self.model)
         self.grads: TorchGradients = comm.torch_gradients(self.model, optimizer, plan.batch.accumulation)
         self.optimizer = self.grads.optimizer
@@ -418,7 +443,8 @@ class TorchTraining:
         return counts
 
     def describe(self) -> dict[str, Any]:
-        return {"compiled": self.config.compile, **self.probe.summary()}
+        return {"compiled": self.config.compile, "cpu_kernels": self.config.cpu_kernels,
+                "convolutions_rerouted": self.convolutions_rerouted, **self.probe.summary()}
 
     def versions(self) -> dict[str, str]:
         return {"torch": self.torch.__version__}

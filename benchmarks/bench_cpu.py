@@ -95,7 +95,8 @@ def train_once(c: Contender, model: str, image: int, batch: int, steps: int, war
     summary = json.loads((out / "summary.json").read_text())
     compute = [r["compute_s"] for r in read_steps(step_log_path(out, 0))[warmup:]]
     return {"step_s": statistics.median(step_times(out, 1, warmup)), "compute_s": statistics.median(compute),
-            "threads_per_rank": summary["threads_per_rank"]}
+            "threads_per_rank": summary["threads_per_rank"],
+            "convolutions_rerouted": summary["backend"].get("convolutions_rerouted")}
 
 
 def measure(args: argparse.Namespace, core: int) -> dict:
@@ -125,7 +126,8 @@ def measure(args: argparse.Namespace, core: int) -> dict:
                              "step_s_repeats": [r["step_s"] for r in reps], "images_per_s": images_per_s,
                              "gflops_per_image": flops / 1e9, "gflops_per_s": gflops, "core_peak_gflops": peak,
                              "share_of_peak": None if peak is None else gflops / peak,
-                             "threads_per_rank": best["threads_per_rank"]})
+                             "threads_per_rank": best["threads_per_rank"],
+                             "convolutions_rerouted": best["convolutions_rerouted"]})
             mine = {r["contender"]: r for r in rows if r["model"] == model and r["image_size"] == image}
             tf = mine.get("tensorflow-fp32")
             for c in field:

@@ -101,6 +101,9 @@ def test_bench_cpu_quick_reports_rates_flops_and_peak_per_core(tmp_path) -> None
         assert row["gflops_per_s"] == pytest.approx(row["images_per_s"] * flops / 1e9)
         assert row["core_peak_gflops"] == pytest.approx(peak)
         assert row["share_of_peak"] == pytest.approx(row["gflops_per_s"] / peak)
+    # the trainer took the option: its summary counts the convolutions it sent to oneDNN
+    assert (rows["torch-fp32"]["convolutions_rerouted"], rows["torch-fp32+fast"]["convolutions_rerouted"]) == \
+        (0, RESNET50_POINTWISE)
     # no TensorFlow run, so no ratio and no verdict
     assert report["ratios"] == [] and report["passed"] is None
     assert "| resnet50 | 64 | torch-fp32+fast |" in proc.stdout

@@ -166,52 +166,73 @@ class _Timer:
         return slowest.tolist(), per_rep
 
 
-def _allreduce_call(comm, elements: int):
+CallFactory = Callable[[int], Callable[[], None]]
+
+
+def buffer_factories(comm, filled: Callable[[int, float], Any], add: Callable[[Any, Any], None],
+                     synchronize: Callable[[], None] = lambda: None, where: str = "host memory"
+                     ) -> dict[str, CallFactory]:
+    """The three operations on buffers that ``filled(elements, value)`` makes (float32) and ``add`` sums in place:
+    ``allreduce`` and ``pingpong`` through MPI, ``reduce_local`` as the local add. ``synchronize`` waits for the
+    device: MPI may read a buffer only once the kernel that filled it is done, and a timed add ends when the device
+    has finished it. Each call is checked once before it is timed."""
     from mpi4py import MPI
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    send = np.full(elements, rank + 1, dtype=np.float32)
-    recv = np.zeros(elements, dtype=np.float32)
 
-    def call() -> None:
-        comm.Allreduce(send, recv, op=MPI.SUM)
+    def allreduce(elements: int) -> Callable[[], None]:
+        send, recv = filled(elements, float(rank + 1)), filled(elements, 0.0)
+        synchronize()
 
-    call()
-    expected = size * (size + 1) / 2
-    if recv[0] != expected or recv[-1] != expected:
-        raise RuntimeError(f"allreduce of {elements} float32 gave {recv[0]}, expected {expected}")
-    return call
-
-
-def _pingpong_call(comm, elements: int):
-    """One round trip between partners 2i and 2i+1 (a rank without a partner idles)."""
-    rank, size = comm.Get_rank(), comm.Get_size()
-    buffer = np.zeros(elements, dtype=np.float32)
-    partner = rank ^ 1
-    if partner >= size:
-        return lambda: None
-    if rank % 2 == 0:
         def call() -> None:
-            comm.Send(buffer, dest=partner, tag=7)
-            comm.Recv(buffer, source=partner, tag=7)
-    else:
+            comm.Allreduce(send, recv, op=MPI.SUM)
+
+        call()
+        expected = size * (size + 1) / 2
+        ends = (float(recv[0]), float(recv[-1]))
+        if ends != (expected, expected):
+            raise RuntimeError(f"allreduce of {elements} float32 in {where} gave {ends} at the ends, expected "
+                               f"{expected}")
+        return call
+
+    def pingpong(elements: int) -> Callable[[], None]:
+        """One round trip between partners 2i and 2i+1 (a rank without a partner idles)."""
+        buffer, partner = filled(elements, float(rank)), rank ^ 1
+        if partner >= size:
+            return lambda: None
+        synchronize()
+        first, second = ((lambda: comm.Send(buffer, dest=partner, tag=7)),
+                         (lambda: comm.Recv(buffer, source=partner, tag=7)))
+        if rank % 2:
+            first, second = second, first
+
         def call() -> None:
-            comm.Recv(buffer, source=partner, tag=7)
-            comm.Send(buffer, dest=partner, tag=7)
-    return call
+            first()
+            second()
+
+        call()
+        if float(buffer[-1]) != min(rank, partner):   # after a round trip both hold the even rank's values
+            raise RuntimeError(f"ping-pong of {elements} float32 in {where} left {float(buffer[-1])} on rank {rank}, "
+                               f"expected {min(rank, partner)}")
+        return call
+
+    def reduce_local(elements: int) -> Callable[[], None]:
+        accumulator, incoming = filled(elements, 1.0), filled(elements, 1.0)
+        synchronize()
+
+        def call() -> None:
+            add(accumulator, incoming)
+            synchronize()
+
+        return call
+
+    return {"allreduce": allreduce, "pingpong": pingpong, "reduce_local": reduce_local}
 
 
-def _reduce_local_call(elements: int):
-    accumulator = np.ones(elements, dtype=np.float32)
-    incoming = np.ones(elements, dtype=np.float32)
-
-    def call() -> None:
-        np.add(accumulator, incoming, out=accumulator)
-
-    return call
-
-
-CallFactory = Callable[[int], Callable[[], None]]
+def host_factories(comm) -> dict[str, CallFactory]:
+    """bench-comm's own operations, on NumPy buffers in host memory."""
+    return buffer_factories(comm, lambda elements, value: np.full(elements, value, dtype=np.float32),
+                            lambda accumulator, incoming: np.add(accumulator, incoming, out=accumulator))
 
 
 def run_benchmark(comm, config: BenchConfig, factories: Mapping[str, CallFactory] | None = None,
@@ -232,22 +253,16 @@ def run_benchmark(comm, config: BenchConfig, factories: Mapping[str, CallFactory
     nodes, ranks_per_node = _topology(comm)
     library = library or mpi_library_name()
     timer = _Timer(comm, config)
+    builtin = host_factories(comm)
     rows: list[dict[str, Any]] = []
     for operation in config.operations:
         if operation == "pingpong" and size < 2:
             continue
         for nbytes in message_sizes(config.min_bytes, config.max_bytes, config.factor):
             elements = nbytes // 4
-            if operation in factories:
-                call = factories[operation](elements)
-                if call is None:
-                    continue
-            elif operation == "allreduce":
-                call = _allreduce_call(comm, elements)
-            elif operation == "pingpong":
-                call = _pingpong_call(comm, elements)
-            else:
-                call = _reduce_local_call(elements)
+            call = factories.get(operation, builtin.get(operation))(elements)
+            if call is None:
+                continue
             samples, per_rep = timer.measure(call)
             if operation == "pingpong":
                 samples = [s / 2 for s in samples]     # one way: half a round trip
@@ -305,63 +320,13 @@ def mpi_gpu_support(kind: str = "cuda", environ: Mapping[str, str] | None = None
 
 def tensor_factories(comm, place) -> dict[str, CallFactory]:
     """bench-comm's operations on torch tensors at ``place`` (a torch.device), handed to mpi4py by DLPack/CUDA
-    array interface: ``allreduce`` and ``pingpong`` through MPI, ``reduce_local`` as a torch add there."""
+    array interface; the local add is a torch add there."""
     import torch
-    from mpi4py import MPI
 
-    rank, size = comm.Get_rank(), comm.Get_size()
-    # Kernels are asynchronous: MPI may read a buffer only once the kernel that filled it is done, and a timed
-    # local add ends when the device has finished it.
-    synchronize = torch.cuda.synchronize if place.type == "cuda" else (lambda: None)
-
-    def filled(elements: int, value: float):
-        tensor = torch.full((elements,), value, dtype=torch.float32, device=place)
-        synchronize()
-        return tensor
-
-    def allreduce(elements: int) -> Callable[[], None]:
-        send, recv = filled(elements, float(rank + 1)), filled(elements, 0.0)
-
-        def call() -> None:
-            comm.Allreduce(send, recv, op=MPI.SUM)
-
-        call()
-        expected = size * (size + 1) / 2
-        ends = (float(recv[0]), float(recv[-1]))
-        if ends != (expected, expected):
-            raise RuntimeError(f"allreduce of {elements} float32 on {place} gave {ends} at the ends, expected "
-                               f"{expected}")
-        return call
-
-    def pingpong(elements: int) -> Callable[[], None]:
-        buffer, partner = filled(elements, float(rank)), rank ^ 1
-        if partner >= size:
-            return lambda: None
-        first, second = ((lambda: comm.Send(buffer, dest=partner, tag=7)),
-                         (lambda: comm.Recv(buffer, source=partner, tag=7)))
-        if rank % 2:
-            first, second = second, first
-
-        def call() -> None:
-            first()
-            second()
-
-        call()
-        if float(buffer[-1]) != min(rank, partner):   # after a round trip both hold the even rank's values
-            raise RuntimeError(f"ping-pong of {elements} float32 on {place} left {float(buffer[-1])} on rank {rank}, "
-                               f"expected {min(rank, partner)}")
-        return call
-
-    def reduce_local(elements: int) -> Callable[[], None]:
-        accumulator, incoming = filled(elements, 1.0), filled(elements, 1.0)
-
-        def call() -> None:
-            torch.add(accumulator, incoming, out=accumulator)
-            synchronize()
-
-        return call
-
-    return {"allreduce": allreduce, "pingpong": pingpong, "reduce_local": reduce_local}
+    return buffer_factories(
+        comm, lambda elements, value: torch.full((elements,), value, dtype=torch.float32, device=place),
+        lambda accumulator, incoming: torch.add(accumulator, incoming, out=accumulator),
+        torch.cuda.synchronize if place.type == "cuda" else (lambda: None), f"{place} memory")
 
 
 def device_factories(comm, device: str) -> tuple[dict[str, CallFactory], str]:

@@ -204,13 +204,13 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
     # The queue's walltime for each point's job size (node-count bins), unless the caller fixed one.
     walltime_of = (np.full(nodes_a.size, walltime_s) if max_walltime is not None else
                    np.array([min(walltime_s, profile.max_walltime_for(int(n))[0]) for n in nodes_a], dtype=float))
-    jobs = np.maximum(np.ceil(pred.time_to_train_s / np.maximum(walltime_of - restart_overhead_s, 1.0)), 1)
+    jobs = chain_jobs(pred.time_to_train_s, walltime_of, restart_overhead_s)
     wall = pred.time_to_train_s + jobs * restart_overhead_s
     node_hours = nodes_a * wall / 3600
     # The same at the interval's ends: a slower run may need a longer restart chain.
     ends = {}
     for end, train_s in (("low", pred.time_to_train_s_low), ("high", pred.time_to_train_s_high)):
-        chain = np.maximum(np.ceil(train_s / np.maximum(walltime_of - restart_overhead_s, 1.0)), 1)
+        chain = chain_jobs(train_s, walltime_of, restart_overhead_s)
         ends[end] = {"time_to_train_s": train_s, "wall_s": train_s + chain * restart_overhead_s}
         ends[end]["node_hours"] = nodes_a * ends[end]["wall_s"] / 3600
     rows = []
@@ -240,6 +240,12 @@ def plan(model: str, machine: str | Path | MachineProfile, target_top1: float | 
     rows.sort(key=lambda r: (r.wall_s, r.node_hours))
     return AllocationPlan(model=model, machine=profile.name, target_top1=target_top1, rows=rows, rejected=rejected,
                 max_walltime_s=walltime_s, restart_overhead_s=restart_overhead_s, notes=notes)
+
+
+def chain_jobs(train_s, walltime_s, restart_overhead_s: float):
+    """Jobs of a checkpoint/restart chain, ``⌈T / (W − o)⌉`` and at least one (``W − o`` at least a second);
+    elementwise over arrays of training times and walltime limits."""
+    return np.maximum(np.ceil(np.asarray(train_s) / np.maximum(np.asarray(walltime_s) - restart_overhead_s, 1.0)), 1)
 
 
 def _seconds(value: str | float, name: str) -> float:

@@ -296,7 +296,7 @@ def allocation(calibration: Calibration, projection: Projection, model: str, opt
     `larscale plan` on the calibrated profile, fastest first, each figure beside its interval's ends."""
     import pandas as pd
 
-    from analysis.plan import plan
+    from analysis.plan import chain_jobs, plan
 
     epochs = options.epochs if options.top1 is None else None
     notes = []
@@ -321,8 +321,7 @@ def allocation(calibration: Calibration, projection: Projection, model: str, opt
 
     def chain(nodes: int, train_s: float) -> int:
         """Jobs of a walltime chain under the queue's limit for this job size (as plan counts them)."""
-        usable = max(profile.max_walltime_for(nodes)[0] - options.restart_overhead_s, 1.0)
-        return max(math.ceil(train_s / usable), 1)
+        return int(chain_jobs(train_s, profile.max_walltime_for(nodes)[0], options.restart_overhead_s))
 
     rows = []
     for row in central.front[: options.configurations]:

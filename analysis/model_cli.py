@@ -295,10 +295,13 @@ def _emit_sweep(result, args: argparse.Namespace) -> None:
     if Path(machine).is_file():
         machine = str(Path(machine).resolve())         # the spec may be used from another directory
     rows = result.front or result.rows
-    threads = max(1, load_machine(args.machine).node.cores // rows[0].ranks_per_node)
+    profile = load_machine(args.machine)
+    threads = max(1, profile.node.cores // rows[0].ranks_per_node)
+    compute_mode = profile.compute.mode if args.compute_mode is None else args.compute_mode
     try:
         spec = check_sweep_spec(result, machine, max_nodes=args.emit_max_nodes, steps=args.emit_steps,
-                                top=min(args.top, 3), threads_per_rank=threads)
+                                top=min(args.top, 3), threads_per_rank=threads, precision=args.precision,
+                                compiled=compute_mode == "compiled")
     except ValueError as err:
         raise UsageError(f"--emit-sweep: {err}") from None
     path.parent.mkdir(parents=True, exist_ok=True)

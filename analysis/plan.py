@@ -291,7 +291,8 @@ def _band(low: float, high: float, digits: int = 2) -> str:
 
 
 def check_sweep_spec(result: AllocationPlan, machine: str, max_nodes: int = 4, steps: int = 100, top: int = 3,
-                     threads_per_rank: int | None = None) -> dict[str, Any]:
+                     threads_per_rank: int | None = None, precision: str = "fp32",
+                     compiled: bool = False) -> dict[str, Any]:
     """A sweep spec (jobs/spec.py's format) that checks the plan's chosen configurations at small scale.
 
     The chosen configurations are the first ``top`` of the Pareto front (fastest first). A weak sweep at their
@@ -299,7 +300,9 @@ def check_sweep_spec(result: AllocationPlan, machine: str, max_nodes: int = 4, s
     nodes up to ``max_nodes`` (and the largest chosen node count) measures what the plan assumed at that
     per-rank load: `larscale report` on it calibrates the profile and projects back to the chosen scale.
     ``machine``: the profile as the plan was given it (bundled name or YAML path); ``threads_per_rank``: the
-    node's cores shared by its ranks, as the plan's runs would use them.
+    node's cores shared by its ranks, as the plan's runs would use them. ``precision`` and ``compiled``: the
+    arithmetic and the compute mode the plan assumed, so that the check measures the steps it priced (the trainer's
+    own default precision can differ from the plan's).
     """
     if max_nodes < 1 or steps < 1:
         raise ValueError(f"max_nodes and steps must be >= 1, got {max_nodes} and {steps}")
@@ -318,5 +321,6 @@ def check_sweep_spec(result: AllocationPlan, machine: str, max_nodes: int = 4, s
         "sweep": {"kind": "weak", "nodes": nodes, "ranks_per_node": first.ranks_per_node,
                   "batch_per_rank": first.batch_per_rank,
                   **({"threads_per_rank": threads_per_rank} if threads_per_rank else {})},
-        "training": {"steps": steps, "optimizer": "lars", "extra_args": ["--no-eval"]},
+        "training": {"steps": steps, "optimizer": "lars", "precision": precision,
+                     "extra_args": ["--no-eval", *(["--compile"] if compiled else [])]},
     }

@@ -48,6 +48,28 @@ def test_emit_sweep_writes_a_spec_that_dry_runs_at_the_chosen_batch(tmp_path: Pa
         assert syntax.returncode == 0, (script, syntax.stderr)
 
 
+def test_emit_sweep_checks_the_precision_and_compute_mode_the_plan_priced(tmp_path: Path) -> None:
+    # A plan priced bf16 compiled steps: the check must train those, not the trainer's defaults (eager, and on a
+    # GPU bf16 whatever the plan assumed); an fp32 plan on the same GPU profile must say fp32.
+    for precision, mode in (("bf16", "compiled"), ("fp32", "eager")):
+        spec_path = tmp_path / f"check-{precision}.yaml"
+        proc = larscale("plan", "--model", "resnet50", "--machine", "dgx-h100", "--epochs", "90",
+                        "--budget-node-hours", "5000", "--precision", precision, "--compute-mode", mode,
+                        "--emit-sweep", str(spec_path), "--emit-max-nodes", "2", "--emit-steps", "20")
+        assert proc.returncode == 0, proc.stderr
+        training = yaml.safe_load(spec_path.read_text())["training"]
+        assert training["precision"] == precision
+        assert ("--compile" in training["extra_args"]) == (mode == "compiled")
+        out = tmp_path / f"sweep-{precision}"
+        submitted = larscale("sweep", "submit", str(spec_path), "--output", str(out), "--dry-run")
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        scripts = sorted((out / "scripts").glob("*.sh"))
+        assert len(scripts) == 2
+        for script in scripts:
+            argv = next(line for line in script.read_text().splitlines() if "scaling.train" in line)
+            assert f"--precision {precision} " in argv and ("--compile" in argv) == (mode == "compiled"), argv
+
+
 def test_emit_sweep_refuses_a_directory(tmp_path: Path) -> None:
     proc = larscale("plan", "--model", "resnet50", "--machine", "stampede2-knl", "--epochs", "90",
                     "--emit-sweep", str(tmp_path))

@@ -43,7 +43,8 @@ class Framework:
 # the 5 ms cycle of the releases before 0.21.0 (which made them 128 MB and 1 ms: its release notes, horovod#2468;
 # the set's runs are of 2017-2020); tf_cnn_benchmarks' replicated mode: one NCCL allreduce per variable as its
 # gradient is ready; TF2 tf.distribute: gradients packed and reduced in apply_gradients, after the backward pass;
-# Paddle (fuse_all_reduce_ops, 32 MB) and OneFlow: bucketed, launched during the backward pass.
+# Paddle (fuse_all_reduce_ops, 32 MB) and OneFlow: bucketed, launched during the backward pass. MindSpore 1.1 on GPUs
+# fuses ResNet-50's gradients into a few NCCL allreduces (all_reduce_fusion_config) inside its graph: the same kind.
 FRAMEWORKS: dict[str, Framework] = {
     "pytorch_ddp": Framework(fusion_mb=25.0, cycle_ms=0.0, overlap="layerwise"),
     "horovod": Framework(fusion_mb=64.0, cycle_ms=5.0, overlap="layerwise"),
@@ -51,6 +52,7 @@ FRAMEWORKS: dict[str, Framework] = {
     "tf_distribute": Framework(fusion_mb=64.0, cycle_ms=0.0, overlap="none"),
     "paddle": Framework(fusion_mb=32.0, cycle_ms=0.0, overlap="layerwise"),
     "oneflow": Framework(fusion_mb=32.0, cycle_ms=0.0, overlap="layerwise"),
+    "mindspore": Framework(fusion_mb=32.0, cycle_ms=0.0, overlap="layerwise"),
 }
 
 

@@ -76,6 +76,7 @@ class ValidationRow:
     iteration_s: float
     low: float = math.nan       # the prediction interval, images/s
     high: float = math.nan
+    added_by: str = ""          # the rule that added the row after the model was set ("" for the first rows)
 
     @property
     def multi_node(self) -> bool:
@@ -112,6 +113,8 @@ def load_set(path: Path = VALIDATION_SET) -> dict[str, Any]:
             raise ValueError(f"{path}: row {row['id']}: its source or cluster is not described in the file")
         if ("published" in row) == ("efficiency" in row):
             raise ValueError(f"{path}: row {row['id']}: give either published images/s or efficiency")
+        if "added_by" in row and not (isinstance(row["added_by"], str) and row["added_by"].strip()):
+            raise ValueError(f"{path}: row {row['id']}: added_by must name the rule that added the row")
     for row in doc.get("collectives", []):
         if row["split"] not in SPLITS:
             raise ValueError(f"{path}: collective {row['id']}: split must be one of {', '.join(SPLITS)}")
@@ -187,7 +190,7 @@ def validate_rows(path: Path = VALIDATION_SET, collectives: dict[str, Any] | Non
             source=row["source"], one_gpu=float(row["one_gpu"]), published=published, predicted=predicted,
             error=predicted / published - 1.0, comm_exposed_s=result["comm_exposed_s"],
             iteration_s=result["iteration_s"], low=result.get("images_per_s_low", math.nan),
-            high=result.get("images_per_s_high", math.nan)))
+            high=result.get("images_per_s_high", math.nan), added_by=str(row.get("added_by", ""))))
     return out
 
 
@@ -210,18 +213,30 @@ class SplitSummary:
                 f"{self.over} over / {self.under} under")
 
 
+def summarise(label: str, part: list[ValidationRow]) -> SplitSummary:
+    multi = [r.error for r in part if r.multi_node]
+    return SplitSummary(
+        split=label, points=len(part), multi_node_points=len(multi),
+        max_abs_error_multi_node=max((abs(e) for e in multi), default=math.nan),
+        median_error_multi_node=statistics.median(multi) if multi else math.nan,
+        over=sum(e > 0 for e in multi), under=sum(e < 0 for e in multi),
+        median_abs_error=statistics.median(abs(r.error) for r in part) if part else math.nan,
+        inside_interval=sum(r.low <= r.published <= r.high for r in part))
+
+
 def summary(rows: list[ValidationRow]) -> dict[str, SplitSummary]:
-    out = {}
-    for split in SPLITS:
-        part = [r for r in rows if r.split == split]
-        multi = [r.error for r in part if r.multi_node]
-        out[split] = SplitSummary(
-            split=split, points=len(part), multi_node_points=len(multi),
-            max_abs_error_multi_node=max((abs(e) for e in multi), default=math.nan),
-            median_error_multi_node=statistics.median(multi) if multi else math.nan,
-            over=sum(e > 0 for e in multi), under=sum(e < 0 for e in multi),
-            median_abs_error=statistics.median(abs(r.error) for r in part) if part else math.nan,
-            inside_interval=sum(r.low <= r.published <= r.high for r in part))
+    return {split: summarise(split, [r for r in rows if r.split == split]) for split in SPLITS}
+
+
+def held_out_by_origin(rows: list[ValidationRow]) -> list[SplitSummary]:
+    """The held-out part without the rows each later rule added (what it was before them), then each rule's rows
+    alone: the before/after that analysis/README.md reports. Empty when no row names a rule."""
+    held = [r for r in rows if r.split == "held_out"]
+    rules = sorted({r.added_by for r in held if r.added_by})
+    if not rules:
+        return []
+    out = [summarise("held_out before " + ", ".join(rules), [r for r in held if not r.added_by])]
+    out += [summarise(f"held_out added by {rule}", [r for r in held if r.added_by == rule]) for rule in rules]
     return out
 
 

@@ -22,7 +22,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from analysis.validation import VALIDATION_SET, collective_rows, collective_table, summary, table, validate_rows
+    from analysis.validation import (
+        VALIDATION_SET,
+        collective_rows,
+        collective_table,
+        held_out_by_origin,
+        summary,
+        table,
+        validate_rows,
+    )
     from larscale import UsageError
 
     path = Path(args.path) if args.path else VALIDATION_SET
@@ -35,15 +43,17 @@ def run_validate(args: argparse.Namespace) -> int:
         raise UsageError(f"--set: {err}") from None
     shown = [r for r in rows if args.split is None or r.split == args.split]
     parts = summary(rows)
+    origins = held_out_by_origin(rows)
     if args.format == "json":
         print(json.dumps({"rows": [asdict(r) for r in shown], "collectives": [asdict(r) for r in collectives],
-                          "summary": {k: asdict(v) for k, v in parts.items()}}, indent=2))
+                          "summary": {k: asdict(v) for k, v in parts.items()},
+                          "held_out_by_origin": [asdict(v) for v in origins]}, indent=2))
         return 0
     print(table(shown))
     if collectives:
         print("\nAllreduce bus bandwidth (the collective alone):\n")
         print(collective_table(collectives))
     print()
-    for part in parts.values():
+    for part in [*parts.values(), *origins]:
         print(part.line())
     return 0

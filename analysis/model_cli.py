@@ -14,12 +14,17 @@ import sys
 from collections.abc import Iterator
 
 
-def print_profile_notes(machine: str, precision: str = "fp32") -> None:
-    """One line on stderr per field the profile leaves to the compute model's defaults."""
-    from analysis.params import profile_notes
+def print_profile_notes(machine: str, precision: str = "fp32", max_nodes: int | None = 1) -> None:
+    """One line on stderr per field the profile leaves to the compute model's defaults, and one where the
+    prediction goes where the validation set shows the model optimistic (mixed precision across nodes).
+    ``max_nodes``: the most nodes predicted (None: the machine's limit, as a plan may use them all)."""
+    from analysis.params import mixed_precision_scale_note, profile_notes
     from analysis.predict import resolve_machine
 
-    for note in profile_notes(resolve_machine(machine), precision):
+    profile = resolve_machine(machine)
+    scale_note = mixed_precision_scale_note(profile, precision,
+                                            profile.limits.max_nodes if max_nodes is None else max_nodes)
+    for note in (*profile_notes(profile, precision), *([scale_note] if scale_note else [])):
         print(f"larscale: note: {note}", file=sys.stderr)
 
 
@@ -169,7 +174,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     nodes, batch = np.meshgrid(np.array(args.nodes), np.array(args.global_batch), indexing="ij")
     with _usage_errors():
-        print_profile_notes(args.machine, args.precision)
+        print_profile_notes(args.machine, args.precision, max(args.nodes))
         result = predict(args.model, args.machine, nodes.reshape(-1), batch.reshape(-1), args.epochs,
                          args.ranks_per_node, args.dataset_size or IMAGENET_TRAIN_IMAGES, args.precision,
                          image_size=args.image_size, num_classes=args.num_classes, overlap=args.overlap,
@@ -234,7 +239,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
         raise UsageError(f"--top must be >= 1, got {args.top}")
     with _usage_errors():
-        print_profile_notes(args.machine, args.precision)
+        print_profile_notes(args.machine, args.precision, args.max_nodes)
         params = None
         if args.compute_mode is not None or args.precision != "fp32":
             from analysis.params import PerfParams

@@ -228,6 +228,14 @@ def summary(rows: list[ValidationRow]) -> dict[str, SplitSummary]:
     return {split: summarise(split, [r for r in rows if r.split == split]) for split in SPLITS}
 
 
+def held_out_by_precision(rows: list[ValidationRow]) -> list[SplitSummary]:
+    """The held-out part in fp32 and in mixed precision (fp16 or bf16 compute), each summarised alone: the
+    model's errors at scale differ by precision (analysis/README.md)."""
+    held = [r for r in rows if r.split == "held_out"]
+    return [summarise("held_out fp32", [r for r in held if r.precision == "fp32"]),
+            summarise("held_out mixed precision", [r for r in held if r.precision != "fp32"])]
+
+
 def held_out_by_origin(rows: list[ValidationRow]) -> list[SplitSummary]:
     """The held-out part without the rows each later rule added (what it was before them), then each rule's rows
     alone: the before/after that analysis/README.md reports. Empty when no row names a rule."""

@@ -27,6 +27,7 @@ def run_validate(args: argparse.Namespace) -> int:
         collective_rows,
         collective_table,
         held_out_by_origin,
+        held_out_by_precision,
         summary,
         table,
         validate_rows,
@@ -43,11 +44,11 @@ def run_validate(args: argparse.Namespace) -> int:
         raise UsageError(f"--set: {err}") from None
     shown = [r for r in rows if args.split is None or r.split == args.split]
     parts = summary(rows)
-    origins = held_out_by_origin(rows)
+    origins = held_out_by_origin(rows) + held_out_by_precision(rows)
     if args.format == "json":
         print(json.dumps({"rows": [asdict(r) for r in shown], "collectives": [asdict(r) for r in collectives],
                           "summary": {k: asdict(v) for k, v in parts.items()},
-                          "held_out_by_origin": [asdict(v) for v in origins]}, indent=2))
+                          "held_out_parts": [asdict(v) for v in origins]}, indent=2))
         return 0
     print(table(shown))
     if collectives:

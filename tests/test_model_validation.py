@@ -9,7 +9,14 @@ import sys
 import pytest
 import yaml
 
-from analysis.validation import VALIDATION_SET, held_out_by_origin, load_set, summary, validate_rows
+from analysis.validation import (
+    VALIDATION_SET,
+    held_out_by_origin,
+    held_out_by_precision,
+    load_set,
+    summary,
+    validate_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +99,9 @@ def test_rows_added_by_a_rule_are_summarised_apart(rows) -> None:
     assert before.points + sum(a.points for a in added) == len(held)
     assert before.points == sum(not r.added_by for r in held)
     assert all(r.split == "held_out" for r in rows if r.added_by)        # a later rule adds held-out rows only
+    fp32, mixed = held_out_by_precision(rows)
+    assert fp32.points + mixed.points == len(held) and fp32.points and mixed.points
+    assert fp32.multi_node_points + mixed.multi_node_points == summary(rows)["held_out"].multi_node_points
 
 
 def test_the_mixed_precision_note_says_what_the_held_out_rows_show(rows) -> None:

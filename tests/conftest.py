@@ -16,6 +16,14 @@ from scaling.launch import local_env, rank_command
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted runs of the fault tests' point, one per backend (tests/test_jobs_faults.py, reference_run):
+    made once per session, for the local and the Slurm fault tests alike."""
+    return {"root": tmp_path_factory.mktemp("reference")}
+
+
 # Under CI (CI set, as CI services do) the fuzz tests draw the same examples every run, so a red CI names a change,
 # not a draw; run locally they draw anew each time, and keep what they find in .hypothesis/ to replay.
 with contextlib.suppress(ImportError):

@@ -175,13 +175,9 @@ def report_figures(label: str, killer: Killer, output_dir: Path, point_id: str) 
         figure(f"{label}: attempt {n + 1} time lost (manifest)", launches[n].time_lost_s or 0.0)
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Uninterrupted runs of the same point, one per backend, made through the same sweep machinery."""
-    return {"root": tmp_path_factory.mktemp("reference")}
-
-
 def reference_run(references: dict[str, Path], backend: str) -> Path:
+    """The uninterrupted run of the point for ``backend``, made through the same sweep machinery on its first use
+    (``references``: the session's fixture in tests/conftest.py)."""
     if backend not in references:
         job = ddp_job() if backend == "ddp" else {}
         the_plan = plan(fault_spec(f"ref-{backend}", backend=backend, **job),

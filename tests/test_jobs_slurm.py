@@ -117,29 +117,30 @@ def test_real_two_point_sweep_is_collected_with_throughput(two_point_sweep) -> N
 @pytest.mark.slow
 def test_walltime_signal_checkpoint_and_resubmission(slurm_cluster: SlurmCluster, two_point_sweep,
                                                      tmp_path: Path) -> None:
-    """--time=2 min, --signal=B:USR1@55: Slurm sends USR1 55 s before the limit at the latest and, by the resolution
-    of its event handling, up to 60 s earlier (sbatch(1), --signal), i.e. 5-65 s after the start (seen: ~44 s);
-    the trainer stops with a checkpoint (exit 75); resubmitted with more time and --resume, the point completes
-    with every planned step done."""
+    """--time=1 min, --signal=B:USR1@15: slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT) and sends USR1
+    at the first check less than 15 + 30 s before the limit (sbatch(1), --signal: "up to 60 seconds earlier"), so
+    15-45 s after the start, when the trainer is stepping (its first step ends a few seconds in); the trainer stops
+    with a checkpoint (exit 75); resubmitted with more time and --resume, the point completes every planned step."""
     from larscale.runformat import read_steps, step_log_path
 
     _, manifest, calibration = two_point_sweep
     assert {r.state for r in manifest.points.values()} == {"complete"}, "the 2-point sweep failed"
-    # Steps for 80 s at the fastest step the 2-rank point of the sweep took, so the work surely outlasts the latest
-    # signal, 65 s after the start (its median includes the slow first steps: sized on it, the run could end
-    # before the signal). The steps after the signal are the resumed job's: sized for 120 s, the test took 250 s.
+    # Steps for 60 s at the fastest step the 2-rank point of the sweep took, so the work surely outlasts the latest
+    # signal, 45 s after the start (its median includes the slow first steps: sized on it, the run could end
+    # before the signal). The work is most of the test's time: the steps after the signal are the resumed job's.
     two_ranks = Path(calibration.table.sort_values("ranks")["run_dir"].iloc[-1])
     step_s = min(r["step_s"] for rank in (0, 1) for r in read_steps(step_log_path(two_ranks, rank)))
-    steps = max(400, math.ceil(80.0 / step_s))
+    steps = max(400, math.ceil(60.0 / step_s))
     profile = tmp_path / "test-slurm.yaml"
     profile.write_text(PROFILE)
-    spec = sweep_spec(profile, "signal", steps=steps, walltime="00:02:00", checkpoint_every=10**6, log_every=10**6)
+    spec = sweep_spec(profile, "signal", steps=steps, walltime="00:01:00", checkpoint_every=10**6, log_every=10**6)
     spec["sweep"]["ranks_per_node"] = [2]
+    spec["job"]["signal_s"] = 15
     short = plan(spec, output_dir=tmp_path / "out")
     (point,) = short.points
     script = submit(short, env=job_env(slurm_cluster)).points[point.point_id].script
-    assert "#SBATCH --time=00:02:00" in Path(script).read_text()
-    assert "#SBATCH --signal=B:USR1@55" in Path(script).read_text()
+    assert "#SBATCH --time=00:01:00" in Path(script).read_text()
+    assert "#SBATCH --signal=B:USR1@15" in Path(script).read_text()
     first = wait(short.output_dir, timeout=400, poll_s=1, env=slurm_cluster.env).points[point.point_id]
     log = "\n".join(p.read_text()[-3000:] for p in (short.output_dir / "logs").glob("*.out"))
     assert first.state == "interrupted" and first.exit_status == 75, (first, log)
@@ -184,11 +185,11 @@ def slurm_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_rank_killed_twice_inside_sbatch_heals_bitwise(slurm_cluster: SlurmCluster, slurm_profile: Path,
-                                                       tmp_path: Path) -> None:
+                                                       references: dict[str, Path], tmp_path: Path) -> None:
     """The retry loop of the batch script itself: rank 1 SIGKILLed twice after a checkpoint, inside sbatch."""
     from tests.test_jobs_faults import STEPS, Killer, assert_same_training, fault_spec, reference_run, report_figures
 
-    reference = reference_run({"root": tmp_path / "reference"}, "horovod")
+    reference = reference_run(references, "horovod")      # the local fault tests' run, where they ran first
     the_plan = plan(fault_spec("heal-slurm", machine=str(slurm_profile)), output_dir=tmp_path / "sweep")
     (point,) = the_plan.points
     killer = Killer(the_plan.run_dir(point), the_plan.output_dir, point.point_id)

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Stampede2 KNL, and write a report directory (index.md, plots, CSV/Parquet). Finished points are "
         "reused unless --fresh.")
     demo.add_argument("--out", default="report", help="report directory (default: ./report)")
-    demo.add_argument("--quick", action="store_true", help="smaller study (ResNet-50 at 64 px, 12 steps)")
+    demo.add_argument("--quick", action="store_true", help="smaller study (ResNet-50 at 64 px, 8 steps)")
     demo.add_argument("--fresh", action="store_true",
                       help="start over: the previous output is moved to OUT.old-<time>, not deleted")
     demo.add_argument("--scheduler", choices=("local", "slurm"), default="local",

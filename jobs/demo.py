@@ -48,6 +48,7 @@ class DemoConfig:
     batch_per_rank: int = 2
     resnet_image_size: int = 224          # AlexNet's fully connected head fixes it at 227
     bench_max_bytes: str = "256M"
+    bench_factor: int = 2                 # bench-hvd's sizes this factor apart
     figures: Path | None = None           # copy the main figures here (the README's, docs/figures)
     # Rounds of compute calibration runs (each: every workload alone and side by side at both batches): a
     # machine's speed drifts over minutes, and rounds average it (tests/test_predicted_vs_measured.py).
@@ -58,9 +59,10 @@ class DemoConfig:
              figures: str | Path | None = None) -> DemoConfig:
         figures = Path(figures) if figures else None
         if quick:
-            # The same study, smaller: ResNet-50 at 64 px (12x less compute per image), fewer steps.
-            return cls(Path(out), quick, fresh, scheduler, steps=12, batch_per_rank=2, resnet_image_size=64,
-                       bench_max_bytes="64M", figures=figures, calibration_rounds=1)
+            # The same study, smaller: ResNet-50 at 64 px (12x less compute per image), 8 steps (3 warm-up, 5
+            # measured): each of the 20 runs pays ~5 s of start-up and checkpoint, a step 0.2-0.5 s.
+            return cls(Path(out), quick, fresh, scheduler, steps=8, batch_per_rank=2, resnet_image_size=64,
+                       bench_max_bytes="64M", bench_factor=4, figures=figures, calibration_rounds=1)
         return cls(Path(out), quick, fresh, scheduler, figures=figures)
 
 
@@ -196,10 +198,10 @@ def bench_comm(cfg: DemoConfig) -> Path:
     if csv_path.exists():
         _say(f"  reusing {csv_path} (--fresh to measure again)")
         return csv_path
-    # Sizes a factor 2 apart and each sample at least 1 ms long (tests/test_predicted_vs_measured.py's settings):
-    # a single timed call of a yielding rank reads its wake-up, not α, and α is paid by every bucket.
+    # Each sample at least 1 ms long (tests/test_predicted_vs_measured.py's settings; --quick also its sizes, a
+    # factor 4 apart): a single timed call of a yielding rank reads its wake-up, not α, and α is paid by every bucket.
     argv = [sys.executable, "-m", "larscale", "bench-hvd", "--ranks", "2", "--max-bytes", cfg.bench_max_bytes,
-            "--factor", "2", "--warmup", "2", "--repetitions", "10", "--min-rep-ms", "1",
+            "--factor", str(cfg.bench_factor), "--warmup", "2", "--repetitions", "10", "--min-rep-ms", "1",
             "--max-seconds-per-size", "4",
             "--operations", "horovod_allreduce,horovod_allreduce_fused,pingpong,reduce_local",
             "--label", "local shared memory",

@@ -41,6 +41,15 @@ def test_horovod_check_build_lists_frameworks_and_controllers() -> None:
         assert line in out, out
 
 
+def test_bootstraps_build_line_says_what_check_build_lists() -> None:
+    # bootstrap.sh ends with this line instead of `horovodrun --check-build` (a third of the time).
+    proc = subprocess.run([sys.executable, "-m", "tools.horovod_build", "verify", "--report"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env={**os.environ, "TF_USE_LEGACY_KERAS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert ("Horovod 0.28.1: frameworks PyTorch, TensorFlow; controllers MPI, Gloo; GPU operations none"
+            in proc.stderr), proc.stderr
+
+
 def test_smoke_subcommand_reports_ranks() -> None:
     proc = subprocess.run([sys.executable, "-m", "larscale", "smoke", "-np", "2", "--frameworks", "torch"],
                           capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -485,6 +485,26 @@ def verify_installed(features: Sequence[str]) -> list[str]:
     return lacking
 
 
+def installed_summary() -> str:
+    """One line of what the installed Horovod was built with: what `horovodrun --check-build` lists, without
+    the launcher's own start-up (bootstrap.sh prints it at the end)."""
+    import horovod  # noqa: PLC0415
+    import horovod.torch as hvd_torch  # noqa: PLC0415
+
+    frameworks = ["PyTorch"]
+    try:
+        import horovod.tensorflow  # noqa: F401, PLC0415
+
+        frameworks.append("TensorFlow")
+    except Exception:  # noqa: BLE001 - built without it, or no TensorFlow here
+        pass
+    controllers = [name for name, built in (("MPI", hvd_torch.mpi_built()), ("Gloo", hvd_torch.gloo_built()))
+                   if built]
+    gpu = "NCCL" if hvd_torch.nccl_built() else "none"
+    return (f"Horovod {horovod.__version__}: frameworks {', '.join(frameworks)}; controllers "
+            f"{', '.join(controllers) or 'none'}; GPU operations {gpu}")
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -506,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify = commands.add_parser("verify", help="exit 1 unless the installed Horovod has what the mode asks")
     for sub in (check, plan, patch, verify):
         sub.add_argument("--mode", default=os.environ.get("LARSCALE_TORCH", "pin"), help="pin or system")
+    verify.add_argument("--report", action="store_true", help="also print one line of what it was built with")
     check.add_argument("--offline", type=Path, help="the offline directory to check")
     check.add_argument("--prerequisites", action="store_true",
                        help="also refuse when the build tools (mpicc, c++, cmake, make) are not on the PATH")
@@ -563,6 +584,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if lacking:
             _note(f"installed Horovod lacks: {', '.join(lacking)}")
             return 1
+        if args.report:
+            _note(installed_summary())
         return 0
     if args.command == "link-site":
         parents = own_site_dirs()

@@ -60,7 +60,8 @@ class DemoConfig:
         figures = Path(figures) if figures else None
         if quick:
             # The same study, smaller: ResNet-50 at 64 px (12x less compute per image), 8 steps (3 warm-up, 5
-            # measured): each of the 20 runs pays ~5 s of start-up and checkpoint, a step 0.2-0.5 s.
+            # measured): each of the 20 runs pays a few seconds of start-up (and no final checkpoint: only the
+            # logs matter), a step 0.2-0.5 s.
             return cls(Path(out), quick, fresh, scheduler, steps=8, batch_per_rank=2, resnet_image_size=64,
                        bench_max_bytes="64M", bench_factor=4, figures=figures, calibration_rounds=1)
         return cls(Path(out), quick, fresh, scheduler, figures=figures)
@@ -77,7 +78,8 @@ def sweep_specs(cfg: DemoConfig) -> list[dict[str, Any]]:
     specs = []
     for model in MODELS:
         training = {"steps": cfg.steps, "optimizer": "lars", "lr": 0.1, "image_size": image_size(cfg, model),
-                    "num_classes": 1000, "extra_args": ["--no-eval", "--measure-warmup-steps", "3"]}
+                    "num_classes": 1000,
+                    "extra_args": ["--no-eval", "--no-final-checkpoint", "--measure-warmup-steps", "3"]}
         common = {"model": model, "framework": "torch", "dataset": "synthetic", "machine": "local",
                   "training": training, "job": {"walltime": "00:30:00", "env": horovod_env_vars()}}
         specs.append({**common, "name": f"{model}-weak",
@@ -246,7 +248,7 @@ def compute_calibration_runs(cfg: DemoConfig) -> list[Path]:
                 argv = [sys.executable, "-m", "scaling.train", "--model", model, "--image-size",
                         str(image_size(cfg, model)), "--batch-per-rank", str(batch), "--steps", str(cfg.steps),
                         "--optimizer", "lars", "--lr", "0.1", "--threads", "1", "--no-eval",
-                        "--measure-warmup-steps", "3"]
+                        "--no-final-checkpoint", "--measure-warmup-steps", "3"]
                 for group in (pair, [alone]):
                     procs = [subprocess.Popen([*argv, "--out", str(out)], stdout=subprocess.DEVNULL,
                                               stderr=subprocess.PIPE, text=True, env=env) for out in group]
@@ -254,7 +256,6 @@ def compute_calibration_runs(cfg: DemoConfig) -> list[Path]:
                         _, stderr = proc.communicate(timeout=1800)
                         if proc.returncode != 0:
                             raise RuntimeError(f"calibration run {out} exited {proc.returncode}:\n{stderr[-3000:]}")
-                        shutil.rmtree(out / "checkpoints", ignore_errors=True)     # only the logs matter
             _say(f"  round {round_index + 1}/{cfg.calibration_rounds}, {model}: batches "
                  f"{', '.join(map(str, calibration_batches(cfg)))}, side by side and alone")
     return runs

@@ -85,6 +85,7 @@ class TrainConfig:
     measure_warmup_steps: int = DEFAULT_WARMUP_STEPS
     stall_timeout: float = 60.0
     eval: bool = True
+    final_checkpoint: bool = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -153,6 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
                      help="seconds a rank may wait in a collective before it gives up (peer dead or hung)")
     run.add_argument("--no-eval", dest="eval", action="store_false", help="skip the top-1/top-5 evaluation")
+    run.add_argument("--no-final-checkpoint", dest="final_checkpoint", action="store_false",
+                     help="a complete run writes no checkpoint at its end (benchmark and calibration runs, whose "
+                     "logs are what counts); a stop by signal still writes one, so the run can resume")
     return parser
 
 

@@ -273,9 +273,9 @@ class Steps:
 def finish_rank(steps: Steps, status: str, error: Exception | None = None) -> int:
     """How each of the three exits ends a rank's run; returns its exit status.
 
-    ``complete`` and ``interrupted``: every step logged, the stop vote ended, the checkpoint, (``complete``: the
-    evaluation), the summary. ``failed``: no collective (a peer may be gone): rank 0 writes the summary with its own
-    step times."""
+    ``complete`` and ``interrupted``: every step logged, the stop vote ended, the checkpoint (none at the end of
+    a complete run under ``--no-final-checkpoint``), (``complete``: the evaluation), the summary. ``failed``: no
+    collective (a peer may be gone): rank 0 writes the summary with its own step times."""
     run, config, step = steps.run, steps.run.config, steps.step
     if status == "failed":
         steps.progress.close()
@@ -290,7 +290,8 @@ def finish_rank(steps: Steps, status: str, error: Exception | None = None) -> in
     steps.log_steps(all_of_them=True)
     steps.progress.close()
     steps.end_vote()
-    run.save_checkpoint(step)
+    if status != "complete" or config.final_checkpoint:
+        run.save_checkpoint(step)
     evaluation = evaluate(run, steps.data) if status == "complete" and config.eval else None
     run.finish(status, step, evaluation)
     if status == "complete":

@@ -29,7 +29,6 @@ iteration time must be within 15 % in every case; the table is printed (``pytest
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import subprocess
 import sys
@@ -83,7 +82,7 @@ def horovod_env(profile_name: str = "local") -> dict[str, str]:
 def train_program(model: str, image_size: int, batch: int, out: Path) -> list[str]:
     return [sys.executable, "-m", "scaling.train", "--model", model, "--image-size", str(image_size),
             "--batch-per-rank", str(batch), "--steps", str(STEPS), "--measure-warmup-steps", str(WARMUP),
-            "--threads", "1", "--seed", "1", "--no-eval", "--out", str(out)]
+            "--threads", "1", "--seed", "1", "--no-eval", "--no-final-checkpoint", "--out", str(out)]
 
 
 def run(argv: list[str], env: dict[str, str], what: str, timeout: float = 600) -> None:
@@ -92,20 +91,15 @@ def run(argv: list[str], env: dict[str, str], what: str, timeout: float = 600) -
         pytest.fail(f"{what} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
-def drop_checkpoints(run_dir: Path) -> None:
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)   # AlexNet's is ~0.5 GB; only the logs matter
-
-
 def one_rank_pair(model: str, size: int, batch: int, root: Path, tag: str) -> list[Path]:
     """Two 1-rank runs side by side (one per core): the compute calibration of one workload."""
     outs = [root / f"one-{model}-{tag}-{i}" for i in range(2)]
     procs = [subprocess.Popen(train_program(model, size, batch, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=REPO, env=horovod_env()) for out in outs]
-    for proc, out in zip(procs, outs, strict=True):
+    for proc in procs:
         stdout, stderr = proc.communicate(timeout=600)
         if proc.returncode != 0:
             pytest.fail(f"1-rank {model} run exited {proc.returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}")
-        drop_checkpoints(out)
     return outs
 
 
@@ -147,7 +141,6 @@ def measure_in_rounds(root: Path, networks: list[Network]) -> Rounds:
                 out = root / f"two-{model}-{net.name}-{i}"
                 run(net.two_ranks(train_program(model, size, batch, out)), horovod_env(),
                     f"2-rank {model} ({net.name})")
-                drop_checkpoints(out)
                 rounds.two_rank.setdefault(net.name, {}).setdefault(model, []).append(out)
     return rounds
 

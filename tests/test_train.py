@@ -303,13 +303,24 @@ def test_checkpoint_latest_skips_incomplete_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_no_final_checkpoint_skips_only_the_complete_runs_last_one(tmp_path: Path) -> None:
+    # A benchmark run keeps its periodic checkpoints and writes none at its end (AlexNet's is ~0.5 GB); the stop
+    # by signal still checkpoints (tests below pass the flag to the start-up stop).
+    out = tmp_path / "bench"
+    train(1, [*TINY, "--batch-per-rank", "4", "--steps", "5", "--optimizer", "sgd", "--threads", "1",
+              "--checkpoint-every", "3", "--no-final-checkpoint", "--out", str(out)])
+    summary = validate_summary(json.loads((out / "summary.json").read_text()))
+    assert summary["status"] == "complete" and summary["steps_done"] == 5
+    assert [s for s, _ in ckpt.listed(out)] == [3] and summary["checkpoint"].endswith("ckpt-00000003.pt")
+
+
 def test_stop_signal_during_start_up_is_a_stop_request(tmp_path: Path) -> None:
     """SIGUSR1 (Slurm's pre-walltime signal) reaching a rank while it still imports torch and joins the job: the
     handler is installed before anything heavy loads, so the run stops at its first step boundary with a
     checkpoint and exit 75 instead of the rank dying and its peer waiting for it."""
     out = tmp_path / "early"
     proc = start_ranks(2, [*TINY, "--batch-per-rank", "4", "--steps", "50", "--optimizer", "sgd", "--threads", "1",
-                           "--out", str(out)])
+                           "--no-final-checkpoint", "--out", str(out)])
     try:
         deadline = time.monotonic() + 60
         ranks: dict = {}
@@ -330,3 +341,5 @@ def test_stop_signal_during_start_up_is_a_stop_request(tmp_path: Path) -> None:
     summary = validate_summary(json.loads((out / "summary.json").read_text()))
     assert summary["status"] == "interrupted" and 1 <= summary["steps_done"] < 50
     assert "stopped by SIGUSR1" in out_text or "stopped by a signal on another rank" in out_text
+    # --no-final-checkpoint spares only a complete run's last checkpoint: the stopped run can resume.
+    assert [s for s, _ in ckpt.listed(out)] == [summary["steps_done"]]

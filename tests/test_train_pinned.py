@@ -57,7 +57,7 @@ VOLATILE_SUMMARY = ("throughput", "times", "totals", "started_at", "finished_at"
 # Options added after the golden files were made (at their defaults they change nothing), and what the redesign
 # added to the summary (which communication backend ran) and to TensorFlow checkpoints (the next step's LR, as
 # PyTorch's always had).
-NEW_CONFIG_KEYS = ("backend", "compile", "cpu_kernels")
+NEW_CONFIG_KEYS = ("backend", "compile", "cpu_kernels", "final_checkpoint")
 NEW_SUMMARY_KEYS = ("communication",)
 NEW_CHECKPOINT_KEYS = ("lr_next",)
 # Within rounding: each step may move a value by a few float32 ulps (a sum taken in another order differs by about

@@ -33,16 +33,9 @@ def test_mpi4py_allreduce_two_ranks() -> None:
     assert lines == ["MPI4PY 0 2 [0.0, 3.0, 6.0, 9.0, 12.0]", "MPI4PY 1 2 [0.0, 3.0, 6.0, 9.0, 12.0]"]
 
 
-def test_horovod_check_build_lists_frameworks_and_controllers() -> None:
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    out = subprocess.run([horovodrun, "--check-build"], capture_output=True, text=True, check=True,
-                         env={**os.environ, "TF_USE_LEGACY_KERAS": "1"}).stdout
-    for line in ("[X] TensorFlow", "[X] PyTorch", "[X] MPI", "[X] Gloo"):
-        assert line in out, out
-
-
-def test_bootstraps_build_line_says_what_check_build_lists() -> None:
-    # bootstrap.sh ends with this line instead of `horovodrun --check-build` (a third of the time).
+def test_horovod_build_lists_frameworks_and_controllers() -> None:
+    # What `horovodrun --check-build` lists, asked of Horovod's own API in a third of the time: the line
+    # bootstrap.sh ends with (tools/horovod_installed.py).
     proc = subprocess.run([sys.executable, "-m", "tools.horovod_build", "verify", "--report"], capture_output=True,
                           text=True, timeout=300, cwd=REPO, env={**os.environ, "TF_USE_LEGACY_KERAS": "1"})
     assert proc.returncode == 0, proc.stderr

@@ -234,6 +234,11 @@ class CollectiveSettings:
     scale_sigma: float
 
 
+def links_calibrated(machine: MachineProfile) -> bool:
+    """Whether calibration fitted the profile's links (``calibration.network``): their rates are achieved ones."""
+    return bool(machine.calibration and "network" in machine.calibration)
+
+
 def collective_settings(machine: MachineProfile) -> CollectiveSettings:
     """Achieved-bandwidth factors and collective costs: the profile's ``network.collectives``, else the kind's.
 
@@ -244,7 +249,7 @@ def collective_settings(machine: MachineProfile) -> CollectiveSettings:
 
     kind = collectives(machine.node.devices.kind)
     given = machine.network.collectives
-    fitted_links = bool(machine.calibration and "network" in machine.calibration)
+    fitted_links = links_calibrated(machine)
 
     def pick(name: str) -> float:
         value = getattr(given, name)
@@ -363,8 +368,8 @@ def mixed_precision_scale_note(machine: MachineProfile, precision: str, max_node
     (analysis/README.md, "Validation at scale"; tests/test_model_validation.py keeps this sentence true): the
     cost that mixed precision adds from one node to two is not in the model, so a plan should not rest on it.
     """
-    calibrated = bool(machine.calibration and "network" in machine.calibration)
-    if machine.node.devices.kind != "gpu" or precision not in HALF_WIDTH or max_nodes <= 1 or calibrated:
+    if (machine.node.devices.kind != "gpu" or precision not in HALF_WIDTH or max_nodes <= 1
+            or links_calibrated(machine)):
         return None
     return (f"{precision} across nodes: on the public validation set every held-out multi-node mixed-precision "
             "point ran slower than predicted (`larscale validate`; analysis/README.md) - read this time as a "

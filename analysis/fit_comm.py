@@ -30,7 +30,7 @@ shorter than a cycle is paced by it (it takes about one cycle whatever its size)
 may wait for the next. Fitted, those rows would put part of the cycle into α, charged to every bucket of a
 training step, where Horovod pays the cycle once per launch (modelled in analysis/overlap.py). So Horovod rows
 under :data:`PACED_CYCLES` cycles are reported, not fitted. α is then fitted from the longer rows, weakly, and
-bounded by the link's ping-pong latency (the one-way time of its smallest ping-pong message,
+bounded by the link's ping-pong latency (the least one-way time of its ping-pong messages,
 :func:`pingpong_latency`; bench-hvd measures it by default): a collective's per-message latency cannot
 exceed a message's one-way time. Without ping-pong rows the report says α is weakly determined.
 
@@ -428,18 +428,27 @@ def _offset(row: dict[str, Any], horovod_wait_s: float) -> float:
 
 
 def pingpong_latency(rows: Iterable[dict[str, Any]], link: str) -> tuple[int, float] | None:
-    """A link's latency the OSU way: the one-way time of its smallest ping-pong message (bytes, seconds; the
-    least of the rows' medians at that size). Not a fit: around a rate limiter's burst size the cost is not affine
-    in the size, and a line through those ping-pongs puts milliseconds into α.
+    """A bound on a link's latency: the least one-way time of any of its ping-pong messages (bytes, seconds).
+    Not a fit: around a rate limiter's burst size the cost is not affine in the size, and a line through those
+    ping-pongs puts milliseconds into α. Any message's one-way time ``α + n·β`` is at least α, so the least
+    one seen bounds it.
 
-    The least, not a median over rows: a latency is a floor, and a bench run while another process held a core
-    reads the peer's wake-up instead (a yielding rank waits for the scheduler: 0.77 ms against 13 µs in the
-    other round, benchmarks/README.md). As the bound on α, one such round would charge it to every bucket."""
-    mine = [r for r in rows if r["operation"] == "pingpong" and row_link(r) == link and float(r["median_s"]) > 0]
-    if not mine:
+    The least, not a median: a latency is a floor, and ping-pongs run while another process held a core read the
+    peer's wake-up instead (a yielding rank waits for the scheduler: 0.77 ms against 13 µs in the other round,
+    benchmarks/README.md; on a loaded machine every size's median was 1-4 ms while the fastest repetitions took
+    1.5-8 µs). As the bound on α, such a median would be charged to every bucket. So each row gives its fastest
+    repetition (``min_s``, a mean over that repetition's iterations; the median where a CSV has no minimum)."""
+    floors = [(int(r["bytes"]), _fastest(r)) for r in rows if r["operation"] == "pingpong" and row_link(r) == link]
+    floors = [(nbytes, t) for nbytes, t in floors if t > 0]
+    if not floors:
         return None
-    smallest = min(int(r["bytes"]) for r in mine)
-    return smallest, min(float(r["median_s"]) for r in mine if int(r["bytes"]) == smallest)
+    return min(floors, key=lambda floor: (floor[1], floor[0]))
+
+
+def _fastest(row: dict[str, Any]) -> float:
+    """A row's fastest repetition, or its median where the CSV has no minimum."""
+    fastest = row.get("min_s")
+    return float(fastest) if fastest not in (None, "") else float(row["median_s"])
 
 
 def fit_pingpong(rows: Iterable[dict[str, Any]], min_bytes: float = 0, max_bytes: float = math.inf

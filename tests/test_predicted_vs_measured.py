@@ -127,17 +127,19 @@ class Rounds:
 
 
 def measure_in_rounds(root: Path, networks: list[Network]) -> Rounds:
-    """ROUNDS rounds of: each network's communication bench, then per model its 1-rank pair and right after it the
-    2-rank run over each network. A machine's speed drifts over minutes; calibrating at one time and measuring at
-    another would put that drift into the error. Interleaved, calibration and measurement see the same drift, and
-    the rounds average it."""
+    """ROUNDS rounds of: each network's communication bench (in the network's first round), then per model its
+    1-rank pair and right after it the 2-rank run over each network. A machine's speed drifts over minutes;
+    calibrating at one time and measuring at another would put that drift into the error. Interleaved, calibration
+    and measurement see the same drift, and the rounds average it."""
     rounds = Rounds()
     for i in range(ROUNDS):
         here = [net for net in networks if i >= ROUNDS - net.rounds]
         for net in here:
+            if net.name in rounds.benches:
+                continue    # one bench a network: a second moved the predictions by 1-3 % (benchmarks/README.md)
             csv = root / f"bench-{net.name}-{i}.csv"
             net.bench(csv)
-            rounds.benches.setdefault(net.name, []).append(csv)
+            rounds.benches[net.name] = [csv]
         for model, size, batch in CASES:
             rounds.one_rank += one_rank_pair(model, size, batch, root, str(i))
             for net in here:

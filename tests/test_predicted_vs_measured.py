@@ -16,7 +16,7 @@ taken side by side in time, as a benchmark's ratios are):
 3. right after them, the real 2-rank Horovod run of that model (MPI controller) over each network (the networks
    are measured in the same rounds and share the 1-rank runs: a rank's compute does not depend on the network;
    the rate-limited veth, paced by its limiter rather than the CPU, in the last round only);
-4. ``larscale calibrate`` fits one profile to all rounds' benches and 1-rank runs; ``analysis.predict``
+4. ``larscale calibrate`` fits one profile to the network's bench and all rounds' 1-rank runs; ``analysis.predict``
    predicts the 2-rank iteration time, compared with the median over the rounds of the 2-rank runs' mean step
    (the slowest rank's, warm-up excluded: the time-to-train is the sum of the steps; the median round, so that
    one round another process disturbed does not decide; the median step is printed too).
@@ -122,7 +122,7 @@ class Rounds:
     runs (calibration) that every network shares: a rank's compute does not depend on the network."""
 
     one_rank: list[Path] = field(default_factory=list)
-    benches: dict[str, list[Path]] = field(default_factory=dict)
+    benches: dict[str, Path] = field(default_factory=dict)
     two_rank: dict[str, dict[str, list[Path]]] = field(default_factory=dict)
 
 
@@ -139,7 +139,7 @@ def measure_in_rounds(root: Path, networks: list[Network]) -> Rounds:
                 continue    # one bench a network: a second moved the predictions by 1-3 % (benchmarks/README.md)
             csv = root / f"bench-{net.name}-{i}.csv"
             net.bench(csv)
-            rounds.benches[net.name] = [csv]
+            rounds.benches[net.name] = csv
         for model, size, batch in CASES:
             rounds.one_rank += one_rank_pair(model, size, batch, root, str(i))
             for net in here:
@@ -152,7 +152,7 @@ def measure_in_rounds(root: Path, networks: list[Network]) -> Rounds:
 
 def calibrate(base: str | Path, rounds: Rounds, network: str, out: Path, fit_min_bytes: int | None = None) -> Path:
     argv = [sys.executable, "-m", "larscale", "calibrate", "--machine", str(base), "--bench",
-            *map(str, rounds.benches[network]),
+            str(rounds.benches[network]),
             "--runs", *map(str, rounds.one_rank), "--out", str(out), "--name", out.stem]
     if fit_min_bytes is not None:
         argv += ["--fit-min-bytes", str(fit_min_bytes)]
@@ -219,12 +219,13 @@ def compute_by_round(rounds: Rounds, network: str) -> str:
     return "\n".join(lines)
 
 
-def check(rows: list[dict], profile_path: Path, evidence: str = "") -> None:
+def check(rows: list[dict], profile_path: Path, evidence: Callable[[], str]) -> None:
+    """Every row within TOLERANCE; a miss names the fit and ``evidence()`` (read only then)."""
     print_table(rows)
     bad = [r for r in rows if abs(r["error"]) > TOLERANCE]
     assert not bad, f"prediction off by more than {TOLERANCE:.0%}: " + ", ".join(
         f"{r['network']} {r['model']} {r['error']:+.1%}" for r in bad) + "\n" + fitted_network(profile_path) + (
-        "\n" + evidence if evidence else "")
+        "\n" + evidence())
 
 
 SHM, VETH = "shared-memory", f"veth-tbf-{RATE_MBIT}mbit"
@@ -268,7 +269,7 @@ def test_shared_memory(measured: tuple[Path, Rounds]) -> None:
     root, rounds = measured
     profile = calibrate("local", rounds, SHM, root / "local-shm.yaml")
     check(compare(profile, nodes=1, ranks_per_node=2, two_rank_dirs=rounds.two_rank[SHM], network="shared memory"),
-          profile, compute_by_round(rounds, SHM))
+          profile, lambda: compute_by_round(rounds, SHM))
 
 
 def veth_base_profile(path: Path) -> Path:
@@ -296,4 +297,4 @@ def test_rate_limited_veth(measured: tuple[Path, Rounds]) -> None:
     rows = compare(profile, nodes=2, ranks_per_node=1, two_rank_dirs=rounds.two_rank[VETH],
                    network=f"veth tbf {RATE_MBIT} Mbit/s")
     assert all(r["comm_exposed_s"] > 0.3 * r["predicted_s"] for r in rows if r["model"].startswith("alexnet"))
-    check(rows, profile, compute_by_round(rounds, VETH))
+    check(rows, profile, lambda: compute_by_round(rounds, VETH))

@@ -196,7 +196,11 @@ horovod_ok() {
 }
 report=(--report)
 [[ -n "${LARSCALE_BOOTSTRAP_QUIET:-}" ]] && report=()
-if ! horovod_ok 2>/dev/null; then
+# One check (it imports Horovod and TensorFlow, seconds): when it passes, its line is said at the end.
+built_with=
+if verified=$(horovod_ok "${report[@]}" 2>&1); then
+    built_with=$(grep '^\[horovod_build\]' <<<"$verified" || true)
+else
     # The wheel links against this torch (and TensorFlow): their versions, the GPU variant and the
     # controllers are part of the cache key.
     plan=$(build_py "$venv/bin/python" plan --mode "$torch_mode" --link-dir "$venv/larscale-nccl")
@@ -235,7 +239,6 @@ if ! horovod_ok 2>/dev/null; then
     "${pip[@]}" install -q --no-deps --force-reinstall "$wheel"
     # Horovod's runtime needs (cloudpickle, psutil, pyyaml, packaging) are in setup.cfg's [train] extra.
     horovod_ok "${report[@]}" || { log "Horovod installed but lacks a framework or controller"; exit 1; }
-    report=()      # said once
 fi
 
 # ---- 4. larscale itself -------------------------------------------------------------------------
@@ -250,5 +253,5 @@ fi
 # recompiled by Python itself, so an edit after this is still seen.
 "$venv/bin/python" -m compileall -q -j 0 larscale models scaling jobs analysis tools >/dev/null 2>&1 || true
 # What Horovod was built with, in one line (`horovodrun --check-build` lists the same, at three times the cost).
-((${#report[@]})) && { horovod_ok "${report[@]}" 2>&1 | grep '^\[horovod_build\]' >&2 || true; }
+[[ -n "$built_with" ]] && echo "$built_with" >&2
 log "ready: $venv"

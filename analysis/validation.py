@@ -259,6 +259,82 @@ def table(rows: list[ValidationRow]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class NodeStep:
+    """One multi-node row against the single-node row of its series (same source, framework, model, precision and
+    per-GPU batch): how much longer a step got when the job left the node, published and predicted.
+
+    ``published_ratio`` = single-node images/s per GPU ÷ the multi-node row's (its step ÷ the single node's); the
+    1-GPU rate cancels, so what is left is what crossing nodes cost (communication, waiting, and whatever else the
+    runs changed when they left the node).
+    """
+
+    id: str
+    single_node_id: str
+    split: str
+    precision: str
+    framework: str
+    gpus: int
+    nodes: int
+    published_ratio: float
+    predicted_ratio: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted_ratio / self.published_ratio - 1.0
+
+
+def node_steps(rows: list[ValidationRow]) -> list[NodeStep]:
+    """Each multi-node row whose series has a single-node row of a whole node (analysis/README.md, "What the model
+    does not capture at scale"). A series' rows share their id up to its last '-' (``ngcmx-fp16-8``,
+    ``ngcmx-fp16-16``: one source can hold several pipelines at one precision and batch) and everything but the
+    GPU count."""
+    def series(r: ValidationRow) -> tuple:
+        return (r.id.rsplit("-", 1)[0], r.source, r.cluster, r.framework, r.model, r.precision, r.batch)
+
+    single: dict[tuple, ValidationRow] = {}
+    for r in rows:
+        if r.nodes == 1 and r.gpus > 1 and (series(r) not in single or r.gpus > single[series(r)].gpus):
+            single[series(r)] = r
+    out = []
+    for r in rows:
+        base = single.get(series(r))
+        if not r.multi_node or base is None:
+            continue
+        out.append(NodeStep(id=r.id, single_node_id=base.id, split=r.split, precision=r.precision,
+                            framework=r.framework, gpus=r.gpus, nodes=r.nodes,
+                            published_ratio=(base.published / base.gpus) / (r.published / r.gpus),
+                            predicted_ratio=(base.predicted / base.gpus) / (r.predicted / r.gpus)))
+    return out
+
+
+def node_step_table(steps: list[NodeStep]) -> str:
+    lines = ["| id | against | split | precision | framework | GPUs | published step ratio | predicted | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in steps:
+        lines.append(f"| {s.id} | {s.single_node_id} | {s.split} | {s.precision} | {s.framework} | {s.gpus} "
+                     f"| {s.published_ratio:.3f} | {s.predicted_ratio:.3f} | {s.error:+.1%} |")
+    return "\n".join(lines)
+
+
+def node_step_lines(steps: list[NodeStep]) -> list[str]:
+    """Per split and precision (fp32; fp16/bf16 compute), the step ratios' medians and ranges, published and
+    predicted."""
+    out = []
+    for split in SPLITS:
+        for label, part in (("fp32", [s for s in steps if s.split == split and s.precision == "fp32"]),
+                            ("mixed precision", [s for s in steps if s.split == split and s.precision != "fp32"])):
+            if not part:
+                continue
+            published = [s.published_ratio for s in part]
+            predicted = [s.predicted_ratio for s in part]
+            out.append(f"{split} leaving the node, {label}: {len(part)} rows; published step ratio median "
+                       f"{statistics.median(published):.3f} ({min(published):.3f}-{max(published):.3f}), predicted "
+                       f"{statistics.median(predicted):.3f} ({min(predicted):.3f}-{max(predicted):.3f}); error "
+                       f"median {statistics.median(s.error for s in part):+.1%}")
+    return out
+
+
 # The grid the free constants are chosen from (analysis/README.md, "Validation at scale").
 FIT_GRID: dict[str, tuple[float, ...]] = {
     "step_jitter_cv": (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1),

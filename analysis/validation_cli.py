@@ -28,6 +28,9 @@ def run_validate(args: argparse.Namespace) -> int:
         collective_table,
         held_out_by_origin,
         held_out_by_precision,
+        node_step_lines,
+        node_step_table,
+        node_steps,
         summary,
         table,
         validate_rows,
@@ -45,16 +48,24 @@ def run_validate(args: argparse.Namespace) -> int:
     shown = [r for r in rows if args.split is None or r.split == args.split]
     parts = summary(rows)
     origins = held_out_by_origin(rows) + held_out_by_precision(rows)
+    steps = [s for s in node_steps(rows) if args.split is None or s.split == args.split]
     if args.format == "json":
         print(json.dumps({"rows": [asdict(r) for r in shown], "collectives": [asdict(r) for r in collectives],
                           "summary": {k: asdict(v) for k, v in parts.items()},
-                          "held_out_parts": [asdict(v) for v in origins]}, indent=2))
+                          "held_out_parts": [asdict(v) for v in origins],
+                          "node_steps": [{**asdict(s), "error": s.error} for s in steps]}, indent=2))
         return 0
     print(table(shown))
     if collectives:
         print("\nAllreduce bus bandwidth (the collective alone):\n")
         print(collective_table(collectives))
+    if steps:
+        print("\nLeaving the node: each multi-node row's step over its series' single-node step (the 1-GPU rate "
+              "cancels):\n")
+        print(node_step_table(steps))
     print()
     for part in [*parts.values(), *origins]:
         print(part.line())
+    for line in node_step_lines(steps):
+        print(line)
     return 0

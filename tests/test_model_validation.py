@@ -14,6 +14,8 @@ from analysis.validation import (
     held_out_by_origin,
     held_out_by_precision,
     load_set,
+    node_step_lines,
+    node_steps,
     summary,
     validate_rows,
 )
@@ -118,6 +120,27 @@ def test_the_mixed_precision_note_says_what_the_held_out_rows_show(rows) -> None
     assert "across nodes" in notes("--machine", "dgx-h100", "--nodes", "1", "4", "--precision", "bf16")
     assert "across nodes" not in notes("--machine", "dgx-h100", "--nodes", "4", "--precision", "fp32")
     assert "across nodes" not in notes("--machine", "dgx-h100", "--nodes", "1", "--precision", "bf16")
+
+
+def test_each_multi_node_row_is_set_against_its_own_series_single_node_row(rows) -> None:
+    steps = {s.id: s for s in node_steps(rows)}
+    by_id = {r.id: r for r in rows}
+    # Two pipelines of one source, precision and batch stay apart (DLPerf's NGC MXNet fp16 with and without AMP).
+    assert steps["ngcmx-fp16-16"].single_node_id == "ngcmx-fp16-8"
+    assert steps["ngcmx-amp-16"].single_node_id == "ngcmx-amp-8"
+    assert "of-b144-16" not in steps                       # its series has no single-node row
+    assert all(by_id[s.id].multi_node and by_id[s.single_node_id].nodes == 1 for s in steps.values())
+    one, many = by_id["tf2-amp256-8"], by_id["tf2-amp256-16"]
+    step = steps["tf2-amp256-16"]
+    # The step's growth on leaving the node: per-GPU rates, so the 1-GPU rate cancels.
+    assert step.published_ratio == pytest.approx((one.published / 8) / (many.published / 16))
+    assert step.predicted_ratio == pytest.approx((one.predicted / 8) / (many.predicted / 16))
+    assert step.error == pytest.approx(step.predicted_ratio / step.published_ratio - 1)
+    lines = node_step_lines(list(steps.values()))
+    assert any(line.startswith("held_out leaving the node, mixed precision") for line in lines)
+    out = subprocess.run([sys.executable, "-m", "larscale", "validate", "--split", "fit"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "| pt-amp-16 | pt-amp-8 | fit |" in out and "held_out leaving the node" not in out
 
 
 def test_the_documented_scale_spread_is_the_fit_rows_residual(rows) -> None:

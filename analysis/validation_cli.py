@@ -16,6 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--set", dest="path", default=None, help="another validation YAML of the same form")
     v.add_argument("--split", choices=("fit", "held_out"), default=None, help="print only this part's rows")
     v.add_argument("--format", choices=("text", "json"), default="text")
+    v.add_argument("--cross-validate", action="store_true",
+                   help="also predict each published table with the free constants fitted on every other table "
+                   "(leave one table out over the fit grid: about two minutes)")
     v.set_defaults(handler=run_validate)
 
 
@@ -26,6 +29,9 @@ def run_validate(args: argparse.Namespace) -> int:
         VALIDATION_SET,
         collective_rows,
         collective_table,
+        cross_validate,
+        cross_validated_lines,
+        grid_errors,
         held_out_by_origin,
         held_out_by_precision,
         node_step_lines,
@@ -49,11 +55,13 @@ def run_validate(args: argparse.Namespace) -> int:
     parts = summary(rows)
     origins = held_out_by_origin(rows) + held_out_by_precision(rows)
     steps = [s for s in node_steps(rows) if args.split is None or s.split == args.split]
+    crossed = cross_validate(grid_errors(path)) if args.cross_validate else []
     if args.format == "json":
         print(json.dumps({"rows": [asdict(r) for r in shown], "collectives": [asdict(r) for r in collectives],
                           "summary": {k: asdict(v) for k, v in parts.items()},
                           "held_out_parts": [asdict(v) for v in origins],
-                          "node_steps": [{**asdict(s), "error": s.error} for s in steps]}, indent=2))
+                          "node_steps": [{**asdict(s), "error": s.error} for s in steps],
+                          "cross_validated": [asdict(r) for r in crossed]}, indent=2))
         return 0
     print(table(shown))
     if collectives:
@@ -68,4 +76,13 @@ def run_validate(args: argparse.Namespace) -> int:
         print(part.line())
     for line in node_step_lines(steps):
         print(line)
+    if crossed:
+        print("\nLeave one table out (each row predicted with the constants fitted on every other table):\n")
+        print("| id | split | precision | GPUs | nodes | error | constants |\n|---|---|---|---|---|---|---|")
+        for r in crossed:
+            constants = ", ".join(f"{k} {v:g}" for k, v in r.constants.items())
+            print(f"| {r.id} | {r.split} | {r.precision} | {r.gpus} | {r.nodes} | {r.error:+.1%} | {constants} |")
+        print()
+        for line in cross_validated_lines(crossed):
+            print(line)
     return 0

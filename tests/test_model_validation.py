@@ -11,6 +11,10 @@ import yaml
 
 from analysis.validation import (
     VALIDATION_SET,
+    FitAxis,
+    cross_validate,
+    fit,
+    grid_errors,
     held_out_by_origin,
     held_out_by_precision,
     load_set,
@@ -86,13 +90,53 @@ def test_cli_prints_every_row_and_both_summaries() -> None:
 
 def test_held_out_targets_at_scale(rows) -> None:
     # The held-out rows the targets were first met on (analysis/README.md): every multi-node point within 25 %,
-    # the median within 10 %. The rows a later rule added miss the 25 % (mixed precision across nodes), and the
-    # README says so; on the whole held-out part the median stays within 10 %.
+    # the median within 10 %. The rows a later rule added miss the 25 % (Paddle with DALI, slower on 2 nodes than
+    # on one), and the README says so; on the whole held-out part the median stays within 10 %.
     before, *added = held_out_by_origin(rows)
     assert before.multi_node_points >= 10 and added
     assert before.max_abs_error_multi_node <= 0.25
     assert abs(before.median_error_multi_node) <= 0.10
     assert abs(summary(rows)["held_out"].median_error_multi_node) <= 0.10
+
+
+# A coarse grid through the adopted point and the one before it (the full grid: `larscale validate
+# --cross-validate`, about a minute).
+COARSE_GRID = (FitAxis("interference", (0.05, 0.2)), FitAxis("step_jitter_us_per_image", (80.0,)),
+               FitAxis("inter_efficiency", (0.96, 0.15), cluster="dlperf-v100"))
+# Slower on 2 and 4 nodes than on one (6,862 -> 6,018 img/s), which the source puts down to Paddle's scripts and
+# settings (analysis/README.md): no communication model predicts a throughput that falls with more GPUs.
+SOURCE_FLAGGED = {"pd-dali196-16", "pd-dali196-32"}
+
+
+@pytest.fixture(scope="module")
+def coarse():
+    return grid_errors(grid=COARSE_GRID)
+
+
+def test_the_constants_in_the_files_are_the_fits_choice(coarse) -> None:
+    from analysis.devices import collectives
+
+    doc = load_set()
+    chosen = coarse.named(coarse.best(list(range(len(coarse.rows)))))
+    assert chosen["interference"] == collectives("gpu").interference
+    assert chosen["step_jitter_us_per_image"] == doc["host_step_jitter_us_per_image"]
+    assert chosen["dlperf-v100.inter_efficiency"] == doc["clusters"]["dlperf-v100"]["inter_efficiency"]
+    # The first 13 fit rows alone cannot see the cluster's rate: they keep the verbs rate (analysis/README.md).
+    fit_rows = [i for i, r in enumerate(coarse.rows) if r.split == "fit"]
+    assert coarse.named(coarse.best(fit_rows))["dlperf-v100.inter_efficiency"] == 0.96
+    assert fit(grid=COARSE_GRID, splits=("fit",))[0] == coarse.named(coarse.best(fit_rows))
+
+
+def test_each_table_predicted_from_the_others_meets_the_targets(coarse) -> None:
+    crossed = cross_validate(coarse)
+    assert len(crossed) == len(coarse.rows)
+    multi = [r for r in crossed if r.multi_node]
+    kept = [r.error for r in multi if r.id not in SOURCE_FLAGGED]
+    assert len(kept) >= 40 and max(abs(e) for e in kept) <= 0.25
+    assert abs(statistics.median(r.error for r in multi)) <= 0.10
+    over, under = sum(r.error > 0 for r in multi), sum(r.error < 0 for r in multi)
+    assert abs(over - under) <= 0.2 * len(multi)
+    assert all(r.error > 0.9 for r in multi if r.id in SOURCE_FLAGGED)
 
 
 def test_rows_added_by_a_rule_are_summarised_apart(rows) -> None:
@@ -106,11 +150,11 @@ def test_rows_added_by_a_rule_are_summarised_apart(rows) -> None:
     assert fp32.multi_node_points + mixed.multi_node_points == summary(rows)["held_out"].multi_node_points
 
 
-def test_the_mixed_precision_note_says_what_the_held_out_rows_show(rows) -> None:
-    # predict and plan warn that mixed precision across nodes runs slower than predicted, because every such
-    # held-out point does; a model that explains them must also retire the note (analysis/params.py).
-    mixed = [r for r in rows if r.split == "held_out" and r.nodes > 1 and r.precision != "fp32"]
-    assert len(mixed) >= 10 and all(r.error > 0 for r in mixed)
+def test_the_mixed_precision_note_says_what_the_rows_show(rows) -> None:
+    # predict and plan warn that mixed precision across nodes runs slower than predicted, because most such
+    # points of the set do; a model that explains them must also retire the note (analysis/params.py).
+    mixed = [r.error for r in rows if r.nodes > 1 and r.precision != "fp32"]
+    assert len(mixed) >= 10 and sum(e > 0 for e in mixed) > 1.5 * sum(e < 0 for e in mixed)
 
     def notes(*argv: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "larscale", "predict", "--model", "resnet50",
@@ -143,16 +187,15 @@ def test_each_multi_node_row_is_set_against_its_own_series_single_node_row(rows)
     assert "| pt-amp-16 | pt-amp-8 | fit |" in out and "held_out leaving the node" not in out
 
 
-def test_the_documented_scale_spread_is_the_fit_rows_residual(rows) -> None:
+def test_the_documented_scale_spread_is_the_rows_residual(rows) -> None:
     import math
 
     from analysis.devices import collectives
 
-    fit_rows = [r for r in rows if r.split == "fit"]
-    rms = math.sqrt(statistics.fmean(math.log1p(r.error) ** 2 for r in fit_rows))
+    # Every row: the constants were fitted on all of them (the cross-validation judges that, not this spread).
+    rms = math.sqrt(statistics.fmean(math.log1p(r.error) ** 2 for r in rows))
     assert collectives("gpu").scale_sigma == pytest.approx(rms, abs=0.005)
-    before = held_out_by_origin(rows)[0]        # the later rows' coverage: analysis/README.md
-    assert before.inside_interval >= 0.75 * before.points
+    assert sum(r.low <= r.published <= r.high for r in rows) >= 0.85 * len(rows)      # a 90 % band
 
 
 def test_collective_benchmarks_ring_rows_within_ten_percent() -> None:

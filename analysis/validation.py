@@ -28,6 +28,8 @@ VALIDATION_SET = Path(__file__).with_name("data") / "validation_scaling.yaml"
 SPLITS = ("fit", "held_out")
 # network.collectives fields a cluster of the set may state for itself (fitted: see FIT_GRID).
 CLUSTER_COLLECTIVES = ("inter_efficiency",)
+# What a row's source states of NCCL's transport across nodes (unstated: the cluster's own rate).
+TRANSPORTS = ("verbs", "socket")
 # PCIe gen3 x16 per direction (the link of GPUs without NVLink), Gb/s.
 PCIE_GEN3_GBPS = 126.0
 
@@ -121,6 +123,8 @@ def load_set(path: Path = VALIDATION_SET) -> dict[str, Any]:
             raise ValueError(f"{path}: row {row['id']}: its source or cluster is not described in the file")
         if ("published" in row) == ("efficiency" in row):
             raise ValueError(f"{path}: row {row['id']}: give either published images/s or efficiency")
+        if row.get("transport", "verbs") not in TRANSPORTS:
+            raise ValueError(f"{path}: row {row['id']}: transport must be one of {', '.join(TRANSPORTS)}")
         if "added_by" in row and not (isinstance(row["added_by"], str) and row["added_by"].strip()):
             raise ValueError(f"{path}: row {row['id']}: added_by must name the rule that added the row")
     for row in doc.get("collectives", []):
@@ -189,6 +193,9 @@ def validate_rows(path: Path = VALIDATION_SET, collectives: dict[str, Any] | Non
         per_node = gpus // nodes
         own = {k: cluster[k] for k in CLUSTER_COLLECTIVES if k in cluster}
         own.update((cluster_collectives or {}).get(row["cluster"], {}))
+        if row.get("transport") == "verbs":
+            # The source states IB verbs: the kind's verbs rate, not the cluster's rate of unstated transports.
+            own.pop("inter_efficiency", None)
         machine = cluster_machine(cluster, row["framework"], row["model"], int(row["batch"]), float(row["one_gpu"]),
                                   per_node, nodes, {**collectives, **own})
         result = predict(row["model"], machine, nodes, gpus * int(row["batch"]), 1, ranks_per_node=per_node,

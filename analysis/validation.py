@@ -267,15 +267,19 @@ def held_out_by_origin(rows: list[ValidationRow]) -> list[SplitSummary]:
     return out
 
 
+def markdown(header: tuple[str, ...], cells: list[tuple[str, ...]]) -> str:
+    """A Markdown table: the header, its rule, one line per row of cells."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(row) + " |" for row in cells)])
+
+
 def table(rows: list[ValidationRow]) -> str:
     """Markdown: every row's published and predicted images/s, its error and interval."""
-    lines = ["| id | split | model | precision | GPUs | nodes | framework | 1 GPU | published | predicted | error "
-             "| interval |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        band = "" if math.isnan(r.low) else f"{r.low:,.0f}-{r.high:,.0f}"
-        lines.append(f"| {r.id} | {r.split} | {r.model} | {r.precision} | {r.gpus} | {r.nodes} | {r.framework} "
-                     f"| {r.one_gpu:,.0f} | {r.published:,.0f} | {r.predicted:,.0f} | {r.error:+.1%} | {band} |")
-    return "\n".join(lines)
+    return markdown(("id", "split", "model", "precision", "GPUs", "nodes", "framework", "1 GPU", "published",
+                     "predicted", "error", "interval"),
+                    [(r.id, r.split, r.model, r.precision, str(r.gpus), str(r.nodes), r.framework,
+                      f"{r.one_gpu:,.0f}", f"{r.published:,.0f}", f"{r.predicted:,.0f}", f"{r.error:+.1%}",
+                      "" if math.isnan(r.low) else f"{r.low:,.0f}-{r.high:,.0f}") for r in rows])
 
 
 @dataclass(frozen=True)
@@ -324,12 +328,10 @@ def node_steps(rows: list[ValidationRow]) -> list[NodeStep]:
 
 
 def node_step_table(steps: list[NodeStep]) -> str:
-    lines = ["| id | against | split | precision | framework | GPUs | published step ratio | predicted | error |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for s in steps:
-        lines.append(f"| {s.id} | {s.single_node_id} | {s.split} | {s.precision} | {s.framework} | {s.gpus} "
-                     f"| {s.published_ratio:.3f} | {s.predicted_ratio:.3f} | {s.error:+.1%} |")
-    return "\n".join(lines)
+    return markdown(("id", "against", "split", "precision", "framework", "GPUs", "published step ratio", "predicted",
+                     "error"),
+                    [(s.id, s.single_node_id, s.split, s.precision, s.framework, str(s.gpus),
+                      f"{s.published_ratio:.3f}", f"{s.predicted_ratio:.3f}", f"{s.error:+.1%}") for s in steps])
 
 
 def node_step_lines(steps: list[NodeStep]) -> list[str]:
@@ -471,6 +473,12 @@ def cross_validate(table: GridErrors) -> list[CrossValidated]:
     return out
 
 
+def cross_validated_table(rows: list[CrossValidated]) -> str:
+    return markdown(("id", "split", "precision", "GPUs", "nodes", "error", "constants"),
+                    [(r.id, r.split, r.precision, str(r.gpus), str(r.nodes), f"{r.error:+.1%}",
+                      ", ".join(f"{k} {v:g}" for k, v in r.constants.items())) for r in rows])
+
+
 def cross_validated_lines(rows: list[CrossValidated]) -> list[str]:
     """The cross-validated multi-node points summarised: all, fp32, mixed precision."""
     out = []
@@ -528,10 +536,7 @@ def collective_rows(path: Path = VALIDATION_SET) -> list[CollectiveRow]:
 
 
 def collective_table(rows: list[CollectiveRow]) -> str:
-    lines = ["| id | split | GPUs | nodes | MiB | published busbw (GB/s) | predicted | error | source |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.id} | {r.split} | {r.gpus} | {r.nodes} | {r.bytes / 2**20:,.0f} "
-                     f"| {r.published_gbytes_per_s:,.1f} | {r.predicted_gbytes_per_s:,.1f} | {r.error:+.1%} "
-                     f"| {r.source} |")
-    return "\n".join(lines)
+    return markdown(("id", "split", "GPUs", "nodes", "MiB", "published busbw (GB/s)", "predicted", "error", "source"),
+                    [(r.id, r.split, str(r.gpus), str(r.nodes), f"{r.bytes / 2**20:,.0f}",
+                      f"{r.published_gbytes_per_s:,.1f}", f"{r.predicted_gbytes_per_s:,.1f}", f"{r.error:+.1%}",
+                      r.source) for r in rows])

@@ -31,6 +31,7 @@ def run_validate(args: argparse.Namespace) -> int:
         collective_table,
         cross_validate,
         cross_validated_lines,
+        cross_validated_table,
         grid_errors,
         held_out_by_origin,
         held_out_by_precision,
@@ -78,10 +79,7 @@ def run_validate(args: argparse.Namespace) -> int:
         print(line)
     if crossed:
         print("\nLeave one table out (each row predicted with the constants fitted on every other table):\n")
-        print("| id | split | precision | GPUs | nodes | error | constants |\n|---|---|---|---|---|---|---|")
-        for r in crossed:
-            constants = ", ".join(f"{k} {v:g}" for k, v in r.constants.items())
-            print(f"| {r.id} | {r.split} | {r.precision} | {r.gpus} | {r.nodes} | {r.error:+.1%} | {constants} |")
+        print(cross_validated_table(crossed))
         print()
         for line in cross_validated_lines(crossed):
             print(line)

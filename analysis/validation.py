@@ -408,6 +408,12 @@ class GridErrors:
     def named(self, point: int) -> dict[str, float]:
         return {axis.name: value for axis, value in zip(self.grid, self.points[point], strict=True)}
 
+    def fit(self, splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, float], float]:
+        """The point that fits the rows of ``splits`` best, named, and its loss."""
+        chosen = [i for i, r in enumerate(self.rows) if r.split in splits]
+        k = self.best(chosen)
+        return self.named(k), self.loss(k, chosen)
+
 
 def grid_errors(path: Path = VALIDATION_SET, grid: tuple[FitAxis, ...] = FIT_GRID) -> GridErrors:
     """Every row predicted at every point of ``grid`` (the full grid: about a minute)."""
@@ -429,10 +435,7 @@ def fit(path: Path = VALIDATION_SET, grid: tuple[FitAxis, ...] = FIT_GRID,
     """The grid point that minimises the mean absolute log error of the rows of ``splits`` (the constants the
     set's YAML and devices.yaml hold were chosen on all rows: :func:`cross_validate` judges that choice), and
     that error."""
-    table = grid_errors(path, grid)
-    chosen = [i for i, r in enumerate(table.rows) if r.split in splits]
-    k = table.best(chosen)
-    return table.named(k), table.loss(k, chosen)
+    return grid_errors(path, grid).fit(splits)
 
 
 def series_key(row: ValidationRow) -> tuple:
@@ -464,10 +467,11 @@ def cross_validate(table: GridErrors) -> list[CrossValidated]:
     table's own single-node row cannot set the constants its multi-node rows are judged with) is predicted at the
     grid point that fits every other row best."""
     keys = [series_key(r) for r in table.rows]
+    # One fold a table: its rows share the point fitted without them.
+    folds = {key: table.best([j for j, other in enumerate(keys) if other != key]) for key in set(keys)}
     out = []
     for i, row in enumerate(table.rows):
-        others = [j for j, key in enumerate(keys) if key != keys[i]]
-        k = table.best(others)
+        k = folds[keys[i]]
         out.append(CrossValidated(id=row.id, split=row.split, precision=row.precision, gpus=row.gpus,
                                   nodes=row.nodes, error=table.errors[k][i], constants=table.named(k)))
     return out

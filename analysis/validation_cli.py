@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--format", choices=("text", "json"), default="text")
     v.add_argument("--cross-validate", action="store_true",
                    help="also predict each published table with the free constants fitted on every other table "
-                   "(leave one table out over the fit grid: about two minutes)")
+                   "(leave one table out over the fit grid: about a minute)")
     v.set_defaults(handler=run_validate)
 
 

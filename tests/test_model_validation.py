@@ -13,7 +13,6 @@ from analysis.validation import (
     VALIDATION_SET,
     FitAxis,
     cross_validate,
-    fit,
     grid_errors,
     held_out_by_origin,
     held_out_by_precision,
@@ -117,15 +116,16 @@ def test_the_constants_in_the_files_are_the_fits_choice(coarse) -> None:
     from analysis.devices import collectives
 
     doc = load_set()
-    chosen = coarse.named(coarse.best(list(range(len(coarse.rows)))))
+    chosen, _ = coarse.fit()
     assert chosen["interference"] == collectives("gpu").interference
     assert chosen["step_jitter_us_per_image"] == doc["host_step_jitter_us_per_image"]
     assert chosen["dlperf-v100.inter_efficiency"] == doc["clusters"]["dlperf-v100"]["inter_efficiency"]
     # The first 13 fit rows alone point the same way: TF1's rows of unstated transport against NVIDIA PyTorch's,
     # whose source states IB verbs (analysis/README.md).
     fit_rows = [i for i, r in enumerate(coarse.rows) if r.split == "fit"]
-    assert coarse.named(coarse.best(fit_rows))["dlperf-v100.inter_efficiency"] < 0.96
-    assert fit(grid=COARSE_GRID, splits=("fit",))[0] == coarse.named(coarse.best(fit_rows))
+    on_fit_rows, loss = coarse.fit(("fit",))
+    assert on_fit_rows == coarse.named(coarse.best(fit_rows)) and loss == coarse.loss(coarse.best(fit_rows), fit_rows)
+    assert on_fit_rows["dlperf-v100.inter_efficiency"] < 0.96
 
 
 def test_a_row_whose_source_states_verbs_takes_the_verbs_rate(tmp_path) -> None:

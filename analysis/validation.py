@@ -9,6 +9,8 @@ is the published one and the prediction judges only communication and what it co
 
 Rows are split into ``fit`` (the rows the model's free constants were set on: analysis/README.md) and
 ``held_out``; :func:`summary` gives each part's errors, with the multi-node points on their own (the targets).
+Rows of a source the set lists under ``not_scored`` (its own text disowns its figures) are predicted and printed
+but set no constant and count in no summary (:func:`unscored_lines` prints them apart).
 """
 
 from __future__ import annotations
@@ -81,10 +83,15 @@ class ValidationRow:
     low: float = math.nan       # the prediction interval, images/s
     high: float = math.nan
     added_by: str = ""          # the rule that added the row after the model was set ("" for the first rows)
+    not_scored: str = ""        # why its source disowns the figures ("" for a scored row)
 
     @property
     def multi_node(self) -> bool:
         return self.nodes > 1
+
+    @property
+    def scored(self) -> bool:
+        return not self.not_scored
 
 
 ROW_KEYS = ("id", "cluster", "framework", "model", "precision", "batch", "gpus", "nodes", "one_gpu", "source", "split")
@@ -127,6 +134,12 @@ def load_set(path: Path = VALIDATION_SET) -> dict[str, Any]:
             raise ValueError(f"{path}: row {row['id']}: transport must be one of {', '.join(TRANSPORTS)}")
         if "added_by" in row and not (isinstance(row["added_by"], str) and row["added_by"].strip()):
             raise ValueError(f"{path}: row {row['id']}: added_by must name the rule that added the row")
+    not_scored = doc.get("not_scored", {})
+    if not isinstance(not_scored, dict):
+        raise ValueError(f"{path}: not_scored must map a source to the words by which it disowns its figures")
+    for source, why in not_scored.items():
+        if source not in doc["sources"] or not (isinstance(why, str) and why.strip()):
+            raise ValueError(f"{path}: not_scored: {source!r} must be a source of the file, with its reason")
     for row in doc.get("collectives", []):
         if row["split"] not in SPLITS:
             raise ValueError(f"{path}: collective {row['id']}: split must be one of {', '.join(SPLITS)}")
@@ -209,7 +222,8 @@ def validate_rows(path: Path = VALIDATION_SET, collectives: dict[str, Any] | Non
             source=row["source"], one_gpu=float(row["one_gpu"]), published=published, predicted=predicted,
             error=predicted / published - 1.0, comm_exposed_s=result["comm_exposed_s"],
             iteration_s=result["iteration_s"], low=result.get("images_per_s_low", math.nan),
-            high=result.get("images_per_s_high", math.nan), added_by=str(row.get("added_by", ""))))
+            high=result.get("images_per_s_high", math.nan), added_by=str(row.get("added_by", "")),
+            not_scored=" ".join(doc.get("not_scored", {}).get(row["source"], "").split())))
     return out
 
 
@@ -229,7 +243,24 @@ class SplitSummary:
         return (f"{self.split}: {self.points} points (median |error| {self.median_abs_error:.1%}, "
                 f"{self.inside_interval} inside their 90 % interval); multi-node {self.multi_node_points}: max "
                 f"|error| {self.max_abs_error_multi_node:.1%}, median error {self.median_error_multi_node:+.1%}, "
-                f"{self.over} over / {self.under} under")
+                f"{signs(self.over, self.under)}")
+
+
+def sign_test_p(over: int, under: int) -> float:
+    """Two-sided sign test: the chance of a split at least this uneven if over and under were equally likely."""
+    n, k = over + under, min(over, under)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def signs(over: int, under: int) -> str:
+    return f"{over} over / {under} under (sign test p {sign_test_p(over, under):.2f})"
+
+
+def scored(rows: list[ValidationRow]) -> list[ValidationRow]:
+    """The rows the targets are read from: all but those of a source that disowns its figures."""
+    return [r for r in rows if r.scored]
 
 
 def summarise(label: str, part: list[ValidationRow]) -> SplitSummary:
@@ -244,13 +275,14 @@ def summarise(label: str, part: list[ValidationRow]) -> SplitSummary:
 
 
 def summary(rows: list[ValidationRow]) -> dict[str, SplitSummary]:
-    return {split: summarise(split, [r for r in rows if r.split == split]) for split in SPLITS}
+    """Each split's scored rows summarised."""
+    return {split: summarise(split, [r for r in scored(rows) if r.split == split]) for split in SPLITS}
 
 
 def held_out_by_precision(rows: list[ValidationRow]) -> list[SplitSummary]:
     """The held-out part in fp32 and in mixed precision (fp16 or bf16 compute), each summarised alone: the
     model's errors at scale differ by precision (analysis/README.md)."""
-    held = [r for r in rows if r.split == "held_out"]
+    held = [r for r in scored(rows) if r.split == "held_out"]
     return [summarise("held_out fp32", [r for r in held if r.precision == "fp32"]),
             summarise("held_out mixed precision", [r for r in held if r.precision != "fp32"])]
 
@@ -258,12 +290,22 @@ def held_out_by_precision(rows: list[ValidationRow]) -> list[SplitSummary]:
 def held_out_by_origin(rows: list[ValidationRow]) -> list[SplitSummary]:
     """The held-out part without the rows each later rule added (what it was before them), then each rule's rows
     alone: the before/after that analysis/README.md reports. Empty when no row names a rule."""
-    held = [r for r in rows if r.split == "held_out"]
+    held = [r for r in scored(rows) if r.split == "held_out"]
     rules = sorted({r.added_by for r in held if r.added_by})
     if not rules:
         return []
     out = [summarise("held_out before " + ", ".join(rules), [r for r in held if not r.added_by])]
     out += [summarise(f"held_out added by {rule}", [r for r in held if r.added_by == rule]) for rule in rules]
+    return out
+
+
+def unscored_lines(rows: list[ValidationRow]) -> list[str]:
+    """The rows whose source disowns its figures: each source's reason once, then its rows' errors."""
+    out = []
+    for why in dict.fromkeys(r.not_scored for r in rows if not r.scored):
+        part = [r for r in rows if r.not_scored == why]
+        out.append(f"not scored ({part[0].source}): " + ", ".join(f"{r.id} {r.error:+.1%}" for r in part)
+                   + f". {why}")
     return out
 
 
@@ -301,6 +343,7 @@ class NodeStep:
     nodes: int
     published_ratio: float
     predicted_ratio: float
+    scored: bool = True
 
     @property
     def error(self) -> float:
@@ -323,7 +366,8 @@ def node_steps(rows: list[ValidationRow]) -> list[NodeStep]:
         out.append(NodeStep(id=r.id, single_node_id=base.id, split=r.split, precision=r.precision,
                             framework=r.framework, gpus=r.gpus, nodes=r.nodes,
                             published_ratio=(base.published / base.gpus) / (r.published / r.gpus),
-                            predicted_ratio=(base.predicted / base.gpus) / (r.predicted / r.gpus)))
+                            predicted_ratio=(base.predicted / base.gpus) / (r.predicted / r.gpus),
+                            scored=r.scored))
     return out
 
 
@@ -335,9 +379,10 @@ def node_step_table(steps: list[NodeStep]) -> str:
 
 
 def node_step_lines(steps: list[NodeStep]) -> list[str]:
-    """Per split and precision (fp32; fp16/bf16 compute), the step ratios' medians and ranges, published and
+    """Per split and precision (fp32; fp16/bf16 compute), the scored step ratios' medians and ranges, published and
     predicted."""
     out = []
+    steps = [s for s in steps if s.scored]
     for split in SPLITS:
         for label, part in (("fp32", [s for s in steps if s.split == split and s.precision == "fp32"]),
                             ("mixed precision", [s for s in steps if s.split == split and s.precision != "fp32"])):
@@ -409,8 +454,8 @@ class GridErrors:
         return {axis.name: value for axis, value in zip(self.grid, self.points[point], strict=True)}
 
     def fit(self, splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, float], float]:
-        """The point that fits the rows of ``splits`` best, named, and its loss."""
-        chosen = [i for i, r in enumerate(self.rows) if r.split in splits]
+        """The point that fits the scored rows of ``splits`` best, named, and its loss."""
+        chosen = [i for i, r in enumerate(self.rows) if r.split in splits and r.scored]
         k = self.best(chosen)
         return self.named(k), self.loss(k, chosen)
 
@@ -456,6 +501,7 @@ class CrossValidated:
     nodes: int
     error: float                   # predicted / published − 1, constants fitted without this row's table
     constants: dict[str, float]    # the grid point its fold chose
+    scored: bool = True
 
     @property
     def multi_node(self) -> bool:
@@ -465,15 +511,17 @@ class CrossValidated:
 def cross_validate(table: GridErrors) -> list[CrossValidated]:
     """Leave one table out: each published series (:func:`series_key`: its 1-, 2- and 4-node rows together, so a
     table's own single-node row cannot set the constants its multi-node rows are judged with) is predicted at the
-    grid point that fits every other row best."""
+    grid point that fits every other scored row best."""
     keys = [series_key(r) for r in table.rows]
     # One fold a table: its rows share the point fitted without them.
-    folds = {key: table.best([j for j, other in enumerate(keys) if other != key]) for key in set(keys)}
+    folds = {key: table.best([j for j, other in enumerate(keys) if other != key and table.rows[j].scored])
+             for key in set(keys)}
     out = []
     for i, row in enumerate(table.rows):
         k = folds[keys[i]]
         out.append(CrossValidated(id=row.id, split=row.split, precision=row.precision, gpus=row.gpus,
-                                  nodes=row.nodes, error=table.errors[k][i], constants=table.named(k)))
+                                  nodes=row.nodes, error=table.errors[k][i], constants=table.named(k),
+                                  scored=row.scored))
     return out
 
 
@@ -484,8 +532,11 @@ def cross_validated_table(rows: list[CrossValidated]) -> str:
 
 
 def cross_validated_lines(rows: list[CrossValidated]) -> list[str]:
-    """The cross-validated multi-node points summarised: all, fp32, mixed precision."""
+    """The scored cross-validated multi-node points summarised (all, fp32, mixed precision), then the unscored
+    rows' errors."""
     out = []
+    unscored = [r for r in rows if not r.scored]
+    rows = [r for r in rows if r.scored]
     for label, part in (("all", rows), ("fp32", [r for r in rows if r.precision == "fp32"]),
                         ("mixed precision", [r for r in rows if r.precision != "fp32"])):
         multi = [r.error for r in part if r.multi_node]
@@ -494,7 +545,9 @@ def cross_validated_lines(rows: list[CrossValidated]) -> list[str]:
         out.append(f"cross-validated {label}: {len(part)} points (median |error| "
                    f"{statistics.median(abs(r.error) for r in part):.1%}); multi-node {len(multi)}: max |error| "
                    f"{max(abs(e) for e in multi):.1%}, median error {statistics.median(multi):+.1%}, "
-                   f"{sum(e > 0 for e in multi)} over / {sum(e < 0 for e in multi)} under")
+                   + signs(sum(e > 0 for e in multi), sum(e < 0 for e in multi)))
+    if unscored:
+        out.append("cross-validated, not scored: " + ", ".join(f"{r.id} {r.error:+.1%}" for r in unscored))
     return out
 
 

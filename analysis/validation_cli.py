@@ -12,7 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "validate", help="predict every published multi-GPU throughput of the validation set and print the errors",
         description="Predict each row of analysis/data/validation_scaling.yaml (published data-parallel "
         "throughputs, the published 1-GPU rate and the cluster's network facts) and print every row's error, "
-        "then each split's summary (fit: the rows the model's constants were set on; held_out: the rest).")
+        "then each split's summary (fit: the rows the model's constants were set on; held_out: the rest; rows of a "
+        "source that disowns its figures, listed under not_scored in the set, are printed apart and counted in "
+        "neither).")
     v.add_argument("--set", dest="path", default=None, help="another validation YAML of the same form")
     v.add_argument("--split", choices=("fit", "held_out"), default=None, help="print only this part's rows")
     v.add_argument("--format", choices=("text", "json"), default="text")
@@ -40,6 +42,7 @@ def run_validate(args: argparse.Namespace) -> int:
         node_steps,
         summary,
         table,
+        unscored_lines,
         validate_rows,
     )
     from larscale import UsageError
@@ -76,6 +79,8 @@ def run_validate(args: argparse.Namespace) -> int:
     for part in [*parts.values(), *origins]:
         print(part.line())
     for line in node_step_lines(steps):
+        print(line)
+    for line in unscored_lines(shown):
         print(line)
     if crossed:
         print("\nLeave one table out (each row predicted with the constants fitted on every other table):\n")

@@ -19,7 +19,9 @@ from analysis.validation import (
     load_set,
     node_step_lines,
     node_steps,
+    sign_test_p,
     summary,
+    unscored_lines,
     validate_rows,
 )
 
@@ -50,6 +52,35 @@ def test_one_gpu_rows_reproduce_the_published_rate_exactly(tmp_path) -> None:
     assert only.error == pytest.approx(0.0, abs=1e-9)        # no communication: the compute is the published one
 
 
+def test_a_source_that_disowns_its_figures_is_printed_but_not_scored(rows, tmp_path) -> None:
+    doc = load_set()
+    # Of the set's sources only DLPerf's Paddle AMP table with DALI says so (analysis/README.md); its 16 GPUs ran
+    # slower than its 8, which no communication cost of the cluster's links explains.
+    assert set(doc["not_scored"]) == {"dlperf_paddle_dali"}
+    unscored = [r for r in rows if not r.scored]
+    assert {r.id for r in unscored} == {"pd-dali196-8", "pd-dali196-16", "pd-dali196-32"}
+    assert all(r.error > 0.9 for r in unscored if r.multi_node)
+    parts = summary(rows)
+    assert sum(p.points for p in parts.values()) == len(rows) - len(unscored)
+    (line,) = unscored_lines(rows)
+    assert "pd-dali196-16 +92.5%" in line and "not optimal" in line
+    out = subprocess.run([sys.executable, "-m", "larscale", "validate"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "| pd-dali196-16 |" in out and line in out
+    # Scored again once the source's note is gone: it is the note, not the error, that leaves a row out.
+    del doc["not_scored"]
+    path = tmp_path / "scored.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    again = validate_rows(path)
+    assert all(r.scored for r in again) and summary(again)["held_out"].max_abs_error_multi_node > 0.9
+
+
+def test_sign_test() -> None:
+    assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
+    assert sign_test_p(0, 5) == pytest.approx(2 / 32) and sign_test_p(9, 1) == pytest.approx(22 / 1024)
+    assert sign_test_p(22, 28) == sign_test_p(28, 22) > 0.4
+
+
 @pytest.mark.parametrize("bad, culprit", [({"framework": "carrier-pigeon"}, "carrier-pigeon"),
                                           ({"added_by": " "}, "added_by must name the rule")])
 def test_bad_rows_are_named(tmp_path, bad: dict, culprit: str) -> None:
@@ -71,10 +102,19 @@ def test_the_hosts_spread_is_the_fitted_one_and_a_bad_one_is_named(tmp_path) -> 
         validate_rows(path)
 
 
+@pytest.mark.parametrize("not_scored", [{"no_such_source": "its note"}, {"dlperf": " "}, ["dlperf"]])
+def test_a_bad_not_scored_entry_is_named(tmp_path, not_scored) -> None:
+    doc = dict(load_set(), not_scored=not_scored)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="not_scored"):
+        validate_rows(path)
+
+
 def test_summary_counts_sign_and_size_of_multi_node_errors(rows) -> None:
     parts = summary(rows)
     for split, part in parts.items():
-        multi = [r.error for r in rows if r.split == split and r.multi_node]
+        multi = [r.error for r in rows if r.split == split and r.multi_node and r.scored]
         assert part.over + part.under == len(multi)
         assert part.median_error_multi_node == pytest.approx(statistics.median(multi))
 
@@ -88,23 +128,21 @@ def test_cli_prints_every_row_and_both_summaries() -> None:
 
 
 def test_held_out_targets_at_scale(rows) -> None:
-    # The held-out rows the targets were first met on (analysis/README.md): every multi-node point within 25 %,
-    # the median within 10 %. The rows a later rule added miss the 25 % (Paddle with DALI, slower on 2 nodes than
-    # on one), and the README says so; on the whole held-out part the median stays within 10 %.
-    before, *added = held_out_by_origin(rows)
-    assert before.multi_node_points >= 10 and added
-    assert before.max_abs_error_multi_node <= 0.25
-    assert abs(before.median_error_multi_node) <= 0.10
-    assert abs(summary(rows)["held_out"].median_error_multi_node) <= 0.10
+    # At the constants in the files (fitted on every scored row: the leave-one-table-out test below is the judge),
+    # the held-out part, the rows the targets were first met on, and the rows a later rule added: every
+    # multi-node point within 25 %, the median within 10 %, no sign bias a sign test can see.
+    held = summary(rows)["held_out"]
+    for part in (held, *held_out_by_origin(rows)):
+        assert part.multi_node_points >= 10, part
+        assert part.max_abs_error_multi_node <= 0.25, part
+        assert abs(part.median_error_multi_node) <= 0.10, part
+        assert sign_test_p(part.over, part.under) > 0.05, part
 
 
 # A coarse grid through the adopted point and the one before it (the full grid: `larscale validate
 # --cross-validate`, about a minute).
 COARSE_GRID = (FitAxis("interference", (0.05, 0.2)), FitAxis("step_jitter_us_per_image", (80.0,)),
                FitAxis("inter_efficiency", (0.96, 0.15), cluster="dlperf-v100"))
-# Slower on 2 and 4 nodes than on one (6,862 -> 6,018 img/s), which the source puts down to Paddle's scripts and
-# settings (analysis/README.md): no communication model predicts a throughput that falls with more GPUs.
-SOURCE_FLAGGED = {"pd-dali196-16", "pd-dali196-32"}
 
 
 @pytest.fixture(scope="module")
@@ -150,17 +188,16 @@ def test_a_row_whose_source_states_verbs_takes_the_verbs_rate(tmp_path) -> None:
 def test_each_table_predicted_from_the_others_meets_the_targets(coarse) -> None:
     crossed = cross_validate(coarse)
     assert len(crossed) == len(coarse.rows)
-    multi = [r for r in crossed if r.multi_node]
-    kept = [r.error for r in multi if r.id not in SOURCE_FLAGGED]
-    assert len(kept) >= 40 and max(abs(e) for e in kept) <= 0.25
+    multi = [r for r in crossed if r.multi_node and r.scored]
+    assert len(multi) >= 40 and max(abs(r.error) for r in multi) <= 0.25
     assert abs(statistics.median(r.error for r in multi)) <= 0.10
-    over, under = sum(r.error > 0 for r in multi), sum(r.error < 0 for r in multi)
-    assert abs(over - under) <= 0.2 * len(multi)
-    assert all(r.error > 0.9 for r in multi if r.id in SOURCE_FLAGGED)
+    assert sign_test_p(sum(r.error > 0 for r in multi), sum(r.error < 0 for r in multi)) > 0.05
+    # The rows of the source that disowns its figures are predicted too, and miss as they do at the fit.
+    assert all(r.error > 0.9 for r in crossed if r.multi_node and not r.scored)
 
 
 def test_rows_added_by_a_rule_are_summarised_apart(rows) -> None:
-    held = [r for r in rows if r.split == "held_out"]
+    held = [r for r in rows if r.split == "held_out" and r.scored]
     before, *added = held_out_by_origin(rows)
     assert before.points + sum(a.points for a in added) == len(held)
     assert before.points == sum(not r.added_by for r in held)
@@ -173,7 +210,7 @@ def test_rows_added_by_a_rule_are_summarised_apart(rows) -> None:
 def test_the_mixed_precision_note_says_what_the_rows_show(rows) -> None:
     # predict and plan warn that mixed precision across nodes runs slower than predicted, because most such
     # points of the set do; a model that explains them must also retire the note (analysis/params.py).
-    mixed = [r.error for r in rows if r.nodes > 1 and r.precision != "fp32"]
+    mixed = [r.error for r in rows if r.nodes > 1 and r.precision != "fp32" and r.scored]
     assert len(mixed) >= 10 and sum(e > 0 for e in mixed) > 1.5 * sum(e < 0 for e in mixed)
 
     def notes(*argv: str) -> str:
@@ -212,7 +249,8 @@ def test_the_documented_scale_spread_is_the_rows_residual(rows) -> None:
 
     from analysis.devices import collectives
 
-    # Every row: the constants were fitted on all of them (the cross-validation judges that, not this spread).
+    # Every row, the unscored ones too: a user's stack may be set up as badly as theirs, and the band should say
+    # so (the cross-validation judges the constants, not this spread).
     rms = math.sqrt(statistics.fmean(math.log1p(r.error) ** 2 for r in rows))
     assert collectives("gpu").scale_sigma == pytest.approx(rms, abs=0.005)
     assert sum(r.low <= r.published <= r.high for r in rows) >= 0.85 * len(rows)      # a 90 % band

@@ -238,12 +238,13 @@ class SplitSummary:
     under: int
     median_abs_error: float     # all points of the split
     inside_interval: int        # points whose published value lies inside the predicted interval
+    sign_test_p: float          # two-sided sign test of over against under (:func:`sign_test_p`)
 
     def line(self) -> str:
         return (f"{self.split}: {self.points} points (median |error| {self.median_abs_error:.1%}, "
                 f"{self.inside_interval} inside their 90 % interval); multi-node {self.multi_node_points}: max "
                 f"|error| {self.max_abs_error_multi_node:.1%}, median error {self.median_error_multi_node:+.1%}, "
-                f"{signs(self.over, self.under)}")
+                f"{self.over} over / {self.under} under (sign test p {self.sign_test_p:.2f})")
 
 
 def sign_test_p(over: int, under: int) -> float:
@@ -271,7 +272,8 @@ def summarise(label: str, part: list[ValidationRow]) -> SplitSummary:
         median_error_multi_node=statistics.median(multi) if multi else math.nan,
         over=sum(e > 0 for e in multi), under=sum(e < 0 for e in multi),
         median_abs_error=statistics.median(abs(r.error) for r in part) if part else math.nan,
-        inside_interval=sum(r.low <= r.published <= r.high for r in part))
+        inside_interval=sum(r.low <= r.published <= r.high for r in part),
+        sign_test_p=sign_test_p(sum(e > 0 for e in multi), sum(e < 0 for e in multi)))
 
 
 def summary(rows: list[ValidationRow]) -> dict[str, SplitSummary]:
@@ -448,6 +450,8 @@ class GridErrors:
         return statistics.fmean(abs(math.log1p(self.errors[point][i])) for i in rows)
 
     def best(self, rows: list[int]) -> int:
+        if not rows:
+            raise ValueError("no scored row to fit the constants on (every row's source is listed under not_scored)")
         return min(range(len(self.points)), key=lambda k: self.loss(k, rows))
 
     def named(self, point: int) -> dict[str, float]:

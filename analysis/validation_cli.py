@@ -59,7 +59,10 @@ def run_validate(args: argparse.Namespace) -> int:
     parts = summary(rows)
     origins = held_out_by_origin(rows) + held_out_by_precision(rows)
     steps = [s for s in node_steps(rows) if args.split is None or s.split == args.split]
-    crossed = cross_validate(grid_errors(path)) if args.cross_validate else []
+    try:
+        crossed = cross_validate(grid_errors(path)) if args.cross_validate else []
+    except ValueError as err:
+        raise UsageError(f"--set: {err}") from None
     if args.format == "json":
         print(json.dumps({"rows": [asdict(r) for r in shown], "collectives": [asdict(r) for r in collectives],
                           "summary": {k: asdict(v) for k, v in parts.items()},

@@ -75,6 +75,16 @@ def test_a_source_that_disowns_its_figures_is_printed_but_not_scored(rows, tmp_p
     assert all(r.scored for r in again) and summary(again)["held_out"].max_abs_error_multi_node > 0.9
 
 
+def test_a_set_with_no_scored_row_cannot_be_fitted(tmp_path) -> None:
+    doc = load_set()
+    doc["rows"] = [r for r in doc["rows"] if r["source"] == "dlperf_paddle_dali"]
+    path = tmp_path / "unscored.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([sys.executable, "-m", "larscale", "validate", "--set", str(path), "--cross-validate"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no scored row" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_sign_test() -> None:
     assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
     assert sign_test_p(0, 5) == pytest.approx(2 / 32) and sign_test_p(9, 1) == pytest.approx(22 / 1024)
@@ -136,7 +146,7 @@ def test_held_out_targets_at_scale(rows) -> None:
         assert part.multi_node_points >= 10, part
         assert part.max_abs_error_multi_node <= 0.25, part
         assert abs(part.median_error_multi_node) <= 0.10, part
-        assert sign_test_p(part.over, part.under) > 0.05, part
+        assert part.sign_test_p == sign_test_p(part.over, part.under) > 0.05, part
 
 
 # A coarse grid through the adopted point and the one before it (the full grid: `larscale validate

@@ -29,8 +29,6 @@ def run_validate(args: argparse.Namespace) -> int:
 
     from analysis.validation import (
         VALIDATION_SET,
-        collective_rows,
-        collective_table,
         cross_validate,
         cross_validated_lines,
         cross_validated_table,
@@ -45,6 +43,7 @@ def run_validate(args: argparse.Namespace) -> int:
         unscored_lines,
         validate_rows,
     )
+    from analysis.validation_collectives import collective_rows, collective_table
     from larscale import UsageError
 
     path = Path(args.path) if args.path else VALIDATION_SET

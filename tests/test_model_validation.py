@@ -267,7 +267,7 @@ def test_the_documented_scale_spread_is_the_rows_residual(rows) -> None:
 
 
 def test_collective_benchmarks_ring_rows_within_ten_percent() -> None:
-    from analysis.validation import collective_rows
+    from analysis.validation_collectives import collective_rows
 
     rows = {r.id: r for r in collective_rows()}
     assert {r.split for r in rows.values()} == {"fit", "held_out"}

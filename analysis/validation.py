@@ -244,7 +244,7 @@ class SplitSummary:
         return (f"{self.split}: {self.points} points (median |error| {self.median_abs_error:.1%}, "
                 f"{self.inside_interval} inside their 90 % interval); multi-node {self.multi_node_points}: max "
                 f"|error| {self.max_abs_error_multi_node:.1%}, median error {self.median_error_multi_node:+.1%}, "
-                f"{self.over} over / {self.under} under (sign test p {self.sign_test_p:.2f})")
+                + signs(self.over, self.under))
 
 
 def sign_test_p(over: int, under: int) -> float:
@@ -266,14 +266,15 @@ def scored(rows: list[ValidationRow]) -> list[ValidationRow]:
 
 def summarise(label: str, part: list[ValidationRow]) -> SplitSummary:
     multi = [r.error for r in part if r.multi_node]
+    over, under = sum(e > 0 for e in multi), sum(e < 0 for e in multi)
     return SplitSummary(
         split=label, points=len(part), multi_node_points=len(multi),
         max_abs_error_multi_node=max((abs(e) for e in multi), default=math.nan),
         median_error_multi_node=statistics.median(multi) if multi else math.nan,
-        over=sum(e > 0 for e in multi), under=sum(e < 0 for e in multi),
+        over=over, under=under,
         median_abs_error=statistics.median(abs(r.error) for r in part) if part else math.nan,
         inside_interval=sum(r.low <= r.published <= r.high for r in part),
-        sign_test_p=sign_test_p(sum(e > 0 for e in multi), sum(e < 0 for e in multi)))
+        sign_test_p=sign_test_p(over, under))
 
 
 def summary(rows: list[ValidationRow]) -> dict[str, SplitSummary]:
@@ -302,12 +303,12 @@ def held_out_by_origin(rows: list[ValidationRow]) -> list[SplitSummary]:
 
 
 def unscored_lines(rows: list[ValidationRow]) -> list[str]:
-    """The rows whose source disowns its figures: each source's reason once, then its rows' errors."""
+    """The rows whose source disowns its figures: a line a source, its rows' errors, then its reason."""
     out = []
-    for why in dict.fromkeys(r.not_scored for r in rows if not r.scored):
-        part = [r for r in rows if r.not_scored == why]
-        out.append(f"not scored ({part[0].source}): " + ", ".join(f"{r.id} {r.error:+.1%}" for r in part)
-                   + f". {why}")
+    for source in dict.fromkeys(r.source for r in rows if not r.scored):
+        part = [r for r in rows if r.source == source]
+        out.append(f"not scored ({source}): " + ", ".join(f"{r.id} {r.error:+.1%}" for r in part)
+                   + f". {part[0].not_scored}")
     return out
 
 

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,24 +119,26 @@ def one_rank_pair(model: str, size: int, batch: int, root: Path, tag: str) -> li
     return outs
 
 
-def process_cpu() -> dict[tuple[int, int], tuple[float, str]]:
-    """CPU seconds so far and name of every user-space process but this one, keyed by (pid, start time) so that a
-    reused pid is another process. Kernel threads are left out: their work (a veth's packets, say) is done for the
-    runs."""
+def process_cpu(pids: Iterable[int] | None = None) -> dict[tuple[int, int], tuple[float, str]]:
+    """CPU seconds so far and name of every user-space process but this one (or of ``pids``), keyed by (pid, start
+    time) so that a reused pid is another process. Kernel threads are left out: their work (a veth's packets, say)
+    is done for the runs."""
+    if pids is None:
+        pids = (int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit())
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for pid in pids:
+        if pid == os.getpid():
             continue
         try:
-            with open(f"/proc/{entry.name}/stat") as f:
+            with open(f"/proc/{pid}/stat") as f:
                 head, tail = f.read().rsplit(")", 1)
             fields = tail.split()
         except OSError:
             continue                      # gone in between
         ppid, utime, stime, start = int(fields[1]), int(fields[11]), int(fields[12]), int(fields[19])
-        if int(entry.name) != 2 and ppid != 2:        # kthreadd and its children
-            out[(int(entry.name), start)] = ((utime + stime) / tick, head.split("(", 1)[1])
+        if pid != 2 and ppid != 2:        # kthreadd and its children
+            out[(pid, start)] = ((utime + stime) / tick, head.split("(", 1)[1])
     return out
 
 
@@ -149,10 +151,10 @@ class HostCpu:
     processes: dict[tuple[int, int], tuple[float, str]]
 
     @staticmethod
-    def now() -> HostCpu:
+    def now(pids: Iterable[int] | None = None) -> HostCpu:
         with open("/proc/stat") as stat:
             steal = int(stat.readline().split()[8])
-        return HostCpu(time.monotonic(), steal / os.sysconf("SC_CLK_TCK"), process_cpu())
+        return HostCpu(time.monotonic(), steal / os.sysconf("SC_CLK_TCK"), process_cpu(pids))
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,8 @@ class HostLoad:
 
 
 class HostWatch:
-    """The machine's load over a ``with`` block: the processes there when it begins are sampled every ``period_s``
-    (one that exits before the end keeps its last sample), and ``load`` is set on leaving."""
+    """The machine's load over a ``with`` block: the processes there when it begins, and only they, are sampled every
+    ``period_s`` (one that exits before the end keeps its last sample), and ``load`` is set on leaving."""
 
     def __init__(self, period_s: float = 1.0) -> None:
         self.period_s = period_s
@@ -201,9 +203,12 @@ class HostWatch:
         self.sampler.start()
         return self
 
+    def followed(self) -> list[int]:
+        return [pid for pid, _ in self.first.processes]
+
     def sample(self) -> None:
         while not self.done.wait(self.period_s):
-            self.keep(process_cpu())
+            self.keep(process_cpu(self.followed()))
 
     def keep(self, now: dict[tuple[int, int], tuple[float, str]]) -> None:
         self.last.update((key, value) for key, value in now.items() if key in self.first.processes)
@@ -211,7 +216,7 @@ class HostWatch:
     def __exit__(self, *exc: object) -> None:
         self.done.set()
         self.sampler.join()
-        end = HostCpu.now()
+        end = HostCpu.now(self.followed())
         self.keep(end.processes)
         self.load = HostLoad.between(self.first, HostCpu(end.wall_s, end.steal_s, self.last))
 
